@@ -1,0 +1,113 @@
+// Tile metadata of the CPU partitioned-attention kernels.
+//
+// A query tile is up to kBlockM rows of one sequence. Its metadata bounds the key columns any of
+// its rows may read (the row view) and the columns every row may read (so a key tile inside that
+// range needs no element mask). The backward's column view walks the same list from the key side.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <vector>
+
+namespace ugd_ops::cpu {
+
+constexpr int kBlockM = 32;  // query rows per tile
+constexpr int kBlockN = 64;  // key columns per tile
+
+struct QueryTile {
+  int32_t seq_start;   // absolute index of the sequence's first token
+  int32_t seq_len;     // L of the sequence
+  int32_t row0, row1;  // rows [row0, row1), relative to seq_start
+  int32_t k_lo, k_hi;  // union of the rows' non-empty intervals: columns [k_lo, k_hi)
+  int32_t full_lo, full_hi;  // intersection of all rows' intervals: columns [full_lo, full_hi)
+};
+
+struct SequenceTiles {
+  int32_t seq_start, seq_len;
+  int64_t first_tile, num_tiles;  // index range into the flat QueryTile list
+};
+
+struct TilePlan {
+  std::vector<QueryTile> tiles;
+  std::vector<SequenceTiles> seqs;
+};
+
+// Requires checked layout tensors on the CPU (see check_layout_values_cpu).
+inline TilePlan make_tile_plan(const at::Tensor& cu_seqlens, const at::Tensor& kv_start,
+                               const at::Tensor& kv_end) {
+  const at::Tensor cu = cu_seqlens.contiguous(), ks = kv_start.contiguous(), ke = kv_end.contiguous();
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int32_t* s = ks.data_ptr<int32_t>();
+  const int32_t* e = ke.data_ptr<int32_t>();
+  TilePlan plan;
+  const int64_t B = cu.size(0) - 1;
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t start = c[b], L = c[b + 1] - c[b];
+    plan.seqs.push_back({start, L, static_cast<int64_t>(plan.tiles.size()), 0});
+    for (int32_t r0 = 0; r0 < L; r0 += kBlockM) {
+      QueryTile t{start, L, r0, std::min(r0 + kBlockM, L), INT_MAX, 0, 0, INT_MAX};
+      for (int32_t r = t.row0; r < t.row1; ++r) {
+        const int32_t lo = s[start + r], hi = e[start + r];
+        t.full_lo = std::max(t.full_lo, lo);
+        t.full_hi = std::min(t.full_hi, hi);
+        if (lo < hi) {
+          t.k_lo = std::min(t.k_lo, lo);
+          t.k_hi = std::max(t.k_hi, hi);
+        }
+      }
+      plan.tiles.push_back(t);
+    }
+    plan.seqs.back().num_tiles = static_cast<int64_t>(plan.tiles.size()) - plan.seqs.back().first_tile;
+  }
+  return plan;
+}
+
+inline bool tile_meets(const QueryTile& t, int32_t c0, int32_t c1) { return t.k_lo < c1 && c0 < t.k_hi; }
+inline bool tile_inside(const QueryTile& t, int32_t c0, int32_t c1) {
+  return t.full_lo <= c0 && c1 <= t.full_hi;
+}
+
+// Copies rows [0, n) of one head of a [T, H, D] tensor (last dim contiguous) into a dense
+// acc_t buffer, optionally scaled.
+template <typename scalar_t, typename acc_t>
+inline void load_rows(const scalar_t* base, int64_t stride_t, int64_t n, int64_t D, acc_t* dst,
+                      acc_t scale = acc_t(1)) {
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* src = base + r * stride_t;
+    acc_t* d = dst + r * D;
+    for (int64_t x = 0; x < D; ++x) d[x] = static_cast<acc_t>(src[x]) * scale;
+  }
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t x = 0; x < D; ++x) s += a[x] * b[x];
+  return s;
+}
+
+template <typename acc_t>
+inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t D) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) y[i] += alpha * x[i];
+}
+
+// Strided view of a [T, H, D] tensor: element (t, h, x) at data[t * st + h * sh + x].
+template <typename T>
+struct Strided3 {
+  T* data;
+  int64_t st, sh;
+  T* row(int64_t t, int64_t h) const { return data + t * st + h * sh; }
+};
+
+template <typename T>
+inline Strided3<T> strided3(const at::Tensor& x) {
+  return {static_cast<T*>(x.data_ptr()), x.stride(0), x.stride(1)};
+}
+
+}  // namespace ugd_ops::cpu

@@ -1,0 +1,104 @@
+// CPU kernel of ugd_ops::detached_kl_fwd: per row, KL(softmax(p / T) || softmax(q / T)) and, when
+// asked, its gradients, in one sweep over the row, so that the backward only scales them.
+//
+//   loss_r   = sum_c P_c (log P_c - log Q_c)
+//   d loss_r / d p_c = P_c (log P_c - log Q_c - loss_r) / T
+//   d loss_r / d q_c = (Q_c - P_c) / T                       (only for detach=False)
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../common/checks.h"
+
+namespace ugd_ops::cpu {
+namespace {
+
+template <typename acc_t, typename scalar_t>
+acc_t log_sum_exp(const scalar_t* x, int64_t C, acc_t inv_t) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < C; ++c) mx = std::max(mx, static_cast<acc_t>(x[c]) * inv_t);
+  if (!std::isfinite(mx)) return mx;
+  acc_t s = 0;
+  for (int64_t c = 0; c < C; ++c) s += std::exp(static_cast<acc_t>(x[c]) * inv_t - mx);
+  return mx + std::log(s);
+}
+
+template <typename scalar_t>
+void detached_kl_kernel(const at::Tensor& p, const at::Tensor& q, double temperature, at::Tensor& loss,
+                        at::Tensor* grad_p, at::Tensor* grad_q) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = p.size(-1), N = C == 0 ? 0 : p.numel() / C;
+  const scalar_t* pp = p.data_ptr<scalar_t>();
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  acc_t* lp = loss.data_ptr<acc_t>();
+  scalar_t* gp = grad_p ? grad_p->data_ptr<scalar_t>() : nullptr;
+  scalar_t* gq = grad_q ? grad_q->data_ptr<scalar_t>() : nullptr;
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* a = pp + r * C;
+      const scalar_t* b = qp + r * C;
+      const acc_t lse_a = log_sum_exp<acc_t>(a, C, inv_t), lse_b = log_sum_exp<acc_t>(b, C, inv_t);
+      acc_t kl = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t log_p = static_cast<acc_t>(a[c]) * inv_t - lse_a;
+        const acc_t prob = std::exp(log_p);
+        // 0 * log 0 = 0: a class P gives no mass to adds nothing, whatever Q says.
+        if (prob > 0) kl += prob * (log_p - (static_cast<acc_t>(b[c]) * inv_t - lse_b));
+      }
+      lp[r] = kl;
+      if (gp != nullptr || gq != nullptr) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t log_p = static_cast<acc_t>(a[c]) * inv_t - lse_a;
+          const acc_t log_q = static_cast<acc_t>(b[c]) * inv_t - lse_b;
+          const acc_t prob = std::exp(log_p);
+          if (gp != nullptr) gp[r * C + c] = static_cast<scalar_t>(prob > 0 ? prob * (log_p - log_q - kl) * inv_t : 0);
+          if (gq != nullptr) gq[r * C + c] = static_cast<scalar_t>((std::exp(log_q) - prob) * inv_t);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> detached_kl_fwd_cpu(const at::Tensor& p_logits,
+                                                                   const at::Tensor& q_logits, double temperature,
+                                                                   bool want_grad_p, bool want_grad_q) {
+  TORCH_CHECK_VALUE(is_supported_float(p_logits.scalar_type()),
+              "ugd_ops: p_logits must be float32, float64, bfloat16 or float16, got ", p_logits.scalar_type());
+  TORCH_CHECK_VALUE(q_logits.scalar_type() == p_logits.scalar_type(), "ugd_ops: q_logits must have the dtype of p_logits (",
+              p_logits.scalar_type(), "), got ", q_logits.scalar_type());
+  TORCH_CHECK_VALUE(q_logits.device() == p_logits.device(), "ugd_ops: q_logits must be on the device of p_logits (",
+              p_logits.device(), "), got ", q_logits.device());
+  TORCH_CHECK_VALUE(p_logits.dim() >= 2, "ugd_ops: p_logits must be [N, C] (or [..., C]), got shape ", p_logits.sizes());
+  TORCH_CHECK_VALUE(q_logits.sizes() == p_logits.sizes(), "ugd_ops: q_logits must have the shape of p_logits ",
+              p_logits.sizes(), ", got ", q_logits.sizes());
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "ugd_ops: temperature must be a positive number, got ",
+              temperature);
+  const at::Tensor p = p_logits.contiguous(), q = q_logits.contiguous();
+  const auto acc_dtype = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto rows = p.sizes().slice(0, p.dim() - 1);
+  at::Tensor loss = at::empty(rows, p.options().dtype(acc_dtype));
+  // Gradients nobody asked for are returned as empty tensors (shape [0]).
+  at::Tensor grad_p = want_grad_p ? at::empty(p.sizes(), p.options()) : at::empty({0}, p.options());
+  at::Tensor grad_q = want_grad_q ? at::empty(q.sizes(), q.options()) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "detached_kl_fwd_cpu", [&] {
+    detached_kl_kernel<scalar_t>(p, q, temperature, loss, want_grad_p ? &grad_p : nullptr,
+                                 want_grad_q ? &grad_q : nullptr);
+  });
+  return {loss, grad_p, grad_q};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ugd_ops, CPU, m) { m.impl("detached_kl_fwd", &detached_kl_fwd_cpu); }
+
+}  // namespace ugd_ops::cpu

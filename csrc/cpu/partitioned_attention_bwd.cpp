@@ -1,0 +1,195 @@
+// CPU backward of ugd_ops::partitioned_attention_fwd.
+//
+// Deterministic and free of atomics, in three passes that recompute P from the saved lse:
+//   1. delta[h, i] = sum_x dout[i, h, x] * out[i, h, x] - dlse[h, i]    (one item per row)
+//   2. column view: one item per (key tile, kv head) owns dk and dv of its columns and visits only
+//      the query tiles whose rows reach them (for a Q-span column: the Q rows, then the P/G rows).
+//   3. row view: one item per (query tile, query head) owns dq of its rows and visits only the key
+//      tiles they reach.
+// With P = exp(scale * q.k - lse): dv = P^T dout, dS = P * (dout.v - delta), dq = scale * dS k,
+// dk = scale * dS^T q. A dlse term enters through delta since d lse_i / d s_ij = P_ij.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "attention_tiles.h"
+
+namespace ugd_ops::cpu {
+namespace {
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+                     const at::Tensor& kv_start, const at::Tensor& kv_end, const TilePlan& plan,
+                     double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), group = Hq / Hkv;
+  const auto Q = strided3<const scalar_t>(q), K = strided3<const scalar_t>(k), V = strided3<const scalar_t>(v);
+  const auto dO = strided3<const scalar_t>(dout), O = strided3<const scalar_t>(out);
+  const auto dQ = strided3<scalar_t>(dq), dK = strided3<scalar_t>(dk), dV = strided3<scalar_t>(dv);
+  const at::Tensor lse_c = lse.contiguous();
+  const acc_t* L = lse_c.data_ptr<acc_t>();
+  const int32_t* ks = kv_start.data_ptr<int32_t>();
+  const int32_t* ke = kv_end.data_ptr<int32_t>();
+  const acc_t scale = static_cast<acc_t>(softmax_scale);
+
+  // Pass 1: delta.
+  std::vector<acc_t> delta(Hq * T);
+  at::Tensor dlse_c;
+  const acc_t* dl = nullptr;
+  if (dlse.has_value()) {
+    dlse_c = dlse->to(lse.scalar_type()).contiguous();
+    dl = dlse_c.data_ptr<acc_t>();
+  }
+  at::parallel_for(0, Hq * T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t h = idx / T, i = idx % T;
+      const scalar_t* a = dO.row(i, h);
+      const scalar_t* b = O.row(i, h);
+      acc_t s = 0;
+      for (int64_t x = 0; x < D; ++x) s += static_cast<acc_t>(a[x]) * static_cast<acc_t>(b[x]);
+      // Rows with an empty interval have lse = -inf; their dlse cannot reach any input.
+      delta[idx] = s - ((dl != nullptr && std::isfinite(dl[idx])) ? dl[idx] : acc_t(0));
+    }
+  });
+
+  // Key tiles of every sequence, as (sequence, first column) pairs.
+  std::vector<std::pair<int64_t, int32_t>> key_tiles;
+  for (int64_t b = 0; b < static_cast<int64_t>(plan.seqs.size()); ++b)
+    for (int32_t c0 = 0; c0 < plan.seqs[b].seq_len; c0 += kBlockN) key_tiles.emplace_back(b, c0);
+
+  // Pass 2: dk, dv (column view).
+  at::parallel_for(0, static_cast<int64_t>(key_tiles.size()) * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> kf(kBlockN * D), vf(kBlockN * D), dkf(kBlockN * D), dvf(kBlockN * D), qr(D), dor(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [b, c0] = key_tiles[item / Hkv];
+      const int64_t g = item % Hkv;
+      const SequenceTiles& sq = plan.seqs[b];
+      const int32_t c1 = std::min(c0 + kBlockN, sq.seq_len);
+      load_rows(K.row(sq.seq_start + c0, g), K.st, c1 - c0, D, kf.data());
+      load_rows(V.row(sq.seq_start + c0, g), V.st, c1 - c0, D, vf.data());
+      std::fill(dkf.begin(), dkf.end(), acc_t(0));
+      std::fill(dvf.begin(), dvf.end(), acc_t(0));
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        for (int64_t ti = sq.first_tile; ti < sq.first_tile + sq.num_tiles; ++ti) {
+          const QueryTile& t = plan.tiles[ti];
+          if (!tile_meets(t, c0, c1)) continue;
+          const bool inside = tile_inside(t, c0, c1);
+          for (int32_t r = t.row0; r < t.row1; ++r) {
+            const int64_t i = sq.seq_start + r;
+            int32_t lo = c0, hi = c1;
+            if (!inside) {
+              lo = std::max(lo, ks[i]);
+              hi = std::min(hi, ke[i]);
+              if (lo >= hi) continue;
+            }
+            load_rows(Q.row(i, h), 0, 1, D, qr.data());
+            load_rows(dO.row(i, h), 0, 1, D, dor.data());
+            const acc_t li = L[h * T + i], di = delta[h * T + i];
+            for (int32_t j = lo; j < hi; ++j) {
+              const acc_t* kj = kf.data() + (j - c0) * D;
+              const acc_t p = std::exp(scale * dot(qr.data(), kj, D) - li);
+              axpy(p, dor.data(), dvf.data() + (j - c0) * D, D);
+              const acc_t ds = p * (dot(dor.data(), vf.data() + (j - c0) * D, D) - di);
+              axpy(scale * ds, qr.data(), dkf.data() + (j - c0) * D, D);
+            }
+          }
+        }
+      }
+      for (int32_t j = c0; j < c1; ++j) {
+        scalar_t* dkr = dK.row(sq.seq_start + j, g);
+        scalar_t* dvr = dV.row(sq.seq_start + j, g);
+        for (int64_t x = 0; x < D; ++x) {
+          dkr[x] = static_cast<scalar_t>(dkf[(j - c0) * D + x]);
+          dvr[x] = static_cast<scalar_t>(dvf[(j - c0) * D + x]);
+        }
+      }
+    }
+  });
+
+  // Pass 3: dq (row view).
+  at::parallel_for(0, static_cast<int64_t>(plan.tiles.size()) * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qf(kBlockM * D), dof(kBlockM * D), dqf(kBlockM * D), kf(kBlockN * D), vf(kBlockN * D);
+    for (int64_t item = begin; item < end; ++item) {
+      const QueryTile& t = plan.tiles[item / Hq];
+      const int64_t h = item % Hq, g = h / group;
+      const int64_t rows = t.row1 - t.row0, r_abs0 = t.seq_start + t.row0;
+      load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data());
+      load_rows(dO.row(r_abs0, h), dO.st, rows, D, dof.data());
+      std::fill(dqf.begin(), dqf.end(), acc_t(0));
+      const int32_t c_first = t.k_lo < t.k_hi ? (t.k_lo / kBlockN) * kBlockN : t.k_hi;
+      for (int32_t c0 = c_first; c0 < t.k_hi; c0 += kBlockN) {
+        const int32_t c1 = std::min(c0 + kBlockN, t.seq_len);
+        if (!tile_meets(t, c0, c1)) continue;
+        const bool inside = tile_inside(t, c0, c1);
+        load_rows(K.row(t.seq_start + c0, g), K.st, c1 - c0, D, kf.data());
+        load_rows(V.row(t.seq_start + c0, g), V.st, c1 - c0, D, vf.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = r_abs0 + r;
+          int32_t lo = c0, hi = c1;
+          if (!inside) {
+            lo = std::max(lo, ks[i]);
+            hi = std::min(hi, ke[i]);
+            if (lo >= hi) continue;
+          }
+          const acc_t li = L[h * T + i], di = delta[h * T + i];
+          const acc_t* qi = qf.data() + r * D;
+          const acc_t* doi = dof.data() + r * D;
+          for (int32_t j = lo; j < hi; ++j) {
+            const acc_t* kj = kf.data() + (j - c0) * D;
+            const acc_t p = std::exp(scale * dot(qi, kj, D) - li);
+            const acc_t ds = p * (dot(doi, vf.data() + (j - c0) * D, D) - di);
+            axpy(scale * ds, kj, dqf.data() + r * D, D);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* o = dQ.row(r_abs0 + r, h);
+        for (int64_t x = 0; x < D; ++x) o[x] = static_cast<scalar_t>(dqf[r * D + x]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partitioned_attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_seqlens,
+    const at::Tensor& kv_start, const at::Tensor& kv_end, std::optional<int64_t> max_seqlen, double softmax_scale) {
+  check_attention_meta(q, k, v, cu_seqlens, kv_start, kv_end, kCpuMaxHeadDim);
+  check_qkv_tensor(dout, "dout", q);
+  check_qkv_tensor(out, "out", q);
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "ugd_ops: dout and out must have the shape of q ", q.sizes(), ", got ", dout.sizes(), " and ",
+              out.sizes());
+  const int64_t T = q.size(0), Hq = q.size(1);
+  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype && lse.dim() == 2 && lse.size(0) == Hq && lse.size(1) == T,
+              "ugd_ops: lse must be ", lse_dtype, " [Hq, T] = [", Hq, ", ", T, "], got ", lse.scalar_type(), " ",
+              lse.sizes());
+  if (dlse.has_value()) {
+    TORCH_CHECK_VALUE(dlse->sizes() == lse.sizes(), "ugd_ops: dlse must have the shape of lse ", lse.sizes(), ", got ",
+                dlse->sizes());
+  }
+  check_max_seqlen(max_seqlen, check_layout_values_cpu(cu_seqlens, kv_start, kv_end, T));
+  const TilePlan plan = make_tile_plan(cu_seqlens, kv_start, kv_end);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const at::Tensor ks = kv_start.contiguous(), ke = kv_end.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "partitioned_attention_bwd_cpu", [&] {
+    backward_kernel<scalar_t>(dout, q, k, v, out, lse, dlse, ks, ke, plan, softmax_scale, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ugd_ops, CPU, m) { m.impl("partitioned_attention_bwd", &partitioned_attention_bwd_cpu); }
+
+}  // namespace ugd_ops::cpu

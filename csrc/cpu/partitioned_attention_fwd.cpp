@@ -1,0 +1,116 @@
+// CPU forward of ugd_ops::partitioned_attention_fwd.
+//
+// Flash-style: each work item is one (query tile, query head); it streams the key tiles its rows
+// can reach with an online softmax in acc_t (fp32, fp64 for fp64 inputs). Key tiles no row of the
+// tile reaches are skipped; tiles inside every row's interval skip the per-row bounds.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "attention_tiles.h"
+
+namespace ugd_ops::cpu {
+namespace {
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_start,
+                    const at::Tensor& kv_end, const TilePlan& plan, double softmax_scale, at::Tensor& out,
+                    at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Hq = q.size(1), Hkv = k.size(1), D = q.size(2), group = Hq / Hkv;
+  const auto Q = strided3<const scalar_t>(q), K = strided3<const scalar_t>(k), V = strided3<const scalar_t>(v);
+  const auto O = strided3<scalar_t>(out);
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  const int64_t T = q.size(0);
+  const int32_t* ks = kv_start.data_ptr<int32_t>();
+  const int32_t* ke = kv_end.data_ptr<int32_t>();
+  const int64_t n_items = static_cast<int64_t>(plan.tiles.size()) * Hq;
+  const acc_t scale = static_cast<acc_t>(softmax_scale);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qf(kBlockM * D), kf(kBlockN * D), vf(kBlockN * D), acc(kBlockM * D);
+    std::vector<acc_t> m(kBlockM), l(kBlockM), s(kBlockN);
+    for (int64_t item = begin; item < end; ++item) {
+      const QueryTile& t = plan.tiles[item / Hq];
+      const int64_t h = item % Hq, g = h / group;
+      const int64_t rows = t.row1 - t.row0, r_abs0 = t.seq_start + t.row0;
+      load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data(), scale);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), acc_t(0));
+      const int32_t c_first = t.k_lo < t.k_hi ? (t.k_lo / kBlockN) * kBlockN : t.k_hi;
+      for (int32_t c0 = c_first; c0 < t.k_hi; c0 += kBlockN) {
+        const int32_t c1 = std::min(c0 + kBlockN, t.seq_len);
+        if (!tile_meets(t, c0, c1)) continue;
+        const bool inside = tile_inside(t, c0, c1);
+        load_rows(K.row(t.seq_start + c0, g), K.st, c1 - c0, D, kf.data());
+        load_rows(V.row(t.seq_start + c0, g), V.st, c1 - c0, D, vf.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          int32_t lo = c0, hi = c1;
+          if (!inside) {
+            lo = std::max(lo, ks[r_abs0 + r]);
+            hi = std::min(hi, ke[r_abs0 + r]);
+            if (lo >= hi) continue;
+          }
+          const acc_t* qr = qf.data() + r * D;
+          acc_t m_new = m[r];
+          for (int32_t j = lo; j < hi; ++j) {
+            s[j - c0] = dot(qr, kf.data() + (j - c0) * D, D);
+            m_new = std::max(m_new, s[j - c0]);
+          }
+          // m[r] is -inf before the first visited tile; exp(-inf) = 0 clears the empty state.
+          const acc_t alpha = std::exp(m[r] - m_new);
+          acc_t* ar = acc.data() + r * D;
+          for (int64_t x = 0; x < D; ++x) ar[x] *= alpha;
+          acc_t row_sum = 0;
+          for (int32_t j = lo; j < hi; ++j) {
+            const acc_t p = std::exp(s[j - c0] - m_new);
+            row_sum += p;
+            axpy(p, vf.data() + (j - c0) * D, ar, D);
+          }
+          l[r] = l[r] * alpha + row_sum;
+          m[r] = m_new;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* o = O.row(r_abs0 + r, h);
+        const bool empty = l[r] == acc_t(0);  // an empty interval: output 0, lse -inf
+        const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
+        const acc_t* ar = acc.data() + r * D;
+        for (int64_t x = 0; x < D; ++x) o[x] = static_cast<scalar_t>(ar[x] * inv);
+        lse_p[h * T + r_abs0 + r] = empty ? neg_inf : m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> partitioned_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    const at::Tensor& kv_start, const at::Tensor& kv_end, std::optional<int64_t> max_seqlen, double softmax_scale) {
+  check_attention_meta(q, k, v, cu_seqlens, kv_start, kv_end, kCpuMaxHeadDim);
+  const int64_t T = q.size(0), Hq = q.size(1);
+  check_max_seqlen(max_seqlen, check_layout_values_cpu(cu_seqlens, kv_start, kv_end, T));
+  const TilePlan plan = make_tile_plan(cu_seqlens, kv_start, kv_end);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor lse = at::empty({Hq, T}, q.options().dtype(lse_dtype));
+  const at::Tensor ks = kv_start.contiguous(), ke = kv_end.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "partitioned_attention_fwd_cpu", [&] {
+    forward_kernel<scalar_t>(q, k, v, ks, ke, plan, softmax_scale, out, lse);
+  });
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ugd_ops, CPU, m) { m.impl("partitioned_attention_fwd", &partitioned_attention_fwd_cpu); }
+
+}  // namespace ugd_ops::cpu

@@ -1,0 +1,104 @@
+"""Which backend serves the ugd_ops operators.
+
+``import ugd_ops._C`` loads the compiled library, whose C++ defines the operators and registers
+its kernels (CPU always, CUDA when it was built with CUDA). When it cannot be loaded, or
+``UGD_OPS_FORCE_REFERENCE=1`` is set, the same operators are defined here and served by the
+pure-PyTorch reference (one warning says so). A device the compiled library has no kernel for
+is served by the reference too, with a warning at first use of a hot operator.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import reference
+from ._schemas import HOT_OPS, SCHEMAS
+
+BUILD_HINT = (
+    "build the kernels with `pip install --no-build-isolation -e .` from the ugd source tree "
+    "(see README.md; `python -m ugd_ops.info` shows what was compiled)"
+)
+
+_REFERENCE_IMPLS = {
+    "partitioned_attention_fwd": reference.partitioned_attention_fwd,
+    "partitioned_attention_bwd": reference.partitioned_attention_bwd,
+    "detached_kl_fwd": reference.detached_kl_fwd,
+    "row_intervals": reference.row_intervals,
+    "dense_mask": reference.dense_mask,
+}
+
+compiled: bool = False
+load_error: str | None = None
+# (op name, dispatch key) pairs served by the reference although the library was compiled.
+reference_fallbacks: list[tuple[str, str]] = []
+_lib: torch.library.Library | None = None
+
+
+def _reference_build_info() -> str:
+    return '{"torch": "%s", "cpu": null, "cuda": null, "reference": true}' % torch.__version__
+
+
+def _warn_once(op: str, key: str):
+    impl = _REFERENCE_IMPLS[op]
+    warned = []
+
+    def wrapper(*args):
+        if not warned:
+            warned.append(True)
+            warnings.warn(
+                f"ugd_ops: no {key} kernel for {op} was compiled into ugd_ops._C; running the slow pure-PyTorch "
+                f"reference instead. To fix it, {BUILD_HINT}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return impl(*args)
+
+    return wrapper
+
+
+def _define_reference_library() -> None:
+    global _lib
+    _lib = torch.library.Library("ugd_ops", "DEF")
+    for name, schema in SCHEMAS.items():
+        _lib.define(name + schema)
+    for name, impl in _REFERENCE_IMPLS.items():
+        _lib.impl(name, impl, "CompositeExplicitAutograd")
+    _lib.impl("build_info", _reference_build_info, "CompositeExplicitAutograd")
+
+
+def _fill_missing_cuda_kernels() -> None:
+    global _lib
+    for name in _REFERENCE_IMPLS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ugd_ops::{name}", "CUDA"):
+            if _lib is None:
+                _lib = torch.library.Library("ugd_ops", "IMPL")
+            impl = _warn_once(name, "CUDA") if name in HOT_OPS else _REFERENCE_IMPLS[name]
+            _lib.impl(name, impl, "CUDA")
+            reference_fallbacks.append((name, "CUDA"))
+
+
+def load() -> None:
+    global compiled, load_error
+    if os.environ.get("UGD_OPS_FORCE_REFERENCE", "0") not in ("", "0"):
+        load_error = "UGD_OPS_FORCE_REFERENCE is set"
+    else:
+        try:
+            from . import _C  # noqa: F401  (loading the library registers the operators)
+
+            compiled = True
+        except ImportError as e:
+            load_error = f"{type(e).__name__}: {e}"
+    if compiled:
+        _fill_missing_cuda_kernels()
+        return
+    _define_reference_library()
+    if load_error != "UGD_OPS_FORCE_REFERENCE is set":
+        warnings.warn(
+            f"ugd_ops: the compiled kernels could not be loaded ({load_error}); every operator runs on the slow "
+            f"pure-PyTorch reference. To fix it, {BUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -1,0 +1,219 @@
+"""Public operators: Python signatures, fake (meta) kernels and autograd of ``torch.ops.ugd_ops``.
+
+The heavy lifting is in the kernels that ``_backend`` registered (compiled C++/CUDA, or the
+pure-PyTorch reference); this layer is what ``torch.compile``, ``torch.library.opcheck`` and
+autograd see, and it is the same for every backend.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import torch
+
+from . import _checks
+from ._schemas import CPU_MAX_HEAD_DIM
+
+_ops = torch.ops.ugd_ops
+_REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# partitioned attention
+# ---------------------------------------------------------------------------------------------
+
+
+def partitioned_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    *,
+    max_seqlen: int | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Attention over a packed batch where every query row reads one key interval (SPEC section 3).
+
+    Args:
+        q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA). Same float dtype and
+            device; only the last dimension must be contiguous.
+        cu_seqlens: int32 ``[B + 1]``, sequence b holds tokens ``[cu_seqlens[b], cu_seqlens[b+1])``.
+        kv_start, kv_end: int32 ``[T]``; row i of sequence b attends to keys
+            ``[kv_start[i], kv_end[i])`` of b (relative to the sequence start). An empty interval
+            gives an output of 0 and an lse of -inf.
+        max_seqlen: the longest sequence, if known (spares the GPU kernels a reduction).
+        softmax_scale: defaults to ``D ** -0.5``.
+        return_lse: also return the log-sum-exp ``[Hq, T]`` (fp32; fp64 for fp64 inputs),
+            which is differentiable too.
+
+    Returns:
+        out ``[T, Hq, D]`` in q's dtype, or ``(out, lse)``.
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    out, lse = _ops.partitioned_attention_fwd(q, k, v, cu_seqlens, kv_start, kv_end, max_seqlen, float(softmax_scale))
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("ugd_ops::partitioned_attention_fwd")
+def _attention_fwd_fake(q, k, v, cu_seqlens, kv_start, kv_end, max_seqlen, softmax_scale):
+    _checks.check_attention_meta(q, k, v, cu_seqlens, kv_start, kv_end, CPU_MAX_HEAD_DIM)
+    T, Hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((Hq, T), dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.register_fake("ugd_ops::partitioned_attention_bwd")
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens, kv_start, kv_end, max_seqlen, softmax_scale):
+    _checks.check_attention_meta(q, k, v, cu_seqlens, kv_start, kv_end, CPU_MAX_HEAD_DIM)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, kv_start, kv_end, max_seqlen, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, kv_start, kv_end)
+    ctx.max_seqlen = max_seqlen
+    ctx.softmax_scale = softmax_scale
+    # An unused output (usually lse) then arrives as None instead of a tensor of zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens, kv_start, kv_end = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    elif dout.shape[-1] > 1 and dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = _ops.partitioned_attention_bwd(
+        dout, q, k, v, out, lse, dlse, cu_seqlens, kv_start, kv_end, ctx.max_seqlen, ctx.softmax_scale
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "ugd_ops::partitioned_attention_fwd", _attention_backward, setup_context=_attention_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# detached KL
+# ---------------------------------------------------------------------------------------------
+
+
+def detached_kl(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    detach: bool = True,
+) -> torch.Tensor:
+    """KL(softmax(p_logits / T) || softmax(q_logits / T)) over the last dimension (SPEC section 5).
+
+    P, the trained (two-tower) side, is the first argument; Q, the teacher, gets no gradient unless
+    ``detach=False``. The loss is *not* multiplied by T^2 (scale it yourself for Hinton-style
+    distillation).
+
+    Args:
+        p_logits, q_logits: ``[N, C]`` (or ``[..., C]``), same dtype and device.
+        reduction: ``"none"`` (one value per row, shape ``[...]``), ``"sum"``, ``"mean"`` (over all
+            N*C elements, as ``F.kl_div``), ``"batchmean"`` (sum / N, as ``F.kl_div``).
+
+    Returns:
+        fp32 loss (fp64 for fp64 inputs).
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"ugd_ops: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    temperature = float(temperature)
+    grad_on = torch.is_grad_enabled()
+    want_p = grad_on and p_logits.requires_grad
+    want_q = grad_on and not detach and q_logits.requires_grad
+    q_in = q_logits.detach() if detach else q_logits
+    rows, _, _ = _ops.detached_kl_fwd(p_logits, q_in, temperature, want_p, want_q)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / (p_logits.numel() if reduction == "mean" else p_logits.shape[0])
+
+
+@torch.library.register_fake("ugd_ops::detached_kl_fwd")
+def _kl_fake(p_logits, q_logits, temperature, grad_p, grad_q):
+    _checks.check_kl_args(p_logits, q_logits, temperature)
+    loss = p_logits.new_empty(p_logits.shape[:-1], dtype=_acc_dtype(p_logits.dtype))
+    gp = p_logits.new_empty(p_logits.shape if grad_p else (0,))
+    gq = q_logits.new_empty(q_logits.shape if grad_q else (0,))
+    return loss, gp, gq
+
+
+def _kl_setup_context(ctx, inputs, output):
+    _, gp, gq = output
+    ctx.save_for_backward(gp, gq)
+    ctx.mark_non_differentiable(gp, gq)
+
+
+def _kl_backward(ctx, g_loss, _gp, _gq):
+    gp, gq = ctx.saved_tensors
+    scale = g_loss.unsqueeze(-1)
+    dp = (gp.to(scale.dtype) * scale).to(gp.dtype) if ctx.needs_input_grad[0] and gp.numel() else None
+    dq = (gq.to(scale.dtype) * scale).to(gq.dtype) if ctx.needs_input_grad[1] and gq.numel() else None
+    return dp, dq, None, None, None
+
+
+torch.library.register_autograd("ugd_ops::detached_kl_fwd", _kl_backward, setup_context=_kl_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+# ---------------------------------------------------------------------------------------------
+
+
+def row_intervals(spans: torch.Tensor | Sequence[Sequence[int]], paradigm: str):
+    """Span lengths -> the packed layout of SPEC section 3.
+
+    Args:
+        spans: int32 ``[B, 4]``: (Lq, Ld, Lp, Lg) per sample (a nested list is converted).
+        paradigm: ``"ttm"``, ``"stm"``, ``"causal"`` or ``"bidirectional"``.
+
+    Returns:
+        ``(cu_seqlens [B + 1], kv_start [T], kv_end [T])``, int32, on spans' device.
+    """
+    if not isinstance(spans, torch.Tensor):
+        spans = torch.tensor(spans, dtype=torch.int32).reshape(-1, 4)
+    return _ops.row_intervals(spans, paradigm)
+
+
+@torch.library.register_fake("ugd_ops::row_intervals")
+def _row_intervals_fake(spans, paradigm):
+    _checks.check_spans(spans, paradigm)
+    T = torch.library.get_ctx().new_dynamic_size()
+    B = spans.shape[0]
+    return spans.new_empty((B + 1,)), spans.new_empty((T,)), spans.new_empty((T,))
+
+
+def dense_mask(cu_seqlens: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor) -> torch.Tensor:
+    """The layout as a bool ``[T, T]`` mask (``mask[i, j]``: row i may read absolute key j).
+
+    For references and for peers that take dense masks; the kernels never build it.
+    """
+    return _ops.dense_mask(cu_seqlens, kv_start, kv_end)
+
+
+@torch.library.register_fake("ugd_ops::dense_mask")
+def _dense_mask_fake(cu_seqlens, kv_start, kv_end):
+    T = kv_start.shape[0]
+    return kv_start.new_empty((T, T), dtype=torch.bool)
+
+
+def build_info() -> dict:
+    """What the loaded library was built with (see ``python -m ugd_ops.info``)."""
+    return json.loads(_ops.build_info())
