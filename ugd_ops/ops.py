@@ -58,7 +58,7 @@ def partitioned_attention(
         out ``[T, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
     if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
+        softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # D = 0 is rejected by the kernel
     out, lse = _ops.partitioned_attention_fwd(q, k, v, cu_seqlens, kv_start, kv_end, max_seqlen, float(softmax_scale))
     return (out, lse) if return_lse else out
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
@@ -22,14 +23,16 @@
 namespace ugd_ops::cpu {
 namespace {
 
+// Row maximum and log of the shifted exp-sum, kept apart: log_softmax = (x - max) - log_sum. Folding
+// them into one log-sum-exp first would round it at the magnitude of the logits (1e4 -> 1e-3 in fp32).
 template <typename acc_t, typename scalar_t>
-acc_t log_sum_exp(const scalar_t* x, int64_t C, acc_t inv_t) {
+std::pair<acc_t, acc_t> max_and_log_sum(const scalar_t* x, int64_t C, acc_t inv_t) {
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   for (int64_t c = 0; c < C; ++c) mx = std::max(mx, static_cast<acc_t>(x[c]) * inv_t);
-  if (!std::isfinite(mx)) return mx;
+  if (!std::isfinite(mx)) return {mx, acc_t(0)};
   acc_t s = 0;
   for (int64_t c = 0; c < C; ++c) s += std::exp(static_cast<acc_t>(x[c]) * inv_t - mx);
-  return mx + std::log(s);
+  return {mx, std::log(s)};
 }
 
 template <typename scalar_t>
@@ -47,19 +50,21 @@ void detached_kl_kernel(const at::Tensor& p, const at::Tensor& q, double tempera
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* a = pp + r * C;
       const scalar_t* b = qp + r * C;
-      const acc_t lse_a = log_sum_exp<acc_t>(a, C, inv_t), lse_b = log_sum_exp<acc_t>(b, C, inv_t);
+      const auto [mx_a, ls_a] = max_and_log_sum<acc_t>(a, C, inv_t);
+      const auto [mx_b, ls_b] = max_and_log_sum<acc_t>(b, C, inv_t);
+      auto log_p_of = [&](int64_t c) { return (static_cast<acc_t>(a[c]) * inv_t - mx_a) - ls_a; };
+      auto log_q_of = [&](int64_t c) { return (static_cast<acc_t>(b[c]) * inv_t - mx_b) - ls_b; };
       acc_t kl = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t log_p = static_cast<acc_t>(a[c]) * inv_t - lse_a;
+        const acc_t log_p = log_p_of(c);
         const acc_t prob = std::exp(log_p);
         // 0 * log 0 = 0: a class P gives no mass to adds nothing, whatever Q says.
-        if (prob > 0) kl += prob * (log_p - (static_cast<acc_t>(b[c]) * inv_t - lse_b));
+        if (prob > 0) kl += prob * (log_p - log_q_of(c));
       }
       lp[r] = kl;
       if (gp != nullptr || gq != nullptr) {
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t log_p = static_cast<acc_t>(a[c]) * inv_t - lse_a;
-          const acc_t log_q = static_cast<acc_t>(b[c]) * inv_t - lse_b;
+          const acc_t log_p = log_p_of(c), log_q = log_q_of(c);
           const acc_t prob = std::exp(log_p);
           if (gp != nullptr) gp[r * C + c] = static_cast<scalar_t>(prob > 0 ? prob * (log_p - log_q - kl) * inv_t : 0);
           if (gq != nullptr) gq[r * C + c] = static_cast<scalar_t>((std::exp(log_q) - prob) * inv_t);

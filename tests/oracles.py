@@ -1,0 +1,52 @@
+"""Test oracles written straight from SPEC section 3, independent of ugd_ops' own code paths."""
+
+from __future__ import annotations
+
+import torch
+
+
+def intervals_from_table(spans, paradigm):
+    """Per-row loop over SPEC section 3's table. Returns python lists (cu, kv_start, kv_end)."""
+    cu, ks, ke = [0], [], []
+    for Lq, Ld, Lp, Lg in spans.tolist():
+        A, L = Lq + Ld + Lp, Lq + Ld + Lp + Lg
+        for i in range(L):
+            if paradigm == "causal":
+                iv = (0, i + 1)
+            elif paradigm == "bidirectional":
+                iv = (0, L)
+            elif i >= A:  # G rows
+                iv = (0, i + 1)
+            elif paradigm == "stm":
+                iv = (0, A)
+            elif i < Lq:
+                iv = (0, Lq)
+            elif i < Lq + Ld:
+                iv = (Lq, Lq + Ld)
+            else:
+                iv = (0, A)
+            ks.append(iv[0])
+            ke.append(iv[1])
+        cu.append(cu[-1] + L)
+    return cu, ks, ke
+
+
+def mask_from_intervals(cu, ks, ke):
+    T = len(ks)
+    m = torch.zeros((T, T), dtype=torch.bool)
+    for b in range(len(cu) - 1):
+        for i in range(cu[b], cu[b + 1]):
+            m[i, cu[b] + ks[i]: cu[b] + ke[i]] = True
+    return m
+
+
+def attention_dense(q, k, v, mask, scale):
+    """Float64 dense attention over the whole packed batch with a [T, T] mask: out [T, Hq, D], lse [Hq, T]."""
+    group = q.shape[1] // k.shape[1]
+    qd, kd, vd = (x.double().transpose(0, 1) for x in (q, k, v))
+    kd, vd = kd.repeat_interleave(group, 0), vd.repeat_interleave(group, 0)
+    s = scale * qd @ kd.transpose(1, 2)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)
+    return (p @ vd).transpose(0, 1), lse

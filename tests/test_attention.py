@@ -1,0 +1,233 @@
+"""partitioned_attention against float64 references: forward, lse, backward, dtypes, strides, GQA."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from oracles import attention_dense, intervals_from_table, mask_from_intervals
+
+import ugd_ops
+from ugd_ops import reference
+from ugd_ops.workloads import make_attention_inputs, random_spans
+
+PARADIGMS = ["ttm", "stm", "causal", "bidirectional"]
+SHAPES = {"gqa6": (6, 1, 64), "mha": (2, 2, 128), "gqa3-d16": (6, 2, 16)}
+
+# Float32 inputs against a float64 oracle: the kernels accumulate in fp32.
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def layout(spans, paradigm, device="cpu"):
+    cu, ks, ke = intervals_from_table(spans, paradigm)
+    return [torch.tensor(x, dtype=torch.int32, device=device) for x in (cu, ks, ke)], mask_from_intervals(cu, ks, ke)
+
+
+def randn(shape, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def check_against_oracle(q, k, v, lay, mask, *, scale=None, dtype_tol=None, with_grad=True, seed=0):
+    """Forward, lse and all gradients (with a random upstream gradient for out and lse)."""
+    cu, ks, ke = lay
+    D = q.shape[-1]
+    scale = D**-0.5 if scale is None else scale
+    tol = dtype_tol or TOL[q.dtype]
+    q, k, v = (x.detach().requires_grad_(with_grad) for x in (q, k, v))
+    out, lse = ugd_ops.partitioned_attention(q, k, v, cu, ks, ke, softmax_scale=scale, return_lse=True)
+    qd, kd, vd = (x.detach().cpu().double().requires_grad_(with_grad) for x in (q, k, v))
+    ref_out, ref_lse = attention_dense(qd, kd, vd, mask, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.shape == (q.shape[1], q.shape[0])
+    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=tol, rtol=tol)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse.cpu()), empty) and bool((lse.cpu()[empty] < 0).all())
+    torch.testing.assert_close(lse.cpu().double()[~empty], ref_lse[~empty], atol=tol, rtol=tol)
+    if not with_grad:
+        return
+    g_out = randn(out.shape, torch.float64, "cpu", seed + 1)
+    g_lse = randn(lse.shape, torch.float64, "cpu", seed + 2).masked_fill(empty, 0.0)
+    grads = torch.autograd.grad(
+        (out * g_out.to(out)).sum() + (lse.masked_fill(empty.to(lse.device), 0) * g_lse.to(lse)).sum(), (q, k, v)
+    )
+    ref_grads = torch.autograd.grad(
+        (ref_out * g_out).sum() + (ref_lse.masked_fill(empty, 0) * g_lse).sum(), (qd, kd, vd)
+    )
+    for name, a, b in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a.cpu().double(), b, atol=5 * tol, rtol=5 * tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("paradigm", PARADIGMS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_layouts(paradigm, shape, seed, device):
+    Hq, Hkv, D = SHAPES[shape]
+    spans = random_spans(5, seed=10 * seed + 7, max_len=45)  # empty P and G spans included
+    lay, mask = layout(spans, paradigm, device)
+    T = int(lay[0][-1])
+    q, k, v = (randn((T, h, D), torch.float32, device, seed + i) for i, h in enumerate((Hq, Hkv, Hkv)))
+    check_against_oracle(q, k, v, lay, mask, seed=seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L", [1, 17, 127, 300])
+@pytest.mark.parametrize("paradigm", PARADIGMS)
+def test_awkward_lengths(L, paradigm, device):
+    if paradigm in ("ttm", "stm"):
+        if L < 2:
+            pytest.skip("ttm and stm need Lq, Ld >= 1")
+        spans = torch.tensor([[max(1, L // 5), max(1, L // 3), L // 7, 0]], dtype=torch.int32)
+        spans[0, 3] = L - int(spans[0, :3].sum())
+    else:
+        spans = torch.tensor([[L, 0, 0, 0]], dtype=torch.int32)
+    spans = torch.cat([spans, torch.tensor([[1, 1, 0, 0]], dtype=torch.int32)])  # and a 2-token sample
+    lay, mask = layout(spans, paradigm, device)
+    T = int(lay[0][-1])
+    q, k, v = (randn((T, h, 64), torch.float32, device, i) for i, h in enumerate((6, 1, 1)))
+    check_against_oracle(q, k, v, lay, mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_rows_and_sequences(device):
+    # Hand-made intervals: empty rows, an empty sequence, rows reading disjoint ranges in one tile.
+    cu = [0, 70, 70, 75]
+    ks = [(i * 7) % 40 for i in range(70)] + [0, 1, 2, 0, 5]
+    ke = [min(70, s + (i % 5) * 9) for i, s in enumerate(ks[:70])] + [0, 3, 2, 5, 5]
+    lay = [torch.tensor(x, dtype=torch.int32, device=device) for x in (cu, ks, ke)]
+    mask = mask_from_intervals(cu, ks, ke)
+    assert (mask.sum(1) == 0).any()
+    q, k, v = (randn((75, h, 32), torch.float32, device, i) for i, h in enumerate((4, 2, 2)))
+    check_against_oracle(q, k, v, lay, mask)
+    out = ugd_ops.partitioned_attention(q, k, v, *lay)
+    assert bool((out.cpu()[mask.sum(1) == 0] == 0).all())
+
+
+def test_float64_and_softmax_scale():
+    spans = random_spans(3, seed=5, max_len=30)
+    lay, mask = layout(spans, "ttm")
+    T = int(lay[0][-1])
+    q, k, v = (randn((T, h, 24), torch.float64, "cpu", i) for i, h in enumerate((4, 4, 4)))
+    check_against_oracle(q, k, v, lay, mask, scale=0.3)
+
+
+def test_gradcheck_float64():
+    spans = torch.tensor([[2, 3, 1, 2], [1, 1, 0, 0]], dtype=torch.int32)
+    cu, ks, ke = ugd_ops.row_intervals(spans, "ttm")
+    T = int(cu[-1])
+    q, k, v = (randn((T, h, 5), torch.float64, "cpu", i).requires_grad_() for i, h in enumerate((4, 2, 2)))
+
+    def f(q, k, v):
+        out, lse = ugd_ops.partitioned_attention(q, k, v, cu, ks, ke, return_lse=True)
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout_kind", ["token", "head", "fused_qkv"])
+def test_strided_inputs(layout_kind, device):
+    spans = random_spans(4, seed=11, max_len=40)
+    lay, mask = layout(spans, "ttm", device)
+    T, Hq, Hkv, D = int(lay[0][-1]), 6, 2, 64
+    if layout_kind == "token":  # [H, T, D] storage seen as [T, H, D]: non-contiguous token and head dims
+        q, k, v = (randn((h, T, D), torch.float32, device, i).transpose(0, 1) for i, h in enumerate((Hq, Hkv, Hkv)))
+    elif layout_kind == "head":  # every other head of a wider tensor
+        q, k, v = (randn((T, 2 * h, D), torch.float32, device, i)[:, ::2] for i, h in enumerate((Hq, Hkv, Hkv)))
+    else:  # slices of one fused projection [T, Hq + 2 Hkv, D]
+        qkv = randn((T, Hq + 2 * Hkv, D), torch.float32, device, 0)
+        q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+    assert not (q.is_contiguous() and k.is_contiguous())
+    check_against_oracle(q, k, v, lay, mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("paradigm", ["ttm", "stm"])
+def test_low_precision_within_2x_of_pytorch(dtype, paradigm, device):
+    """Error against the float64 truth is at most twice that of PyTorch's SDPA on the same inputs."""
+    spans = random_spans(4, seed=2, max_len=60, allow_empty=False)
+    lay, mask = layout(spans, paradigm, device)
+    T, Hq, Hkv, D = int(lay[0][-1]), 6, 2, 64
+    q, k, v = (randn((T, h, D), dtype, device, i).requires_grad_() for i, h in enumerate((Hq, Hkv, Hkv)))
+    g = randn((T, Hq, D), dtype, device, 9)
+
+    def errors(out, grads, truth_out, truth_grads):
+        errs = [(out.double().cpu() - truth_out).abs().max().item()]
+        errs += [(a.double().cpu() - b).abs().max().item() for a, b in zip(grads, truth_grads)]
+        return errs
+
+    out = ugd_ops.partitioned_attention(q, k, v, *lay)
+    ours = errors(out, torch.autograd.grad(out, (q, k, v), g), *_truth(q, k, v, mask, g))
+    # PyTorch in the same dtype: SDPA over the packed batch with the dense mask (GQA by repeating heads).
+    qs, ks_, vs = q.transpose(0, 1)[None], k.repeat_interleave(Hq // Hkv, 1).transpose(0, 1)[None], \
+        v.repeat_interleave(Hq // Hkv, 1).transpose(0, 1)[None]
+    sdpa = F.scaled_dot_product_attention(qs, ks_, vs, attn_mask=mask.to(device))[0].transpose(0, 1)
+    theirs = errors(sdpa, torch.autograd.grad(sdpa, (q, k, v), g), *_truth(q, k, v, mask, g))
+    for name, a, b in zip(["out", "dq", "dk", "dv"], ours, theirs):
+        assert a <= 2 * b + 1e-6, f"{dtype} {name}: error {a:.3g} > 2 x PyTorch's {b:.3g}"
+
+
+def _truth(q, k, v, mask, g):
+    qd, kd, vd = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    out, _ = attention_dense(qd, kd, vd, mask, q.shape[-1] ** -0.5)
+    return out, torch.autograd.grad(out, (qd, kd, vd), g.double().cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_module(dtype):
+    """The compiled op and ugd_ops.reference agree (the reference is also the fallback backend)."""
+    x = make_attention_inputs(random_spans(6, seed=4, max_len=50), "stm", heads=(4, 2, 32), dtype=dtype)
+    out, lse = ugd_ops.partitioned_attention(*x.args(), return_lse=True)
+    r_out, r_lse = reference.partitioned_attention(*x.args(), return_lse=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), r_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_backward_matches_autograd():
+    """The reference backend's explicit backward equals autograd through the reference forward."""
+    x = make_attention_inputs(random_spans(3, seed=8, max_len=30), "ttm", heads=(6, 2, 16), dtype=torch.float64,
+                              requires_grad=True)
+    out, lse = reference.partitioned_attention(*x.args(), return_lse=True)
+    g, gl = torch.randn_like(out), torch.randn_like(lse)
+    want = torch.autograd.grad((out * g).sum() + (lse * gl).sum(), (x.q, x.k, x.v))
+    got = reference.partitioned_attention_bwd(g, x.q.detach(), x.k.detach(), x.v.detach(), out.detach(),
+                                              lse.detach(), gl, x.cu_seqlens, x.kv_start, x.kv_end, None, 16**-0.5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_outputs_do_not_depend_on_other_sequences():
+    """Packing: a sample's output is the same alone and inside a batch."""
+    spans = random_spans(3, seed=21, max_len=30)
+    x = make_attention_inputs(spans, "ttm", heads=(4, 2, 32), dtype=torch.float32)
+    out = ugd_ops.partitioned_attention(*x.args())
+    cu = x.cu_seqlens.tolist()
+    for b in range(3):
+        s, e = cu[b], cu[b + 1]
+        one = ugd_ops.partitioned_attention(x.q[s:e], x.k[s:e], x.v[s:e], torch.tensor([0, e - s], dtype=torch.int32),
+                                            x.kv_start[s:e], x.kv_end[s:e])
+        torch.testing.assert_close(one, out[s:e])
+
+
+def test_deterministic():
+    x = make_attention_inputs(random_spans(5, seed=3, max_len=80), "ttm", heads=(6, 2, 64), dtype=torch.float32,
+                              requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = ugd_ops.partitioned_attention(*x.args())
+        runs.append((out, *torch.autograd.grad(out.square().sum(), (x.q, x.k, x.v))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_max_seqlen_accepted():
+    x = make_attention_inputs(random_spans(2, seed=3), "ttm", heads=(2, 1, 8), dtype=torch.float32)
+    a = ugd_ops.partitioned_attention(*x.args(), max_seqlen=x.max_seqlen)
+    b = ugd_ops.partitioned_attention(*x.args(), max_seqlen=x.max_seqlen + 100)
+    assert torch.equal(a, b)
+    assert math.isfinite(float(a.sum()))

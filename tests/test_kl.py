@@ -1,0 +1,105 @@
+"""detached_kl against F.kl_div in float64: reductions, temperature, detach, dtypes, extremes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+
+import ugd_ops
+
+REDUCTIONS = ["none", "sum", "mean", "batchmean"]
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def oracle(p, q, temperature, reduction):
+    """KL(softmax(p/T) || softmax(q/T)) in float64 with F.kl_div (P goes in the target slot)."""
+    log_p = F.log_softmax(p.double() / temperature, -1)
+    log_q = F.log_softmax(q.double() / temperature, -1)
+    per_elem = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    if reduction == "none":
+        return per_elem.sum(-1)
+    if reduction == "mean":  # F.kl_div's "mean" (over all elements), without its deprecation warning
+        return per_elem.sum() / per_elem.numel()
+    return F.kl_div(log_q, log_p, reduction=reduction, log_target=True)
+
+
+def inputs(shape, dtype, device, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    p = (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+    q = (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+    return p.requires_grad_(), q.requires_grad_()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("shape", [(41, 1271), (8, 2), (5, 3, 4)])
+def test_against_kl_div(shape, detach, reduction, dtype, device):
+    p, q = inputs(shape, dtype, device)
+    loss = ugd_ops.detached_kl(p, q, temperature=1.7, reduction=reduction, detach=detach)
+    pd, qd = (x.detach().cpu().double().requires_grad_() for x in (p, q))
+    want = oracle(pd, qd if not detach else qd.detach(), 1.7, reduction)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == want.shape
+    tol = TOL[dtype]
+    # Low-precision inputs are exact in the oracle (it upcasts the same values), so only accumulation differs.
+    torch.testing.assert_close(loss.cpu().double(), want, atol=tol, rtol=tol)
+    up = torch.randn(want.shape, dtype=torch.float64) * 3  # a non-unit upstream gradient
+    gp, gq = torch.autograd.grad((loss * up.to(loss)).sum(), (p, q), allow_unused=True)
+    wp, wq = torch.autograd.grad((want * up).sum(), (pd, qd), allow_unused=True)
+    torch.testing.assert_close(gp.cpu().double(), wp, atol=tol, rtol=tol)
+    if detach:
+        assert gq is None
+    else:
+        torch.testing.assert_close(gq.cpu().double(), wq, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_logits(device):
+    p = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [0.0, 0.0, 0.0]], device=device, requires_grad=True)
+    q = torch.tensor([[-1e4, 1e4, 0.0], [1e4, -1e4, 0.0], [1e4, 1e4, -1e4]], device=device, requires_grad=True)
+    loss = ugd_ops.detached_kl(p, q, reduction="none", detach=False)
+    gp, gq = torch.autograd.grad(loss.sum(), (p, q))
+    for t in (loss, gp, gq):
+        assert torch.isfinite(t).all()
+    # fp32 carries ~7 digits of a loss of order 1e4
+    torch.testing.assert_close(loss.cpu().double(), oracle(p.detach().cpu(), q.detach().cpu(), 1.0, "none"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    p, q = inputs((6, 5), torch.float64, "cpu")
+    assert torch.autograd.gradcheck(
+        lambda p, q: ugd_ops.detached_kl(p, q, temperature=2.0, reduction="none", detach=False), (p, q))
+    assert torch.autograd.gradcheck(lambda p: ugd_ops.detached_kl(p, q, reduction="sum"), (p,))
+
+
+def test_identical_distributions_give_zero():
+    p, _ = inputs((16, 7), torch.float32, "cpu")
+    loss = ugd_ops.detached_kl(p, p.detach().clone(), reduction="none")
+    assert loss.abs().max() < 1e-6
+
+
+def test_detach_leaves_teacher_untouched():
+    p, q = inputs((4, 3), torch.float32, "cpu")
+    ugd_ops.detached_kl(p, q).backward()
+    assert p.grad is not None and q.grad is None
+
+
+def test_no_grad_needed():
+    p, q = inputs((4, 3), torch.float32, "cpu")
+    with torch.no_grad():
+        loss = ugd_ops.detached_kl(p, q)
+    assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"reduction": "avg"}, "reduction must be one of"),
+    ({"temperature": 0.0}, "temperature must be a positive number"),
+    ({"temperature": -1.0}, "temperature must be a positive number"),
+])
+def test_bad_arguments(kwargs, message):
+    p, q = inputs((4, 3), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=message):
+        ugd_ops.detached_kl(p, q, **kwargs)
