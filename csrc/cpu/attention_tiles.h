@@ -7,6 +7,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <climits>
@@ -15,7 +16,7 @@
 
 namespace ugd_ops::cpu {
 
-constexpr int kBlockM = 32;  // query rows per tile
+constexpr int kBlockM = 64;  // query rows per tile
 constexpr int kBlockN = 64;  // key columns per tile
 
 struct QueryTile {
@@ -83,18 +84,29 @@ inline void load_rows(const scalar_t* base, int64_t stride_t, int64_t n, int64_t
   }
 }
 
+// Row-major C[M x N] = alpha * op(A) * op(B) + beta * C on dense buffers, through ATen's addmm (and
+// so the CPU BLAS torch was built with; the typed at::native::cpublas::gemm is not exported by every
+// torch build). trans_a / trans_b say whether op transposes A / B. The wrappers cost a few
+// microseconds against tens for a 64 x 64 x D tile product.
 template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t x = 0; x < D; ++x) s += a[x] * b[x];
-  return s;
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, acc_t alpha, const acc_t* A,
+                    int64_t lda, const acc_t* B, int64_t ldb, acc_t beta, acc_t* C, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  auto view = [&](const acc_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    // op(X) is rows x cols; X itself is stored row-major as (trans ? cols x rows : rows x cols).
+    at::Tensor x = trans ? at::from_blob(const_cast<acc_t*>(p), {cols, rows}, {ld, 1}, opts)
+                         : at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {ld, 1}, opts);
+    return trans ? x.t() : x;
+  };
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  c.addmm_(view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b), beta, alpha);
 }
 
-template <typename acc_t>
-inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t D) {
-#pragma omp simd
-  for (int64_t i = 0; i < D; ++i) y[i] += alpha * x[i];
+// Columns [lo, hi) of key tile [c0, c1) that row `i` may read (empty when lo >= hi).
+inline void row_span(bool inside, const int32_t* ks, const int32_t* ke, int64_t i, int32_t c0, int32_t c1,
+                     int32_t& lo, int32_t& hi) {
+  lo = inside ? c0 : std::max(c0, ks[i]);
+  hi = inside ? c1 : std::min(c1, ke[i]);
 }
 
 // Strided view of a [T, H, D] tensor: element (t, h, x) at data[t * st + h * sh + x].

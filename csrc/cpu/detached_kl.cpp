@@ -47,27 +47,30 @@ void detached_kl_kernel(const at::Tensor& p, const at::Tensor& q, double tempera
   scalar_t* gq = grad_q ? grad_q->data_ptr<scalar_t>() : nullptr;
   const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
   at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> prob(C), log_ratio(C);  // per row: P and log P - log Q, reused by the gradients
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* a = pp + r * C;
       const scalar_t* b = qp + r * C;
       const auto [mx_a, ls_a] = max_and_log_sum<acc_t>(a, C, inv_t);
       const auto [mx_b, ls_b] = max_and_log_sum<acc_t>(b, C, inv_t);
-      auto log_p_of = [&](int64_t c) { return (static_cast<acc_t>(a[c]) * inv_t - mx_a) - ls_a; };
-      auto log_q_of = [&](int64_t c) { return (static_cast<acc_t>(b[c]) * inv_t - mx_b) - ls_b; };
       acc_t kl = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t log_p = log_p_of(c);
-        const acc_t prob = std::exp(log_p);
+        const acc_t log_p = (static_cast<acc_t>(a[c]) * inv_t - mx_a) - ls_a;
+        const acc_t log_q = (static_cast<acc_t>(b[c]) * inv_t - mx_b) - ls_b;
+        prob[c] = std::exp(log_p);
+        log_ratio[c] = log_p - log_q;
         // 0 * log 0 = 0: a class P gives no mass to adds nothing, whatever Q says.
-        if (prob > 0) kl += prob * (log_p - log_q_of(c));
+        if (prob[c] > 0) kl += prob[c] * log_ratio[c];
       }
       lp[r] = kl;
-      if (gp != nullptr || gq != nullptr) {
+      if (gp != nullptr) {
+        for (int64_t c = 0; c < C; ++c)
+          gp[r * C + c] = static_cast<scalar_t>(prob[c] > 0 ? prob[c] * (log_ratio[c] - kl) * inv_t : acc_t(0));
+      }
+      if (gq != nullptr) {  // Q = P / exp(log P - log Q), computed from log Q for accuracy
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t log_p = log_p_of(c), log_q = log_q_of(c);
-          const acc_t prob = std::exp(log_p);
-          if (gp != nullptr) gp[r * C + c] = static_cast<scalar_t>(prob > 0 ? prob * (log_p - log_q - kl) * inv_t : 0);
-          if (gq != nullptr) gq[r * C + c] = static_cast<scalar_t>((std::exp(log_q) - prob) * inv_t);
+          const acc_t log_q = (static_cast<acc_t>(b[c]) * inv_t - mx_b) - ls_b;
+          gq[r * C + c] = static_cast<scalar_t>((std::exp(log_q) - prob[c]) * inv_t);
         }
       }
     }

@@ -64,42 +64,53 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   for (int64_t b = 0; b < static_cast<int64_t>(plan.seqs.size()); ++b)
     for (int32_t c0 = 0; c0 < plan.seqs[b].seq_len; c0 += kBlockN) key_tiles.emplace_back(b, c0);
 
+  // P and dS of one (query tile, key tile) pair: p = exp(scale q k^T - lse) on allowed pairs, else 0;
+  // ds = p * (dout v^T - delta). qf, dof: [rows, D]; kf, vf: [cols, D]; p, ds: [rows, kBlockN].
+  auto tile_p_ds = [&](const QueryTile& t, int64_t h, bool inside, int32_t c0, int32_t c1, const acc_t* qf,
+                       const acc_t* dof, const acc_t* kf, const acc_t* vf, acc_t* p, acc_t* ds) {
+    const int64_t rows = t.row1 - t.row0, cols = c1 - c0, r_abs0 = t.seq_start + t.row0;
+    gemm_rm<acc_t>(false, true, rows, cols, D, scale, qf, D, kf, D, 0, p, kBlockN);
+    gemm_rm<acc_t>(false, true, rows, cols, D, 1, dof, D, vf, D, 0, ds, kBlockN);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = r_abs0 + r;
+      int32_t lo, hi;
+      row_span(inside, ks, ke, i, c0, c1, lo, hi);
+      const acc_t li = L[h * T + i], di = delta[h * T + i];
+      acc_t* pr = p + r * kBlockN;
+      acc_t* dsr = ds + r * kBlockN;
+      for (int32_t j = c0; j < c1; ++j) {
+        const acc_t pj = (j >= lo && j < hi) ? std::exp(pr[j - c0] - li) : acc_t(0);
+        pr[j - c0] = pj;
+        dsr[j - c0] = pj * (dsr[j - c0] - di);
+      }
+    }
+  };
+
   // Pass 2: dk, dv (column view).
   at::parallel_for(0, static_cast<int64_t>(key_tiles.size()) * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kf(kBlockN * D), vf(kBlockN * D), dkf(kBlockN * D), dvf(kBlockN * D), qr(D), dor(D);
+    std::vector<acc_t> kf(kBlockN * D), vf(kBlockN * D), dkf(kBlockN * D), dvf(kBlockN * D);
+    std::vector<acc_t> qf(kBlockM * D), dof(kBlockM * D), p(kBlockM * kBlockN), ds(kBlockM * kBlockN);
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, c0] = key_tiles[item / Hkv];
       const int64_t g = item % Hkv;
       const SequenceTiles& sq = plan.seqs[b];
-      const int32_t c1 = std::min(c0 + kBlockN, sq.seq_len);
-      load_rows(K.row(sq.seq_start + c0, g), K.st, c1 - c0, D, kf.data());
-      load_rows(V.row(sq.seq_start + c0, g), V.st, c1 - c0, D, vf.data());
+      const int32_t c1 = std::min(c0 + kBlockN, sq.seq_len), cols = c1 - c0;
+      load_rows(K.row(sq.seq_start + c0, g), K.st, cols, D, kf.data());
+      load_rows(V.row(sq.seq_start + c0, g), V.st, cols, D, vf.data());
       std::fill(dkf.begin(), dkf.end(), acc_t(0));
       std::fill(dvf.begin(), dvf.end(), acc_t(0));
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         for (int64_t ti = sq.first_tile; ti < sq.first_tile + sq.num_tiles; ++ti) {
           const QueryTile& t = plan.tiles[ti];
           if (!tile_meets(t, c0, c1)) continue;
-          const bool inside = tile_inside(t, c0, c1);
-          for (int32_t r = t.row0; r < t.row1; ++r) {
-            const int64_t i = sq.seq_start + r;
-            int32_t lo = c0, hi = c1;
-            if (!inside) {
-              lo = std::max(lo, ks[i]);
-              hi = std::min(hi, ke[i]);
-              if (lo >= hi) continue;
-            }
-            load_rows(Q.row(i, h), 0, 1, D, qr.data());
-            load_rows(dO.row(i, h), 0, 1, D, dor.data());
-            const acc_t li = L[h * T + i], di = delta[h * T + i];
-            for (int32_t j = lo; j < hi; ++j) {
-              const acc_t* kj = kf.data() + (j - c0) * D;
-              const acc_t p = std::exp(scale * dot(qr.data(), kj, D) - li);
-              axpy(p, dor.data(), dvf.data() + (j - c0) * D, D);
-              const acc_t ds = p * (dot(dor.data(), vf.data() + (j - c0) * D, D) - di);
-              axpy(scale * ds, qr.data(), dkf.data() + (j - c0) * D, D);
-            }
-          }
+          const int64_t rows = t.row1 - t.row0, r_abs0 = t.seq_start + t.row0;
+          load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data());
+          load_rows(dO.row(r_abs0, h), dO.st, rows, D, dof.data());
+          tile_p_ds(t, h, tile_inside(t, c0, c1), c0, c1, qf.data(), dof.data(), kf.data(), vf.data(), p.data(),
+                    ds.data());
+          // dv += P^T dout;  dk += scale dS^T q
+          gemm_rm<acc_t>(true, false, cols, D, rows, 1, p.data(), kBlockN, dof.data(), D, 1, dvf.data(), D);
+          gemm_rm<acc_t>(true, false, cols, D, rows, scale, ds.data(), kBlockN, qf.data(), D, 1, dkf.data(), D);
         }
       }
       for (int32_t j = c0; j < c1; ++j) {
@@ -116,6 +127,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   // Pass 3: dq (row view).
   at::parallel_for(0, static_cast<int64_t>(plan.tiles.size()) * Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(kBlockM * D), dof(kBlockM * D), dqf(kBlockM * D), kf(kBlockN * D), vf(kBlockN * D);
+    std::vector<acc_t> p(kBlockM * kBlockN), ds(kBlockM * kBlockN);
     for (int64_t item = begin; item < end; ++item) {
       const QueryTile& t = plan.tiles[item / Hq];
       const int64_t h = item % Hq, g = h / group;
@@ -125,29 +137,14 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       std::fill(dqf.begin(), dqf.end(), acc_t(0));
       const int32_t c_first = t.k_lo < t.k_hi ? (t.k_lo / kBlockN) * kBlockN : t.k_hi;
       for (int32_t c0 = c_first; c0 < t.k_hi; c0 += kBlockN) {
-        const int32_t c1 = std::min(c0 + kBlockN, t.seq_len);
+        const int32_t c1 = std::min(c0 + kBlockN, t.seq_len), cols = c1 - c0;
         if (!tile_meets(t, c0, c1)) continue;
-        const bool inside = tile_inside(t, c0, c1);
-        load_rows(K.row(t.seq_start + c0, g), K.st, c1 - c0, D, kf.data());
-        load_rows(V.row(t.seq_start + c0, g), V.st, c1 - c0, D, vf.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = r_abs0 + r;
-          int32_t lo = c0, hi = c1;
-          if (!inside) {
-            lo = std::max(lo, ks[i]);
-            hi = std::min(hi, ke[i]);
-            if (lo >= hi) continue;
-          }
-          const acc_t li = L[h * T + i], di = delta[h * T + i];
-          const acc_t* qi = qf.data() + r * D;
-          const acc_t* doi = dof.data() + r * D;
-          for (int32_t j = lo; j < hi; ++j) {
-            const acc_t* kj = kf.data() + (j - c0) * D;
-            const acc_t p = std::exp(scale * dot(qi, kj, D) - li);
-            const acc_t ds = p * (dot(doi, vf.data() + (j - c0) * D, D) - di);
-            axpy(scale * ds, kj, dqf.data() + r * D, D);
-          }
-        }
+        load_rows(K.row(t.seq_start + c0, g), K.st, cols, D, kf.data());
+        load_rows(V.row(t.seq_start + c0, g), V.st, cols, D, vf.data());
+        tile_p_ds(t, h, tile_inside(t, c0, c1), c0, c1, qf.data(), dof.data(), kf.data(), vf.data(), p.data(),
+                  ds.data());
+        // dq += scale dS k
+        gemm_rm<acc_t>(false, false, rows, D, cols, scale, ds.data(), kBlockN, kf.data(), D, 1, dqf.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* o = dQ.row(r_abs0 + r, h);

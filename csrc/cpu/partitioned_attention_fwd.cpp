@@ -2,7 +2,8 @@
 //
 // Flash-style: each work item is one (query tile, query head); it streams the key tiles its rows
 // can reach with an online softmax in acc_t (fp32, fp64 for fp64 inputs). Key tiles no row of the
-// tile reaches are skipped; tiles inside every row's interval skip the per-row bounds.
+// tile reaches are skipped; tiles inside every row's interval skip the per-row bounds. The two
+// tile products (S = Q K^T, O += P V) go through the CPU BLAS.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -36,8 +37,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qf(kBlockM * D), kf(kBlockN * D), vf(kBlockN * D), acc(kBlockM * D);
-    std::vector<acc_t> m(kBlockM), l(kBlockM), s(kBlockN);
+    std::vector<acc_t> qf(kBlockM * D), kf(kBlockN * D), vf(kBlockN * D), acc(kBlockM * D), s(kBlockM * kBlockN);
+    std::vector<acc_t> m(kBlockM), l(kBlockM);
     for (int64_t item = begin; item < end; ++item) {
       const QueryTile& t = plan.tiles[item / Hq];
       const int64_t h = item % Hq, g = h / group;
@@ -48,37 +49,37 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       std::fill(l.begin(), l.end(), acc_t(0));
       const int32_t c_first = t.k_lo < t.k_hi ? (t.k_lo / kBlockN) * kBlockN : t.k_hi;
       for (int32_t c0 = c_first; c0 < t.k_hi; c0 += kBlockN) {
-        const int32_t c1 = std::min(c0 + kBlockN, t.seq_len);
+        const int32_t c1 = std::min(c0 + kBlockN, t.seq_len), cols = c1 - c0;
         if (!tile_meets(t, c0, c1)) continue;
         const bool inside = tile_inside(t, c0, c1);
-        load_rows(K.row(t.seq_start + c0, g), K.st, c1 - c0, D, kf.data());
-        load_rows(V.row(t.seq_start + c0, g), V.st, c1 - c0, D, vf.data());
+        load_rows(K.row(t.seq_start + c0, g), K.st, cols, D, kf.data());
+        load_rows(V.row(t.seq_start + c0, g), V.st, cols, D, vf.data());
+        // S = (scale Q) K^T, then P = exp(S - m_new) in place on the row's allowed columns.
+        gemm_rm<acc_t>(false, true, rows, cols, D, 1, qf.data(), D, kf.data(), D, 0, s.data(), kBlockN);
         for (int64_t r = 0; r < rows; ++r) {
-          int32_t lo = c0, hi = c1;
-          if (!inside) {
-            lo = std::max(lo, ks[r_abs0 + r]);
-            hi = std::min(hi, ke[r_abs0 + r]);
-            if (lo >= hi) continue;
+          acc_t* sr = s.data() + r * kBlockN;
+          int32_t lo, hi;
+          row_span(inside, ks, ke, r_abs0 + r, c0, c1, lo, hi);
+          if (lo >= hi) {  // this row reads nothing here: P = 0, state unchanged
+            std::fill(sr, sr + cols, acc_t(0));
+            continue;
           }
-          const acc_t* qr = qf.data() + r * D;
           acc_t m_new = m[r];
-          for (int32_t j = lo; j < hi; ++j) {
-            s[j - c0] = dot(qr, kf.data() + (j - c0) * D, D);
-            m_new = std::max(m_new, s[j - c0]);
+          for (int32_t j = lo; j < hi; ++j) m_new = std::max(m_new, sr[j - c0]);
+          acc_t row_sum = 0;
+          for (int32_t j = c0; j < c1; ++j) {
+            const acc_t p = (j >= lo && j < hi) ? std::exp(sr[j - c0] - m_new) : acc_t(0);
+            sr[j - c0] = p;
+            row_sum += p;
           }
-          // m[r] is -inf before the first visited tile; exp(-inf) = 0 clears the empty state.
+          // m[r] is -inf before the row's first tile; exp(-inf) = 0 clears the empty state.
           const acc_t alpha = std::exp(m[r] - m_new);
           acc_t* ar = acc.data() + r * D;
           for (int64_t x = 0; x < D; ++x) ar[x] *= alpha;
-          acc_t row_sum = 0;
-          for (int32_t j = lo; j < hi; ++j) {
-            const acc_t p = std::exp(s[j - c0] - m_new);
-            row_sum += p;
-            axpy(p, vf.data() + (j - c0) * D, ar, D);
-          }
           l[r] = l[r] * alpha + row_sum;
           m[r] = m_new;
         }
+        gemm_rm<acc_t>(false, false, rows, D, cols, 1, s.data(), kBlockN, vf.data(), D, 1, acc.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* o = O.row(r_abs0 + r, h);
