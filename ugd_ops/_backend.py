@@ -49,8 +49,9 @@ def _warn_once(op: str, key: str):
         if not warned:
             warned.append(True)
             warnings.warn(
-                f"ugd_ops: no {key} kernel for {op} was compiled into ugd_ops._C; running the slow pure-PyTorch "
-                f"reference instead. To fix it, {BUILD_HINT}.",
+                f"ugd_ops: this build of ugd_ops._C has no {key} kernel for {op}; running the slow pure-PyTorch "
+                f"reference instead. `python -m ugd_ops.info` shows what was compiled; if the build lacked a CUDA "
+                f"toolkit, {BUILD_HINT}.",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -60,8 +60,12 @@ def report() -> str:
     lines.append(f"{'operator'.ljust(width)}  device  served by")
     for name, key, how in kernel_table():
         lines.append(f"{name.ljust(width)}  {key.ljust(6)}  {how}")
-    if not _backend.compiled or _backend.reference_fallbacks:
-        lines += ["", f"To compile the missing kernels, {_backend.BUILD_HINT}."]
+    if not _backend.compiled:
+        lines += ["", f"To compile the kernels, {_backend.BUILD_HINT}."]
+    elif _backend.reference_fallbacks:
+        lines += ["", "Operators served by the reference on CUDA have no CUDA kernel in this build: either it was "
+                  "built without CUDA (rebuild on a machine with a CUDA toolkit), or this version of ugd_ops ships "
+                  "none for them yet."]
     return "\n".join(lines)
 
 
