@@ -1,0 +1,234 @@
+"""Padding-free packing of laid-out samples, and the collator of the five paradigms (SPEC sections 3, 6, 8).
+
+A packed batch is one sequence of T tokens holding B samples back to back (no padding), as a dict:
+
+    input_ids     int64 [1, T]
+    position_ids  int64 [1, T]   (per sample, see ugd.layout: restart or continuous)
+    lm_labels     int64 [1, T]   -100 except on G spans, where position t holds the target of position t
+                                 (already aligned: do NOT shift); ``lm_labels != -100`` marks the G tokens
+    spans         int32 [B, 4]   (Lq, Ld, Lp, Lg) per sample
+    cu_seqlens    int32 [B + 1]  sample b holds tokens [cu_seqlens[b], cu_seqlens[b+1])
+    kv_start      int32 [T]      row i reads keys [kv_start[i], kv_end[i]) of its own sample
+    kv_end        int32 [T]      (relative to the sample start) -- ugd_ops.row_intervals(spans, mask)
+    max_seqlen    int            the longest sample (a python int, not a tensor)
+    labels        int64 [B]      class labels, -100 where absent
+    cls_index     int64 [B, 3]   absolute token index of the query [CLS] (V_Q), the document [CLS] (V_D)
+                                 and the prompt's final [CLS] (V_s); -1 where that span is empty
+
+All tensors are on the CPU; move them with the model (``max_seqlen`` stays an int).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Mapping, Sequence
+
+import torch
+
+import ugd_ops
+
+from .layout import (
+    IGNORE_INDEX,
+    EncodedSample,
+    LayoutConfig,
+    check_paradigm,
+    encode_sample,
+    prompt_ids,
+    special_token_ids,
+)
+
+MASKS = ("ttm", "stm", "causal", "bidirectional")
+
+
+def pack(samples: Sequence[EncodedSample], mask: str) -> dict:
+    """Packs samples into one padding-free sequence with the attention intervals of ``mask``.
+
+    Args:
+        samples: at least one ``EncodedSample``.
+        mask: the ``ugd_ops.row_intervals`` paradigm -- ``"ttm"``, ``"stm"`` (need Lq, Ld >= 1),
+            ``"causal"`` or ``"bidirectional"`` (use it for lone query or document spans).
+
+    Returns:
+        the batch dict described in this module's docstring.
+    """
+    if mask not in MASKS:
+        raise ValueError(f"unknown mask {mask!r}; expected one of {MASKS}")
+    if len(samples) == 0:
+        raise ValueError("pack() needs at least one sample")
+    input_ids: list[int] = []
+    positions: list[int] = []
+    lm_labels: list[int] = []
+    for i, s in enumerate(samples):
+        n = sum(s.spans)
+        if not (len(s.input_ids) == len(s.position_ids) == len(s.lm_labels) == n):
+            raise ValueError(
+                f"sample {i}: input_ids, position_ids and lm_labels must all have sum(spans) = {n} entries, got "
+                f"{len(s.input_ids)}, {len(s.position_ids)}, {len(s.lm_labels)}"
+            )
+        input_ids += s.input_ids
+        positions += s.position_ids
+        lm_labels += s.lm_labels
+    spans = torch.tensor([list(s.spans) for s in samples], dtype=torch.int32)
+    cu, kv_start, kv_end = ugd_ops.row_intervals(spans, mask)
+
+    s64 = spans.to(torch.int64)
+    start = cu[:-1].to(torch.int64)
+    ends = start[:, None] + torch.cumsum(s64[:, :3], dim=1) - 1  # last token of Q, D, P
+    cls_index = torch.where(s64[:, :3] > 0, ends, torch.full_like(ends, -1))
+
+    lengths = s64.sum(1)
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.int64).unsqueeze(0),
+        "position_ids": torch.tensor(positions, dtype=torch.int64).unsqueeze(0),
+        "lm_labels": torch.tensor(lm_labels, dtype=torch.int64).unsqueeze(0),
+        "spans": spans,
+        "cu_seqlens": cu,
+        "kv_start": kv_start,
+        "kv_end": kv_end,
+        "max_seqlen": int(lengths.max()),
+        "labels": torch.tensor([s.label for s in samples], dtype=torch.int64),
+        "cls_index": cls_index,
+    }
+
+
+def budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Groups sample indices, in the given order, into batches whose packed length fits ``max_tokens``.
+
+    Greedy: a batch is closed when the next sample would push its total length past the budget. A
+    sample longer than the budget on its own gets a batch of its own (with a warning) rather than
+    being dropped. Order is kept, so a sampler shuffles (or sorts by length) the indices first and
+    maps the returned positions back; every index appears exactly once.
+
+    Args:
+        lengths: packed length of each sample (``UGDCollator.lengths`` computes them).
+        max_tokens: token budget per batch, >= 1.
+
+    Returns:
+        a list of batches, each a list of indices into ``lengths``.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    too_long = []
+    for i, n in enumerate(lengths):
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"lengths[{i}] = {n} is negative")
+        if n > max_tokens:
+            too_long.append(i)
+            if current:
+                batches.append(current)
+                current, total = [], 0
+            batches.append([i])
+            continue
+        if current and total + n > max_tokens:
+            batches.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += n
+    if current:
+        batches.append(current)
+    if too_long:
+        warnings.warn(
+            f"{len(too_long)} sample(s) exceed max_tokens={max_tokens} on their own (first: index {too_long[0]}, "
+            f"{int(lengths[too_long[0]])} tokens); each gets a batch of its own",
+            stacklevel=2,
+        )
+    return batches
+
+
+class UGDCollator:
+    """Records -> packed batches for one training paradigm (SPEC sections 6 and 8).
+
+    A record is a mapping ``{"query": str, "document": str, "label": int (optional at inference),
+    "reason": str (optional)}``.
+
+    ``__call__`` returns ``pack(samples, mask)`` for ``ugd-ttm`` (parts Q D P G, TTM mask), ``ugd-stm``
+    (Q D P G, STM mask), ``shared-ttm`` (Q D, TTM mask) and ``stm`` (Q D P, STM mask). For the
+    two-backbone ``ttm`` baseline it returns ``{"query": pack(lone queries, "bidirectional"),
+    "document": pack(lone documents, "bidirectional"), "labels": int64 [B]}``: sample b of both packs
+    is record b.
+
+    ``max_tokens``: an optional token budget per packed batch. The collator only warns when a batch
+    exceeds it; a batch sampler enforces it with ``budget_batches(collator.lengths(records), max_tokens)``.
+
+    The tokenizer must already hold the UGD special tokens (``ugd.layout.add_special_tokens``).
+    """
+
+    def __init__(self, tokenizer, *, paradigm: str = "ugd-ttm", config: LayoutConfig | None = None,
+                 max_tokens: int | None = None):
+        self.parts, self.mask = check_paradigm(paradigm)
+        self.paradigm = paradigm
+        self.tokenizer = tokenizer
+        self.config = config if config is not None else LayoutConfig()
+        if not isinstance(self.config, LayoutConfig):
+            raise ValueError(f"config must be a LayoutConfig, got {type(self.config).__name__}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
+        self.max_tokens = max_tokens
+        self.ids = special_token_ids(tokenizer)
+        self._prompt = prompt_ids(tokenizer, self.ids, self.config) if "p" in self.parts else None
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _fields(record, i: int):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"record {i}: expected a mapping with 'query' and 'document', got {type(record).__name__}")
+        for key in ("query", "document"):
+            if key not in record:
+                raise ValueError(f"record {i}: missing {key!r} (a record is {{'query', 'document', 'label', 'reason'?}})")
+            if not isinstance(record[key], str):
+                raise ValueError(f"record {i}: {key!r} must be a string, got {type(record[key]).__name__}")
+        reason = record.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError(f"record {i}: 'reason' must be a string or absent, got {type(reason).__name__}")
+        label = record.get("label")
+        if label is not None:
+            try:
+                label = int(label)
+            except (TypeError, ValueError):
+                raise ValueError(f"record {i}: 'label' must be an int, got {label!r}") from None
+        return record["query"], record["document"], reason, label
+
+    def _encode(self, record, i: int, parts: str) -> EncodedSample:
+        query, document, reason, label = self._fields(record, i)
+        return encode_sample(self.tokenizer, self.ids, query, document, reason, label,
+                             config=self.config, parts=parts, _prompt=self._prompt)
+
+    def encode(self, record, index: int = 0):
+        """One record -> its ``EncodedSample`` (for ``ttm``: a pair (query sample, document sample))."""
+        if self.mask is None:
+            return self._encode(record, index, "q"), self._encode(record, index, "d")
+        return self._encode(record, index, self.parts)
+
+    def lengths(self, records: Sequence) -> list[int]:
+        """Packed length of each record under this paradigm (for ``budget_batches``); for ``ttm``
+        it is Lq + Ld, the tokens of both packs together."""
+        out = []
+        for i, r in enumerate(records):
+            enc = self.encode(r, i)
+            out.append(sum(len(e) for e in enc) if isinstance(enc, tuple) else len(enc))
+        return out
+
+    def __call__(self, records: Sequence) -> dict:
+        if len(records) == 0:
+            raise ValueError("UGDCollator got an empty list of records")
+        if self.mask is None:  # ttm: two backbones, two separate packs
+            pairs = [self.encode(r, i) for i, r in enumerate(records)]
+            query = pack([q for q, _ in pairs], "bidirectional")
+            document = pack([d for _, d in pairs], "bidirectional")
+            self._check_budget(max(query["input_ids"].shape[1], document["input_ids"].shape[1]))
+            return {"query": query, "document": document, "labels": query["labels"].clone()}
+        batch = pack([self.encode(r, i) for i, r in enumerate(records)], self.mask)
+        self._check_budget(batch["input_ids"].shape[1])
+        return batch
+
+    def _check_budget(self, T: int) -> None:
+        if self.max_tokens is not None and T > self.max_tokens:
+            warnings.warn(f"packed batch of {T} tokens exceeds max_tokens={self.max_tokens}", stacklevel=3)
+
+
+__all__ = ["IGNORE_INDEX", "MASKS", "UGDCollator", "budget_batches", "pack"]

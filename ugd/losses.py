@@ -1,0 +1,49 @@
+"""The loss terms of SPEC section 5 (paper eq. 1-7), each returned on its own.
+
+    L_t = alpha CE(Logits_t, y) + beta CE(Logits_s, y) + gamma L_gen + lambda KL(P || sg(Q)) + mu KL(T || sg(S))
+    L_s = beta CE(Logits_s, y) + gamma L_gen
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import ugd_ops
+
+# Loss term -> the weight that scales it.
+TERM_WEIGHTS = {"cls_t": "alpha", "cls_s": "beta", "gen": "gamma", "kl": "lam", "kl_emb": "mu"}
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over samples with a label (label -100 is ignored); 0 when none has one."""
+    if not bool((labels != -100).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+
+
+def generation_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, lm_labels: torch.Tensor,
+                    cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """L_gen (eq. 3): token cross-entropy over the G targets, averaged over each sample's tokens, then
+    over the samples that have a reason. The LM head runs on the G positions only.
+
+    hidden: [T, H]; lm_labels: [T] (target of each position, -100 outside G); cu_seqlens: [B + 1].
+    """
+    positions = (lm_labels != -100).nonzero(as_tuple=True)[0]
+    if positions.numel() == 0:
+        return hidden.sum() * 0.0
+    logits = lm_head(hidden[positions]).float()
+    token_loss = F.cross_entropy(logits, lm_labels[positions], reduction="none")
+    sample = torch.searchsorted(cu_seqlens[1:].to(torch.int64), positions, right=True)
+    B = cu_seqlens.shape[0] - 1
+    per_sample = torch.zeros(B, dtype=token_loss.dtype, device=token_loss.device).index_add_(0, sample, token_loss)
+    counts = torch.zeros(B, dtype=token_loss.dtype, device=token_loss.device).index_add_(
+        0, sample, torch.ones_like(token_loss))
+    has_reason = counts > 0
+    return (per_sample[has_reason] / counts[has_reason]).mean()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, detach: bool):
+    """KL(softmax(student) || sg(softmax(teacher))), batch mean (ugd_ops.detached_kl)."""
+    return ugd_ops.detached_kl(student.float(), teacher.float(), temperature=temperature, reduction="batchmean",
+                               detach=detach)

@@ -1,0 +1,46 @@
+"""Helpers for tests and examples: tokenizers built offline, in-process (no hub download).
+
+    tok = make_test_tokenizer()                      # a word-level tokenizer over a small built-in corpus
+    tok = make_test_tokenizer(["my own words here"])  # ... plus the words of these texts
+
+The tokenizer is a ``transformers.PreTrainedTokenizerFast`` with ``eos_token="</s>"``,
+``pad_token="<pad>"`` and ``unk_token="<unk>"``, a whitespace/punctuation pre-tokenizer and no
+normalizer (words are case-sensitive). It does *not* hold the UGD special tokens: call
+``ugd.layout.add_special_tokens(tok)`` as for a real backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
+
+DEFAULT_TEXTS = (
+    "how do I reset my online banking password",
+    "what should I do if I forgot the password of my bank account",
+    "the loan was approved yesterday and the money arrived today",
+    "can I repay the credit card bill early without a fee",
+    "A man is playing a guitar on the street.",
+    "A person plays music outdoors.",
+    "Both questions ask how to recover a forgotten password, so they match.",
+    "The document talks about loans while the query asks about credit cards; they do not match.",
+    "because the correlation score is high, the two texts are related",
+    "query document reason label yes no 0 1 2 3 relevant irrelevant",
+)
+
+
+def make_test_tokenizer(texts: Iterable[str] | None = None):
+    """A small word-level ``PreTrainedTokenizerFast`` trained in-process on ``DEFAULT_TEXTS`` + ``texts``.
+
+    Every word and punctuation mark of the given texts is in the vocabulary (no ``<unk>`` for them).
+    Ids: ``<pad>`` 0, ``<unk>`` 1, ``</s>`` 2, then the words.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = list(DEFAULT_TEXTS) + [t for t in (texts or ()) if t]
+    backend = Tokenizer(models.WordLevel(unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=[PAD, UNK, EOS], min_frequency=1)
+    backend.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=PAD, unk_token=UNK)
