@@ -1,9 +1,18 @@
-"""ugd: UGD text matching -- two-tower, single-tower and reason generation in one decoder LLM.
+"""ugd: UGD text matching on Hugging Face causal LMs.
 
-Modules (import them directly; this package imports nothing heavy on its own):
+One decoder runs a two-tower matcher, a single-tower matcher and a reason generator, separated only
+by a partitioned attention mask (SPEC sections 1-6):
 
-    ugd.layout    special tokens, LayoutConfig, encode_sample (SPEC sections 2 and 4)
-    ugd.collator  packing into padding-free batches, UGDCollator, budget_batches
-    ugd.viz       the attention partition of a real sample as a PNG (``python -m ugd.viz``)
-    ugd.testing   offline test tokenizers
+    ugd.layout     special tokens, LayoutConfig, encode_sample (spans, positions, reason labels)
+    ugd.collator   UGDCollator: records -> one padding-free packed batch with its key intervals
+    ugd.attention  attn_implementation="ugd" for transformers (registered on import of ugd)
+    ugd.model      UGDConfig, UGDModel: heads, losses, the five paradigms, save/load
+    ugd.viz        python -m ugd.viz: a picture of the attention partition
 """
+
+from . import attention  # noqa: F401  (registers attn_implementation="ugd" with transformers)
+from .collator import UGDCollator
+from .layout import LayoutConfig, add_special_tokens
+from .model import UGDConfig, UGDModel, UGDOutput
+
+__all__ = ["LayoutConfig", "UGDCollator", "UGDConfig", "UGDModel", "UGDOutput", "add_special_tokens"]

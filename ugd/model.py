@@ -99,6 +99,13 @@ class UGDOutput:
     v_s: torch.Tensor | None = None
 
 
+def move_batch(batch, device):
+    """A collated batch (nested dicts of tensors and ints) on ``device``."""
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
 def _gather(hidden: torch.Tensor, index: torch.Tensor, what: str) -> torch.Tensor:
     if bool((index < 0).any()):
         raise ValueError(f"the batch has samples without a {what} [CLS] (span length 0); this paradigm needs it")
@@ -234,6 +241,7 @@ class UGDModel(nn.Module):
         In training mode the active loss terms decide what runs; ``compute`` adds outputs.
         """
         cfg, heads = self.config, self.heads
+        batch = move_batch(batch, self.heads.classifier.weight.device)
         need = self.needed(compute)
         out = UGDOutput()
         if cfg.paradigm == "ttm":
