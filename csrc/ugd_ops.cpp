@@ -51,6 +51,16 @@ TORCH_LIBRARY(ugd_ops, m) {
   m.def(
       "detached_kl_fwd(Tensor p_logits, Tensor q_logits, float temperature, bool grad_p, bool grad_q) "
       "-> (Tensor loss, Tensor grad_p, Tensor grad_q)");
+  // Its kernels are Python (ugd_ops/chunked_ce.py, registered by ugd_ops/_backend.py for
+  // every device): the chunked PyTorch implementation. A fused CUDA kernel is future work.
+  m.def(
+      "linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor? per_sample, "
+      "int ignore_index, str reduction, int chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) "
+      "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "linear_cross_entropy_bwd(Tensor grad_rows, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
+      "int ignore_index, int chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   m.def("row_intervals(Tensor spans, str paradigm) -> (Tensor cu_seqlens, Tensor kv_start, Tensor kv_end)");
   m.def("dense_mask(Tensor cu_seqlens, Tensor kv_start, Tensor kv_end) -> Tensor");
   m.def("build_info() -> str", &build_info);

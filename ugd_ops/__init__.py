@@ -2,6 +2,7 @@
 
     partitioned_attention  attention where each query row reads one key interval (SPEC section 3)
     detached_kl            KL(P || sg(Q)) of the single-to-two-tower distillation (SPEC section 5)
+    linear_cross_entropy   cross-entropy of hidden @ weight.T without the [N, V] logits (SPEC eq. 3)
     row_intervals          span lengths -> cu_seqlens, kv_start, kv_end
     dense_mask             the same layout as a [T, T] bool mask (for references and peers)
 
@@ -14,7 +15,14 @@ from . import _backend
 _backend.load()
 
 from . import reference  # noqa: E402
-from .ops import build_info, dense_mask, detached_kl, partitioned_attention, row_intervals  # noqa: E402
+from .ops import (  # noqa: E402
+    build_info,
+    dense_mask,
+    detached_kl,
+    linear_cross_entropy,
+    partitioned_attention,
+    row_intervals,
+)
 
 __version__ = "0.1.0"
 
@@ -22,6 +30,7 @@ __all__ = [
     "build_info",
     "dense_mask",
     "detached_kl",
+    "linear_cross_entropy",
     "partitioned_attention",
     "reference",
     "row_intervals",

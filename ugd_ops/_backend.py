@@ -5,6 +5,10 @@ its kernels (CPU always, CUDA when it was built with CUDA). When it cannot be lo
 ``UGD_OPS_FORCE_REFERENCE=1`` is set, the same operators are defined here and served by the
 pure-PyTorch reference (one warning says so). A device the compiled library has no kernel for
 is served by the reference too, with a warning at first use of a hot operator.
+
+Some operators have kernels written in PyTorch in every build (``PYTHON_IMPLS``: the chunked linear
+cross-entropy of ``chunked_ce.py``); they are registered here as ``CompositeExplicitAutograd`` (every
+device), whether the schemas came from the compiled library or from ``_schemas.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import chunked_ce, reference
 from ._schemas import HOT_OPS, SCHEMAS
 
 BUILD_HINT = (
@@ -28,6 +32,13 @@ _REFERENCE_IMPLS = {
     "detached_kl_fwd": reference.detached_kl_fwd,
     "row_intervals": reference.row_intervals,
     "dense_mask": reference.dense_mask,
+}
+
+# Operators whose kernels are PyTorch code in every build (CPU and CUDA alike); a fused CUDA kernel
+# for them is future work.
+PYTHON_IMPLS = {
+    "linear_cross_entropy_fwd": chunked_ce.linear_cross_entropy_fwd,
+    "linear_cross_entropy_bwd": chunked_ce.linear_cross_entropy_bwd,
 }
 
 compiled: bool = False
@@ -70,6 +81,14 @@ def _define_reference_library() -> None:
     _lib.impl("build_info", _reference_build_info, "CompositeExplicitAutograd")
 
 
+def _register_python_kernels() -> None:
+    global _lib
+    if _lib is None:
+        _lib = torch.library.Library("ugd_ops", "IMPL")
+    for name, impl in PYTHON_IMPLS.items():
+        _lib.impl(name, impl, "CompositeExplicitAutograd")
+
+
 def _fill_missing_cuda_kernels() -> None:
     global _lib
     for name in _REFERENCE_IMPLS:
@@ -94,8 +113,10 @@ def load() -> None:
             load_error = f"{type(e).__name__}: {e}"
     if compiled:
         _fill_missing_cuda_kernels()
+        _register_python_kernels()
         return
     _define_reference_library()
+    _register_python_kernels()
     if load_error != "UGD_OPS_FORCE_REFERENCE is set":
         warnings.warn(
             f"ugd_ops: the compiled kernels could not be loaded ({load_error}); every operator runs on the slow "

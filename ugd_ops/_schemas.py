@@ -19,6 +19,16 @@ SCHEMAS = {
         "(Tensor p_logits, Tensor q_logits, float temperature, bool grad_p, bool grad_q) "
         "-> (Tensor loss, Tensor grad_p, Tensor grad_q)"
     ),
+    "linear_cross_entropy_fwd": (
+        "(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor? per_sample, int ignore_index, "
+        "str reduction, int chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) "
+        "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
+    ),
+    "linear_cross_entropy_bwd": (
+        "(Tensor grad_rows, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
+        "int chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) "
+        "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
+    ),
     "row_intervals": "(Tensor spans, str paradigm) -> (Tensor cu_seqlens, Tensor kv_start, Tensor kv_end)",
     "dense_mask": "(Tensor cu_seqlens, Tensor kv_start, Tensor kv_end) -> Tensor",
     "build_info": "() -> str",

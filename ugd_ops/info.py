@@ -21,7 +21,9 @@ def kernel_table() -> list[tuple[str, str, str]]:
         if name == "build_info":
             continue
         for key in ("CPU", "CUDA"):
-            if not _backend.compiled:
+            if name in _backend.PYTHON_IMPLS:
+                how = "python (chunked PyTorch, every build)"
+            elif not _backend.compiled:
                 how = "reference (pure PyTorch)"
             elif (name, key) in fallbacks:
                 how = "reference (pure PyTorch): no compiled kernel"

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from . import _checks
+from . import _checks, chunked_ce
 from ._schemas import CPU_MAX_HEAD_DIM
 
 _ops = torch.ops.ugd_ops
@@ -170,6 +170,132 @@ def _kl_backward(ctx, g_loss, _gp, _gq):
 
 
 torch.library.register_autograd("ugd_ops::detached_kl_fwd", _kl_backward, setup_context=_kl_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear cross-entropy (chunked; kernels in chunked_ce.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    per_sample: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets`` without the whole logits.
+
+    The rows are processed ``chunk_size`` at a time, so only a ``[chunk_size, V]`` block of logits
+    exists at once (V = 151,936 for Qwen2.5). When gradients are needed, those of hidden, weight and
+    bias are computed in the same sweep and the backward only scales them by the incoming gradient
+    (for ``reduction="none"`` the backward recomputes the logits instead). See docs/losses.md.
+
+    Args:
+        hidden: ``[N, H]`` (or ``[..., H]``), float32 / float64 / bfloat16 / float16.
+        weight: ``[V, H]``, the LM head, same dtype and device.
+        targets: int64 ``[N]`` (or ``[...]``), in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``.
+        ignore_index: rows with this target add nothing (loss 0 under ``"none"``).
+        reduction: ``"none"`` (per row), ``"sum"``, ``"mean"`` (over the non-ignored rows, as
+            ``F.cross_entropy``; 0, not NaN, when every row is ignored).
+        per_sample: optional int64 ``[N]`` (or ``[...]``) sample id of each row, in ``[0, N)`` for the
+            non-ignored rows: the loss is then the mean over each sample's non-ignored rows, averaged
+            (``"mean"``) or summed (``"sum"``) over the samples that have one (SPEC eq. 3).
+        chunk_size: rows per chunk; default ``chunked_ce.default_chunk_size(V)`` (512 for V = 151,936).
+
+    Returns:
+        fp32 loss (fp64 for fp64 inputs): a scalar, or ``[N]`` (``[...]``) for ``"none"``.
+    """
+    if reduction not in chunked_ce.REDUCTIONS:
+        raise ValueError(f"ugd_ops: reduction must be one of {chunked_ce.REDUCTIONS}, got {reduction!r}")
+    lead = None
+    if hidden.dim() > 2:
+        lead = hidden.shape[:-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets = targets.reshape(-1)
+        if per_sample is not None:
+            per_sample = per_sample.reshape(-1)
+    chunk = chunked_ce.default_chunk_size(weight.shape[0]) if chunk_size is None else int(chunk_size)
+    # The gradients are computed in the forward except for "none", whose backward recomputes them.
+    precompute = torch.is_grad_enabled() and reduction != "none"
+    loss, _, _, _ = _ops.linear_cross_entropy_fwd(
+        hidden, weight, targets, bias, per_sample, int(ignore_index), reduction, chunk,
+        precompute and hidden.requires_grad, precompute and weight.requires_grad,
+        precompute and bias is not None and bias.requires_grad,
+    )
+    if lead is not None and reduction == "none":
+        loss = loss.reshape(lead)
+    return loss
+
+
+@torch.library.register_fake("ugd_ops::linear_cross_entropy_fwd")
+def _lce_fwd_fake(hidden, weight, targets, bias, per_sample, ignore_index, reduction, chunk_size, grad_hidden,
+                  grad_weight, grad_bias):
+    chunked_ce.check_args(hidden, weight, targets, bias, per_sample, reduction, chunk_size)
+    shape = (hidden.shape[0],) if reduction == "none" else ()
+    loss = hidden.new_empty(shape, dtype=_acc_dtype(hidden.dtype))
+    gh = hidden.new_empty(hidden.shape if grad_hidden else (0,))
+    gw = weight.new_empty(weight.shape if grad_weight else (0,))
+    gb = (bias.new_empty(bias.shape if grad_bias else (0,)) if bias is not None else hidden.new_empty((0,)))
+    return loss, gh, gw, gb
+
+
+@torch.library.register_fake("ugd_ops::linear_cross_entropy_bwd")
+def _lce_bwd_fake(grad_rows, hidden, weight, targets, bias, ignore_index, chunk_size, grad_hidden, grad_weight,
+                  grad_bias):
+    chunked_ce.check_args(hidden, weight, targets, bias, None, None, chunk_size)
+    gh = hidden.new_empty(hidden.shape if grad_hidden else (0,))
+    gw = weight.new_empty(weight.shape if grad_weight else (0,))
+    gb = (bias.new_empty(bias.shape if grad_bias else (0,)) if bias is not None else hidden.new_empty((0,)))
+    return gh, gw, gb
+
+
+def _lce_setup_context(ctx, inputs, output):
+    hidden, weight, targets, bias, per_sample, ignore_index, reduction, chunk_size, f_h, f_w, f_b = inputs
+    _, gh, gw, gb = output
+    ctx.mark_non_differentiable(gh, gw, gb)
+    # hidden / weight / bias are kept for the recomputing backward ("none", or a gradient the forward
+    # was not asked for); they are alive anyway in a training step, so this costs no memory of note.
+    ctx.save_for_backward(hidden, weight, targets, bias, per_sample, gh, gw, gb)
+    ctx.ignore_index = ignore_index
+    ctx.reduction = reduction
+    ctx.chunk_size = chunk_size
+    ctx.precomputed = (f_h, f_w, f_b and bias is not None)
+
+
+def _scale(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``grad * g`` for a stored gradient and a 0-dim incoming gradient, in the stored dtype."""
+    if grad.dtype == g.dtype or grad.numel() > (1 << 20):
+        return grad * g.to(grad.dtype)  # large (grad_weight): no fp32 copy, g rounded to grad's dtype
+    return (grad.to(g.dtype) * g).to(grad.dtype)
+
+
+def _lce_backward(ctx, g_loss, _gh, _gw, _gb):
+    hidden, weight, targets, bias, per_sample, gh, gw, gb = ctx.saved_tensors
+    need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+    needs = (need_h, need_w, need_b)
+    if ctx.reduction != "none" and all(have or not need for have, need in zip(ctx.precomputed, needs)):
+        dh = _scale(gh, g_loss) if need_h else None
+        dw = _scale(gw, g_loss) if need_w else None
+        db = _scale(gb, g_loss) if need_b else None
+    else:
+        acc = _acc_dtype(hidden.dtype)
+        if ctx.reduction == "none":
+            rows = g_loss.to(acc)
+        else:
+            rows = chunked_ce.row_weights(targets, per_sample, ctx.ignore_index, ctx.reduction, acc) * g_loss.to(acc)
+        dh, dw, db = _ops.linear_cross_entropy_bwd(rows, hidden, weight, targets, bias, ctx.ignore_index,
+                                                   ctx.chunk_size, need_h, need_w, need_b and bias is not None)
+        dh, dw, db = (dh if need_h else None), (dw if need_w else None), (db if need_b else None)
+    return dh, dw, None, db, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("ugd_ops::linear_cross_entropy_fwd", _lce_backward, setup_context=_lce_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

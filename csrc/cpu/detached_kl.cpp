@@ -8,7 +8,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,7 +17,7 @@
 #include <utility>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/kl_checks.h"
 
 namespace ugd_ops::cpu {
 namespace {
@@ -80,24 +79,11 @@ void detached_kl_kernel(const at::Tensor& p, const at::Tensor& q, double tempera
 std::tuple<at::Tensor, at::Tensor, at::Tensor> detached_kl_fwd_cpu(const at::Tensor& p_logits,
                                                                    const at::Tensor& q_logits, double temperature,
                                                                    bool want_grad_p, bool want_grad_q) {
-  TORCH_CHECK_VALUE(is_supported_float(p_logits.scalar_type()),
-              "ugd_ops: p_logits must be float32, float64, bfloat16 or float16, got ", p_logits.scalar_type());
-  TORCH_CHECK_VALUE(q_logits.scalar_type() == p_logits.scalar_type(), "ugd_ops: q_logits must have the dtype of p_logits (",
-              p_logits.scalar_type(), "), got ", q_logits.scalar_type());
-  TORCH_CHECK_VALUE(q_logits.device() == p_logits.device(), "ugd_ops: q_logits must be on the device of p_logits (",
-              p_logits.device(), "), got ", q_logits.device());
-  TORCH_CHECK_VALUE(p_logits.dim() >= 2, "ugd_ops: p_logits must be [N, C] (or [..., C]), got shape ", p_logits.sizes());
-  TORCH_CHECK_VALUE(q_logits.sizes() == p_logits.sizes(), "ugd_ops: q_logits must have the shape of p_logits ",
-              p_logits.sizes(), ", got ", q_logits.sizes());
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "ugd_ops: temperature must be a positive number, got ",
-              temperature);
+  check_kl_args(p_logits, q_logits, temperature);
   const at::Tensor p = p_logits.contiguous(), q = q_logits.contiguous();
-  const auto acc_dtype = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto rows = p.sizes().slice(0, p.dim() - 1);
-  at::Tensor loss = at::empty(rows, p.options().dtype(acc_dtype));
   // Gradients nobody asked for are returned as empty tensors (shape [0]).
-  at::Tensor grad_p = want_grad_p ? at::empty(p.sizes(), p.options()) : at::empty({0}, p.options());
-  at::Tensor grad_q = want_grad_q ? at::empty(q.sizes(), q.options()) : at::empty({0}, q.options());
+  at::Tensor loss, grad_p, grad_q;
+  std::tie(loss, grad_p, grad_q) = make_kl_outputs(p, q, want_grad_p, want_grad_q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "detached_kl_fwd_cpu", [&] {
     detached_kl_kernel<scalar_t>(p, q, temperature, loss, want_grad_p ? &grad_p : nullptr,
                                  want_grad_q ? &grad_q : nullptr);

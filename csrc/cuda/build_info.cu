@@ -13,7 +13,7 @@ std::string build_info_json() {
   const int v = CUDART_VERSION;  // e.g. 13000 for 13.0
   std::string s = "{\"cuda_version\": \"" + std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10) + "\", ";
   s += "\"archs\": \"" UGD_CUDA_ARCHS_STR "\", ";
-  s += "\"ops\": [\"row_intervals\", \"dense_mask\"]}";
+  s += "\"ops\": [\"detached_kl_fwd\", \"row_intervals\", \"dense_mask\"]}";
   return s;
 }
 

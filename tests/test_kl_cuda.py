@@ -1,0 +1,271 @@
+"""The CUDA kernel of detached_kl (csrc/cuda/detached_kl.cu) against the CPU kernel and the float64
+F.kl_div oracle: every kernel variant (C from 1 to beyond 4096), up to 65,537 rows, all dtypes,
+reductions, detach, +-1e4 logits, non-unit upstream gradients, CUDA-graph capture (no host sync,
+current stream) and opcheck. The whole module is skipped without a CUDA device.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ugd_ops
+from ugd_ops import _backend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+ops = torch.ops.ugd_ops
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+REDUCTIONS = ["none", "sum", "mean", "batchmean"]
+CLASSES = [2, 4, 37, 256, 1271, 4096]
+ROWS = [1, 1000, 65537]
+# One C per kernel variant and its edges: groups of 4/8/16/32 lanes, a warp with 2..16 classes per
+# lane, a block with 4/8/16 per thread, and the streaming block (C > 4096).
+VARIANT_EDGES = [1, 3, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 512, 513, 1024, 1025, 2048, 2049, 4097, 10000]
+
+# Against the float64 oracle (as tests/test_kl.py): only accumulation differs for low-precision inputs.
+ORACLE_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# Against the CPU kernel, which computes the same formulas in the same precision: the loss is fp32 /
+# fp64 in both; bf16 / fp16 gradients may differ by one rounding of the output.
+LOSS_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+GRAD_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def oracle(p, q, temperature, reduction):
+    log_p = F.log_softmax(p.double() / temperature, -1)
+    log_q = F.log_softmax(q.double() / temperature, -1)
+    per_elem = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    if reduction == "none":
+        return per_elem.sum(-1)
+    if reduction == "mean":
+        return per_elem.sum() / per_elem.numel()
+    return F.kl_div(log_q, log_p, reduction=reduction, log_target=True)
+
+
+def cuda_inputs(shape, dtype, seed=0, scale=3.0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    gen_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    p = (scale * torch.randn(shape, generator=g, device="cuda", dtype=gen_dtype)).to(dtype)
+    q = (scale * torch.randn(shape, generator=g, device="cuda", dtype=gen_dtype)).to(dtype)
+    return p, q
+
+
+def sample_rows(N, k=512, seed=0):
+    """Rows to check against the CPU: the first, last and middle ones and k random ones (rows are
+    independent, so the CPU kernel on these rows gives exactly their results)."""
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.cat([torch.tensor([0, 1, N // 2, N - 2, N - 1]), torch.randperm(N, generator=g)[:k]])
+    return torch.unique(picks.clamp(0, N - 1))
+
+
+def close(got, want, tol):
+    got, want = got.cpu().double(), want.cpu().double()
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def compare_with_cpu(p, q, temperature, grads, loss_tol=None):
+    loss, gp, gq = ops.detached_kl_fwd(p, q, temperature, *grads)
+    torch.cuda.synchronize()
+    N = p.shape[0]
+    assert loss.shape == (N,) and loss.device == p.device
+    assert loss.dtype == (torch.float64 if p.dtype == torch.float64 else torch.float32)
+    assert gp.shape == (p.shape if grads[0] else (0,)) and gp.dtype == p.dtype
+    assert gq.shape == (q.shape if grads[1] else (0,)) and gq.dtype == q.dtype
+    for t in (loss, gp, gq):
+        assert torch.isfinite(t).all()
+    rows = sample_rows(N).to(p.device)
+    lc, gpc, gqc = ops.detached_kl_fwd(p[rows].cpu(), q[rows].cpu(), temperature, *grads)
+    close(loss[rows], lc, loss_tol or LOSS_TOL[p.dtype])
+    if grads[0]:
+        close(gp[rows], gpc, GRAD_TOL[p.dtype])
+    if grads[1]:
+        close(gq[rows], gqc, GRAD_TOL[p.dtype])
+    return loss, gp, gq
+
+
+def test_compiled_kernel_serves_cuda():
+    info = ugd_ops.build_info()
+    if not _backend.compiled or info["cuda"] is None:
+        pytest.skip("ugd_ops._C was built without CUDA")
+    assert "detached_kl_fwd" in info["cuda"]["ops"]
+    assert ("detached_kl_fwd", "CUDA") not in _backend.reference_fallbacks
+
+
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", ROWS)
+@pytest.mark.parametrize("C", CLASSES)
+def test_matches_cpu_kernel(C, N, dtype, grads):
+    p, q = cuda_inputs((N, C), dtype, seed=C + N)
+    compare_with_cpu(p, q, 1.7, grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", VARIANT_EDGES)
+def test_every_kernel_variant(C, dtype):
+    p, q = cuda_inputs((777, C), dtype, seed=C)
+    compare_with_cpu(p, q, 0.8, (True, True))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [1, 1000])
+@pytest.mark.parametrize("C", CLASSES)
+def test_against_float64_oracle(C, N, dtype, reduction, detach):
+    p, q = cuda_inputs((N, C), dtype, seed=3)
+    p.requires_grad_()
+    q.requires_grad_()
+    loss = ugd_ops.detached_kl(p, q, temperature=1.7, reduction=reduction, detach=detach)
+    pd, qd = (x.detach().cpu().double().requires_grad_() for x in (p, q))
+    want = oracle(pd, qd if not detach else qd.detach(), 1.7, reduction)
+    assert loss.shape == want.shape and loss.is_cuda
+    tol = ORACLE_TOL[dtype]
+    close(loss, want, tol)
+    up = torch.randn(want.shape, dtype=torch.float64) * 3  # a non-unit upstream gradient
+    gp, gq = torch.autograd.grad((loss * up.to(loss)).sum(), (p, q), allow_unused=True)
+    wp, wq = torch.autograd.grad((want * up).sum(), (pd, qd), allow_unused=True)
+    assert gp.dtype == dtype and gp.is_cuda
+    close(gp, wp, tol)
+    if detach:
+        assert gq is None
+    else:
+        close(gq, wq, tol)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("C", [4, 37, 256])
+def test_many_rows_reductions(C, reduction):
+    """65,537 rows: the reductions of the CUDA rows equal those of the CPU kernel's rows."""
+    p, q = cuda_inputs((65537, C), torch.float32, seed=5)
+    p.requires_grad_()
+    got = ugd_ops.detached_kl(p, q, temperature=2.0, reduction=reduction)
+    want = ugd_ops.detached_kl(p.detach().cpu(), q.cpu(), temperature=2.0, reduction=reduction)
+    close(got.detach(), want, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", CLASSES)
+def test_extreme_logits(C, dtype):
+    """Logits of +-1e4 and 0 (and, for C >= 3, rows with a single +1e4): finite, equal to the CPU kernel."""
+    g = torch.Generator(device="cuda").manual_seed(C)
+    choices = torch.tensor([-1e4, 0.0, 1e4], device="cuda", dtype=torch.float64)
+    p = choices[torch.randint(0, 3, (257, C), generator=g, device="cuda")].to(dtype)
+    q = choices[torch.randint(0, 3, (257, C), generator=g, device="cuda")].to(dtype)
+    p[0] = -1e4
+    q[0] = 1e4  # constant rows
+    p[1, 0] = 1e4
+    q[1, -1] = 1e4
+    # fp32 carries ~7 digits of a loss of order 1e4, and the CPU kernel's sequential sum over 4096
+    # classes loses about one more
+    tol = 1e-12 if dtype == torch.float64 else 2e-5 * max(1, C // 1024)
+    loss, _, _ = compare_with_cpu(p, q, 1.0, (True, True), loss_tol=2 * tol)
+    pd, qd = p.cpu().double(), q.cpu().double()
+    torch.testing.assert_close(loss.cpu().double(), oracle(pd, qd, 1.0, "none"), rtol=tol, atol=tol)
+
+
+def test_edge_shapes():
+    for C in (1, 2):
+        p, q = cuda_inputs((10, C), torch.float32)
+        loss, gp, gq = ops.detached_kl_fwd(p, q, 1.0, True, True)
+        if C == 1:  # one class: P = Q = 1, KL 0, gradients 0
+            assert (loss == 0).all() and (gp == 0).all() and (gq == 0).all()
+    loss, gp, _ = ops.detached_kl_fwd(torch.empty(0, 5, device="cuda"), torch.empty(0, 5, device="cuda"), 1.0,
+                                      True, False)
+    assert loss.shape == (0,) and gp.shape == (0, 5)
+    loss, _, _ = ops.detached_kl_fwd(torch.empty(3, 0, device="cuda"), torch.empty(3, 0, device="cuda"), 1.0,
+                                     True, False)
+    assert loss.shape == (3,) and (loss == 0).all()  # an empty sum
+
+
+def test_strided_and_leading_dims():
+    p, q = cuda_inputs((6, 40, 5), torch.float32, seed=2)
+    pt, qt = p.transpose(0, 1), q.transpose(0, 1)  # [40, 6, 5], not contiguous
+    loss, gp, _ = ops.detached_kl_fwd(pt, qt, 1.3, True, False)
+    lc, gpc, _ = ops.detached_kl_fwd(pt.cpu(), qt.cpu(), 1.3, True, False)
+    assert loss.shape == (40, 6)
+    close(loss, lc, 1e-5)
+    close(gp, gpc, 1e-5)
+
+
+def test_deterministic():
+    p, q = cuda_inputs((4099, 1271), torch.bfloat16, seed=9)
+    a = ops.detached_kl_fwd(p, q, 1.0, True, True)
+    b = ops.detached_kl_fwd(p, q, 1.0, True, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_cuda_graph_capture():
+    """The kernel runs on the current stream and never synchronises with the host: it can be captured
+    in a CUDA graph (a launch on another stream or a sync would fail the capture)."""
+    p, q = cuda_inputs((1000, 256), torch.bfloat16, seed=11)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        ops.detached_kl_fwd(p, q, 2.0, True, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.detached_kl_fwd(p, q, 2.0, True, True)
+    new_p, new_q = cuda_inputs((1000, 256), torch.bfloat16, seed=12)
+    p.copy_(new_p)
+    q.copy_(new_q)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = ops.detached_kl_fwd(new_p, new_q, 2.0, True, True)
+    for x, y in zip(out, want):
+        assert torch.equal(x, y)
+
+
+def test_side_stream():
+    p, q = cuda_inputs((5000, 37), torch.float32, seed=13)
+    want = ops.detached_kl_fwd(p, q, 1.0, True, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = ops.detached_kl_fwd(p, q, 1.0, True, True)
+    side.synchronize()
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device():
+    p, q = cuda_inputs((300, 37), torch.float32, seed=14)
+    p1, q1 = p.to("cuda:1"), q.to("cuda:1")
+    with torch.cuda.device(0):
+        loss, gp, _ = ops.detached_kl_fwd(p1, q1, 1.0, True, False)
+    assert loss.device == p1.device
+    want, wgp, _ = ops.detached_kl_fwd(p, q, 1.0, True, False)
+    torch.testing.assert_close(loss.cpu(), want.cpu())
+    torch.testing.assert_close(gp.cpu(), wgp.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grads", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("C", [4, 300, 5000])
+def test_opcheck_cuda(C, grads, dtype):
+    p, q = cuda_inputs((6, C), dtype, seed=15)
+    p.requires_grad_()
+    q.requires_grad_(grads[1])
+    torch.library.opcheck(ops.detached_kl_fwd.default, (p, q, 1.5, *grads))
+
+
+def test_gradcheck_cuda_float64():
+    p, q = cuda_inputs((6, 37), torch.float64, seed=16)
+    p.requires_grad_()
+    q.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda p, q: ugd_ops.detached_kl(p, q, temperature=2.0, reduction="none", detach=False), (p, q))
+
+
+def test_bad_arguments_cuda():
+    p, q = cuda_inputs((4, 3), torch.float32)
+    with pytest.raises(ValueError, match="q_logits must have the dtype of p_logits"):
+        ops.detached_kl_fwd(p, q.double(), 1.0, True, False)
+    with pytest.raises(ValueError, match="q_logits must be on the device of p_logits"):
+        ops.detached_kl_fwd(p, q.cpu(), 1.0, True, False)
+    with pytest.raises(ValueError, match="temperature must be a positive number"):
+        ops.detached_kl_fwd(p, q, 0.0, True, False)
+    with pytest.raises(ValueError, match="q_logits must have the shape of p_logits"):
+        ops.detached_kl_fwd(p, q[:, :2], 1.0, True, False)
