@@ -112,15 +112,24 @@ def test_tiny_model_learns_and_every_term_falls():
         assert last[term] < first[term], f"{term}: {first[term]:.4f} -> {last[term]:.4f}"
 
 
-def _heads_run(model, batch):
-    """Names of the head modules that ran in a forward pass."""
+def _heads_run(model, batch, monkeypatch):
+    """Names of the head modules that ran in a forward pass ("lm_head": the generation loss ran)."""
+    import ugd.model
+
     ran = set()
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: ran.add(n))
              for n, m in model.heads.named_children() if m is not None]
-    hooks.append(model.backbone.get_output_embeddings().register_forward_hook(lambda *a: ran.add("lm_head")))
+    real = ugd.model.generation_loss
+
+    def spy(*args, **kwargs):
+        ran.add("lm_head")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ugd.model, "generation_loss", spy)
     model(batch)
     for h in hooks:
         h.remove()
+    monkeypatch.setattr(ugd.model, "generation_loss", real)
     return ran
 
 
@@ -132,11 +141,11 @@ def _heads_run(model, batch):
     ({"alpha": 0, "lam": 0, "mu": 0}, {"fc_t", "fc_t_kl", "fc_s_kl"}),
     ({"beta": 0, "lam": 0, "mu": 0}, {"fc_s_kl", "fc_t_kl"}),
 ])
-def test_ablation_switches_change_which_heads_run(zeroed, absent):
+def test_ablation_switches_change_which_heads_run(zeroed, absent, monkeypatch):
     model, tok = make_model(**zeroed)
     model.train()
     batch = collate(tok, "ugd-ttm")
-    ran = _heads_run(model, batch)
+    ran = _heads_run(model, batch, monkeypatch)
     full = {"classifier", "fc_t", "fc_t_kl", "fc_s_kl", "lm_head"}
     assert ran == full - absent
     out = model(batch)
@@ -195,3 +204,18 @@ def test_bad_config():
         UGDConfig(paradigm="two-tower")
     with pytest.raises(ValueError, match="loss weight mu must be >= 0"):
         UGDConfig(mu=-1)
+
+
+def test_generation_loss_is_per_sample_mean_then_batch_mean():
+    """SPEC eq. 3: mean over each sample's reason tokens, then over the samples that have a reason."""
+    from ugd.losses import generation_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 6, dtype=torch.float64)
+    head = torch.nn.Linear(6, 11, bias=False).double()
+    cu = torch.tensor([0, 4, 6, 9], dtype=torch.int32)  # sample 1 (tokens 4-5) has no reason
+    labels = torch.tensor([-100, -100, 3, 7, -100, -100, 1, 2, 10])
+    got = generation_loss(hidden, head, labels, cu)
+    ce = torch.nn.functional.cross_entropy(head(hidden), labels.clamp(min=0), reduction="none")
+    want = (ce[2:4].mean() + ce[6:9].mean()) / 2
+    torch.testing.assert_close(got, want)
