@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
+from .demo_data import EOS, PAD, UNK  # noqa: F401  (the builder lives in ugd.demo_data)
 
 DEFAULT_TEXTS = (
     "how do I reset my online banking password",
@@ -35,12 +35,6 @@ def make_test_tokenizer(texts: Iterable[str] | None = None):
     Every word and punctuation mark of the given texts is in the vocabulary (no ``<unk>`` for them).
     Ids: ``<pad>`` 0, ``<unk>`` 1, ``</s>`` 2, then the words.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from .demo_data import word_level_tokenizer
 
-    corpus = list(DEFAULT_TEXTS) + [t for t in (texts or ()) if t]
-    backend = Tokenizer(models.WordLevel(unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(special_tokens=[PAD, UNK, EOS], min_frequency=1)
-    backend.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    return word_level_tokenizer(list(DEFAULT_TEXTS) + [t for t in (texts or ()) if t])

@@ -1,0 +1,283 @@
+"""ugd.data: the readers of SPEC section 8 on small hand-written files."""
+
+import json
+import os
+import pickle
+
+import pytest
+
+from ugd.data import DataError, ReadStats, RecordDataset, read_records, write_jsonl
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text, encoding="utf-8")
+    return p
+
+
+def rec(q, d, label, reason=None):
+    return {"query": q, "document": d, "label": label, "reason": reason}
+
+
+# ------------------------------------------------------------------------------ formats
+
+
+def test_jsonl(tmp_path):
+    p = write(tmp_path, "train.jsonl", "\n".join([
+        json.dumps({"query": "red shoes", "document": "red running shoes", "label": 3, "reason": "exact match"}),
+        "",
+        json.dumps({"query": "lamp", "document": "a mug", "label": "0", "id": 7}),  # int string; extra key ignored
+        "   ",
+        json.dumps({"query": "", "document": "", "label": 1, "reason": ""}),  # empty texts allowed, "" -> None
+        json.dumps({"query": "早上好", "document": "你好", "label": 2, "reason": None}),
+    ]) + "\n")
+    records, stats = read_records(p)
+    assert records == [rec("red shoes", "red running shoes", 3, "exact match"), rec("lamp", "a mug", 0),
+                       rec("", "", 1), rec("早上好", "你好", 2)]
+    assert (stats.read, stats.kept, stats.skipped_malformed, stats.dropped_no_label) == (4, 4, 0, 0)
+    assert stats.fmt == "jsonl" and stats.path == str(p)
+    assert read_records(p, fmt="jsonl")[0] == records
+    assert read_records(str(p), fmt="ugd")[0] == records
+
+
+def test_lcqmc(tmp_path):
+    p = write(tmp_path, "lcqmc.tsv", "喜欢打篮球的男生喜欢什么样的女生\t爱打篮球的男生喜欢什么样的女生\t1\n"
+                                     "我手机丢了，我想换个手机\t我想买个新手机，求推荐\t1\r\n\n"
+                                     "大家觉得她好看吗\t大家觉得跑男好看吗？\t0\n")
+    records, stats = read_records(p)
+    assert stats.fmt == "lcqmc" and stats.kept == 3 and stats.read == 3
+    assert records[1] == rec("我手机丢了，我想换个手机", "我想买个新手机，求推荐", 1)  # \r\n stripped
+    assert [r["label"] for r in records] == [1, 1, 0]
+    # BQ / ATEC use the same reader; an ATEC raw file has a leading id column; a header row is skipped
+    p2 = write(tmp_path, "atec.txt", "text_a\ttext_b\tlabel\n1\t怎么更改花呗手机号码\t我的花呗是以前的手机号码\t1\n")
+    records, stats = read_records(p2, fmt="atec")
+    assert records == [rec("怎么更改花呗手机号码", "我的花呗是以前的手机号码", 1)] and stats.read == 1
+
+
+def test_qqp(tmp_path):
+    header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    p = write(tmp_path, "train.tsv", header + "133273\t213221\t213222\tHow is the life of a math student?\t"
+                                              "Which level of prepration is enough?\t0\n"
+                                              "402555\t536040\t536041\tHow do I control my horny emotions?\t"
+                                              "How do you control your horniness?\t1\n")
+    records, stats = read_records(p)
+    assert stats.fmt == "qqp" and stats.read == 2
+    assert records[1] == rec("How do I control my horny emotions?", "How do you control your horniness?", 1)
+    # columns are found by name, in any order
+    p2 = write(tmp_path, "other.tsv", "is_duplicate\tquestion2\tquestion1\n0\tb?\ta?\n")
+    assert read_records(p2)[0] == [rec("a?", "b?", 0)]
+
+
+def test_nli_drops_and_counts_no_gold_label(tmp_path):
+    lines = [
+        {"gold_label": "neutral", "sentence1": "A person on a horse.", "sentence2": "A person is training.", "pairID": "1"},
+        {"gold_label": "-", "sentence1": "Two kids.", "sentence2": "Kids play."},
+        {"gold_label": "contradiction", "sentence1": "A man sleeps.", "sentence2": "A man runs."},
+        {"gold_label": "entailment", "sentence1": "A dog runs.", "sentence2": "An animal moves."},
+        {"gold_label": "-", "sentence1": "x", "sentence2": "y"},
+    ]
+    p = write(tmp_path, "snli_1.0_dev.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
+    records, stats = read_records(p, num_labels=3)
+    assert stats.fmt == "nli"
+    assert [r["label"] for r in records] == [1, 2, 0]
+    assert records[0] == rec("A person on a horse.", "A person is training.", 1)
+    assert (stats.read, stats.kept, stats.dropped_no_label, stats.skipped_malformed) == (5, 3, 2, 0)
+    assert "dropped 2 without a gold label" in str(stats)
+    # an unknown gold label is malformed, not dropped
+    p2 = write(tmp_path, "bad.jsonl", json.dumps({"gold_label": "maybe", "sentence1": "a", "sentence2": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: gold_label 'maybe'"):
+        read_records(p2)
+
+
+def test_label_map(tmp_path):
+    p = write(tmp_path, "graded.tsv", "a\tb\tgood\nc\td\tbad\ne\tf\t1\n")
+    records, _ = read_records(p, label_map={"bad": 0, "good": 2})
+    assert [r["label"] for r in records] == [2, 0, 1]
+    with pytest.raises(DataError, match=r"graded\.tsv:1: label 'good' is not an integer"):
+        read_records(p)
+    with pytest.raises(ValueError, match="label_map"):
+        read_records(p, label_map={"bad": "0"})
+
+
+# ------------------------------------------------------------------------------ auto detection
+
+
+def test_auto_detection(tmp_path):
+    ugd = json.dumps({"query": "q", "document": "d", "label": 1})
+    nli = json.dumps({"sentence1": "a", "sentence2": "b", "gold_label": "neutral"})
+    cases = {
+        "a.jsonl": (ugd, "jsonl"), "b.json": (nli, "nli"), "c.ndjson": (ugd, "jsonl"),
+        "d.tsv": ("q\td\t1", "lcqmc"), "e.txt": ("q\td\t0", "lcqmc"),
+        "f.tsv": ("id\tquestion1\tquestion2\tis_duplicate\n1\tq\td\t1", "qqp"),
+        "noext": (ugd, "jsonl"), "noext2": ("q\td\t1", "lcqmc"),
+    }
+    for name, (text, fmt) in cases.items():
+        records, stats = read_records(write(tmp_path, name, text + "\n"))
+        assert stats.fmt == fmt, name
+        assert len(records) == 1 and records[0]["label"] in (0, 1), name
+    # a malformed first line does not confuse detection; it is reported (or skipped) with its line
+    p = write(tmp_path, "g.jsonl", "{oops\n" + ugd + "\n")
+    with pytest.raises(DataError, match=r"g\.jsonl:1: bad JSON"):
+        read_records(p)
+    assert read_records(p, skip_bad=True)[1].skipped_malformed == 1
+
+
+def test_auto_detection_failures_name_the_formats(tmp_path):
+    p = write(tmp_path, "x.jsonl", json.dumps({"text": "a", "y": 1}) + "\n")
+    with pytest.raises(DataError, match=r"x\.jsonl:1: cannot detect .*'jsonl'.*'lcqmc'.*'qqp'.*'nli'"):
+        read_records(p)
+    p = write(tmp_path, "x.csv", "a,b,1\n")
+    with pytest.raises(DataError, match=r"x\.csv: cannot detect .*'\.csv'.*'jsonl'.*'lcqmc'.*'qqp'.*'nli'"):
+        read_records(p)
+    p = write(tmp_path, "arr.json", '[{"query": "a", "document": "b", "label": 1}]\n')
+    with pytest.raises(DataError, match=r"arr\.json:1: .*JSON array"):
+        read_records(p)
+    p = write(tmp_path, "snli_1.0_dev.txt", "gold_label\tsentence1_parse\tsentence1\tsentence2\nneutral\t(a)\ta\tb\n")
+    with pytest.raises(DataError, match=r"snli_1\.0_dev\.txt:1: .*SNLI.*fmt='nli'"):
+        read_records(p)
+    with pytest.raises(ValueError, match=r"unknown data format 'csv'.*'jsonl'"):
+        read_records(p, fmt="csv")
+
+
+def test_empty_file(tmp_path):
+    records, stats = read_records(write(tmp_path, "empty.jsonl", "\n\n"))
+    assert records == [] and stats.read == 0 and stats.kept == 0
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+BAD_JSONL = [
+    ('{"query": "a", "document": "b", "label": 1', "bad JSON"),
+    ('["a", "b", 1]', "expected a JSON object"),
+    ('{"document": "b", "label": 1}', "missing field 'query'"),
+    ('{"query": "a", "label": 1}', "missing field 'document'"),
+    ('{"query": "a", "document": "b"}', "missing field 'label'"),
+    ('{"query": "a", "document": "b", "label": null}', "missing field 'label'"),
+    ('{"query": "a", "document": "b", "label": "one"}', "label 'one' is not an integer"),
+    ('{"query": "a", "document": "b", "label": 1.5}', "label must be an integer"),
+    ('{"query": "a", "document": "b", "label": true}', "label must be an integer"),
+    ('{"query": 3, "document": "b", "label": 1}', "field 'query' must be a string"),
+    ('{"query": "a", "document": "b", "label": 1, "reason": 5}', "field 'reason' must be a string or null"),
+]
+
+
+@pytest.mark.parametrize("line,problem", BAD_JSONL)
+def test_malformed_jsonl_names_file_and_line(tmp_path, line, problem):
+    good = json.dumps({"query": "q", "document": "d", "label": 0})
+    p = write(tmp_path, "train.jsonl", good + "\n\n" + line + "\n" + good + "\n")
+    with pytest.raises(DataError) as e:
+        read_records(p, fmt="jsonl")
+    assert str(e.value).startswith(f"{p}:3: {problem}")
+    assert e.value.line == 3 and e.value.path == str(p)
+    assert isinstance(e.value, ValueError)
+    records, stats = read_records(p, fmt="jsonl", skip_bad=True)
+    assert len(records) == 2
+    assert (stats.read, stats.kept, stats.skipped_malformed) == (3, 2, 1)
+    assert stats.errors[0].startswith(f"{p}:3: {problem}") and "skipped 1 malformed" in str(stats)
+
+
+def test_malformed_tsv_lines(tmp_path):
+    p = write(tmp_path, "lcqmc.tsv", "a\tb\t1\na\tb\n\na\tb\tc\t1\na\tb\tx\na\tb\t0\n")
+    with pytest.raises(DataError, match=r"lcqmc\.tsv:2: expected 3 tab-separated columns"):
+        read_records(p)
+    records, stats = read_records(p, skip_bad=True)
+    assert len(records) == 2 and stats.skipped_malformed == 3 and stats.read == 5
+    assert [e.split(": ")[0] for e in stats.errors] == [f"{p}:2", f"{p}:4", f"{p}:5"]
+    q = write(tmp_path, "qqp.tsv", "question1\tquestion2\tis_duplicate\na\tb\t1\na\tb\n")
+    with pytest.raises(DataError, match=r"qqp\.tsv:3: expected 3 tab-separated columns as in the header"):
+        read_records(q)
+    q = write(tmp_path, "q2.tsv", "question1\tquestion2\tlabel\na\tb\t1\n")
+    with pytest.raises(DataError, match=r"q2\.tsv:1: .*lacks the column\(s\) \['is_duplicate'\]"):
+        read_records(q, fmt="qqp")
+
+
+def test_bad_utf8_is_a_malformed_line(tmp_path):
+    p = write(tmp_path, "x.tsv", b"\xef\xbb\xbfa\tb\t1\n\xff\xfe\tb\t0\nc\td\t0\n")  # BOM on line 1 is fine
+    with pytest.raises(DataError, match=r"x\.tsv:2: not valid UTF-8"):
+        read_records(p)
+    records, stats = read_records(p, skip_bad=True)
+    assert records[0] == rec("a", "b", 1) and stats.skipped_malformed == 1 and stats.kept == 2
+
+
+def test_label_out_of_range_is_an_error_even_with_skip_bad(tmp_path):
+    lines = [json.dumps({"query": "q", "document": "d", "label": x}) for x in (0, 3, "{")]
+    p = write(tmp_path, "train.jsonl", "\n".join(lines[:2]) + "\n")
+    assert len(read_records(p)[0]) == 2  # no num_labels: no upper bound
+    for skip in (False, True):
+        with pytest.raises(DataError) as e:
+            read_records(p, num_labels=3, skip_bad=skip)
+        assert str(e.value) == f"{p}:2: label 3 is out of range for num_labels=3"
+    neg = write(tmp_path, "neg.tsv", "a\tb\t-1\n")
+    with pytest.raises(DataError, match=r"neg\.tsv:1: label -1 is negative"):
+        read_records(neg, skip_bad=True)
+    nli = write(tmp_path, "n.jsonl", json.dumps({"sentence1": "a", "sentence2": "b", "gold_label": "contradiction"}))
+    with pytest.raises(DataError, match="label 2 is out of range for num_labels=2"):
+        read_records(nli, num_labels=2)
+
+
+def test_missing_file_and_bad_arguments(tmp_path):
+    missing = tmp_path / "nope" / "train.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"data file not found: .*nope.train\.jsonl") as e:
+        read_records(missing)
+    assert e.value.filename == str(missing)
+    p = write(tmp_path, "a.tsv", "a\tb\t1\n")
+    with pytest.raises(ValueError, match="num_labels"):
+        read_records(p, num_labels=0)
+    with pytest.raises(IsADirectoryError):
+        read_records(tmp_path)
+
+
+def test_data_error_pickles():
+    e = pickle.loads(pickle.dumps(DataError("data/train.jsonl", 17, "label 7 is out of range for num_labels=4")))
+    assert str(e) == "data/train.jsonl:17: label 7 is out of range for num_labels=4" and e.line == 17
+
+
+def test_read_stats_str():
+    s = ReadStats(read=10, kept=8, skipped_malformed=1, dropped_no_label=1, path="d.jsonl", fmt="nli",
+                  errors=["d.jsonl:4: bad JSON"])
+    assert str(s) == ("d.jsonl (nli): read 10, kept 8, skipped 1 malformed (first: d.jsonl:4: bad JSON), "
+                      "dropped 1 without a gold label")
+    assert "\n" not in str(ReadStats(3, 3, 0, 0))
+
+
+# ------------------------------------------------------------------------------ dataset and writing
+
+
+def test_write_jsonl_round_trip_and_dataset(tmp_path):
+    records = [rec("red shoes", "red running shoes", 3, "exact match"), rec("杯子", "", 0)]
+    path = tmp_path / "out" / "train.jsonl"
+    assert write_jsonl(records, path) == 2
+    assert [f for f in os.listdir(path.parent)] == ["train.jsonl"]  # no temp file left behind
+    assert "杯子" in path.read_text(encoding="utf-8")
+    back, stats = read_records(path, num_labels=4)
+    assert back == records and stats.kept == 2
+    write_jsonl(records[:1], path)  # replaces
+    assert read_records(path)[0] == records[:1]
+
+    ds = RecordDataset.from_file(path)
+    assert len(ds) == 1 and ds[0] == records[0] and ds.stats.kept == 1 and ds.labels == [3]
+    ds = RecordDataset(records)
+    assert len(ds) == 2 and ds[1]["query"] == "杯子"
+
+    import torch
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=list)
+    assert next(iter(loader)) == records
+
+
+def test_write_jsonl_failure_leaves_old_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_jsonl([rec("a", "b", 1)], path)
+
+    def bad():
+        yield rec("c", "d", 0)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_jsonl(bad(), path)
+    assert read_records(path)[0] == [rec("a", "b", 1)]
+    assert os.listdir(tmp_path) == ["train.jsonl"]

@@ -1,0 +1,452 @@
+"""Reading matching data sets into UGD records (SPEC section 8).
+
+A record is ``{"query": str, "document": str, "label": int, "reason": str | None}``::
+
+    records, stats = read_records("data/train.jsonl", num_labels=4)
+    print(stats)                       # data/train.jsonl (jsonl): read 1000, kept 1000, ...
+    dataset = RecordDataset(records)   # dataset[i] is the record; ugd.collator.UGDCollator encodes
+    write_jsonl(records, "out/train.jsonl")
+
+Formats (``fmt``):
+
+    "jsonl"  UGD records, one JSON object a line: "query", "document", "label" (an int or an int
+             string), "reason" optional (a string or null; "" is stored as None). Other keys are ignored.
+    "lcqmc"  tab-separated ``text_a<TAB>text_b<TAB>label``, no header (LCQMC, BQ, ATEC). A first line
+             whose label column reads "label" is taken as a header and skipped; a leading integer id
+             column (ATEC's raw files: ``id<TAB>text_a<TAB>text_b<TAB>label``) is accepted.
+    "qqp"    Quora Question Pairs TSV with a header row; the columns question1, question2 and
+             is_duplicate are found by name (GLUE's train.tsv / dev.tsv and the original Quora file).
+    "nli"    SNLI / MultiNLI JSONL: "sentence1", "sentence2", "gold_label" with entailment=0,
+             neutral=1, contradiction=2. Rows whose gold_label is "-" (no annotator majority) are
+             dropped and counted in ``ReadStats.dropped_no_label``.
+    "auto"   by extension and content: .jsonl/.json/.ndjson -> "jsonl" when the first record has
+             "query", "nli" when it has "sentence1"; .tsv/.txt/.tab -> "qqp" when the first line is a
+             header naming question1, else "lcqmc". Other extensions are sniffed the same way from the
+             first line ("{" -> JSON, a tab -> TSV).
+
+Aliases: "ugd" = "jsonl"; "bq", "atec" = "lcqmc"; "snli", "mnli", "multinli" = "nli".
+
+Errors. Every problem of a record raises ``DataError`` with ``path:line: problem`` (1-based line
+numbers, counting blank lines). With ``skip_bad=True`` a malformed line (bad JSON or UTF-8, a missing
+or non-string field, a wrong column count, a label that is not an integer or not in ``label_map``) is
+skipped and counted in ``ReadStats.skipped_malformed`` (its message kept in ``ReadStats.errors``, the
+first ``MAX_KEPT_ERRORS`` of them) -- never silently dropped. A label outside ``[0, num_labels)``, or a
+negative label, is an error even with ``skip_bad``: it means the data and the model disagree on the
+label set. Blank lines are ignored. Empty texts are allowed (the span is then just ``[CLS]``);
+missing fields are not.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+FORMATS = ("jsonl", "lcqmc", "qqp", "nli")
+FORMAT_ALIASES = {"ugd": "jsonl", "bq": "lcqmc", "atec": "lcqmc", "snli": "nli", "mnli": "nli", "multinli": "nli"}
+FORMAT_HELP = (
+    "'jsonl' (UGD records: query, document, label, reason?), 'lcqmc' (text_a<TAB>text_b<TAB>label, also BQ "
+    "and ATEC), 'qqp' (Quora TSV with a header: question1, question2, is_duplicate), 'nli' (SNLI/MultiNLI "
+    "JSONL: sentence1, sentence2, gold_label)"
+)
+NLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+NLI_NO_LABEL = "-"
+QQP_COLUMNS = ("question1", "question2", "is_duplicate")
+JSON_EXTENSIONS = (".jsonl", ".json", ".ndjson")
+TSV_EXTENSIONS = (".tsv", ".txt", ".tab")
+MAX_KEPT_ERRORS = 10
+
+
+class DataError(ValueError):
+    """A problem with a data file; ``str(e)`` is ``"path:line: problem"`` (``"path: problem"`` when the
+    problem is the whole file's). ``e.path``, ``e.line`` (1-based, or None) and ``e.problem`` hold the parts."""
+
+    def __init__(self, path, line: int | None, problem: str):
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.line, self.problem))
+
+
+@dataclass
+class ReadStats:
+    """What ``read_records`` did with a file: ``read`` data lines (blank lines and a header not
+    counted) = ``kept`` + ``skipped_malformed`` + ``dropped_no_label``."""
+
+    read: int = 0
+    kept: int = 0
+    skipped_malformed: int = 0
+    dropped_no_label: int = 0
+    path: str | None = None
+    fmt: str | None = None
+    errors: list = field(default_factory=list)  # messages of the first skipped lines
+
+    def __str__(self) -> str:
+        head = f"{self.path} ({self.fmt})" if self.path else (self.fmt or "data")
+        s = f"{head}: read {self.read}, kept {self.kept}"
+        if self.skipped_malformed:
+            s += f", skipped {self.skipped_malformed} malformed (first: {self.errors[0]})" if self.errors else \
+                f", skipped {self.skipped_malformed} malformed"
+        if self.dropped_no_label:
+            s += f", dropped {self.dropped_no_label} without a gold label"
+        return s
+
+
+class _BadRecord(Exception):
+    """A malformed line (skippable with skip_bad)."""
+
+
+class _LabelOutOfRange(Exception):
+    """A label outside [0, num_labels) (never skippable)."""
+
+
+class _NoLabel(Exception):
+    """An NLI row without a gold label (dropped and counted)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """(1-based line number, text or None, decode error or None) for each line of the file."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\r\n")
+            try:
+                yield n, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield n, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+
+
+def _check_format(fmt: str) -> str:
+    if not isinstance(fmt, str):
+        raise ValueError(f"fmt must be a string, got {type(fmt).__name__}")
+    f = fmt.lower()
+    f = FORMAT_ALIASES.get(f, f)
+    if f != "auto" and f not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected 'auto' or one of {FORMAT_HELP}")
+    return f
+
+
+def _detect_format(path: str) -> str | None:
+    """The format of ``path`` by extension and first line(s); None for a file without data lines."""
+    ext = os.path.splitext(path)[1].lower()
+    first = None
+    for n, text, err in _lines(path):
+        if text is None or not text.strip():
+            continue
+        first = (n, text)
+        break
+    if first is None:
+        return None
+    n, text = first
+    stripped = text.lstrip()
+    if ext in JSON_EXTENSIONS or (ext not in TSV_EXTENSIONS and stripped.startswith("{")):
+        if stripped.startswith("["):
+            raise DataError(path, n, "this looks like a JSON array; expected JSON Lines (one JSON object a line)")
+        # the first line that parses as an object decides (a malformed first line is reported later)
+        for n, text, err in _lines(path):
+            if text is None or not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                if "query" in obj:
+                    return "jsonl"
+                if "sentence1" in obj:
+                    return "nli"
+                raise DataError(path, n, f"cannot detect the data format: the record has keys {sorted(obj)[:10]}, "
+                                         "neither 'query' (UGD jsonl) nor 'sentence1' (SNLI/MultiNLI); "
+                                         f"pass fmt= one of {FORMAT_HELP}")
+        raise DataError(path, None, "cannot detect the data format: no line parses as a JSON object (JSON Lines "
+                                    f"hold one object a line); pass fmt= one of {FORMAT_HELP}")
+    if ext in TSV_EXTENSIONS or "\t" in text:
+        cols = [c.strip().lower() for c in text.split("\t")]
+        if "gold_label" in cols and "sentence1" in cols:
+            raise DataError(path, n, "this looks like the tab-separated release of SNLI/MultiNLI; read its .jsonl "
+                                     "file instead (fmt='nli')")
+        return "qqp" if "question1" in cols else "lcqmc"
+    raise DataError(path, None, f"cannot detect the data format from the extension {ext or '(none)'!r} or the "
+                                f"first line; pass fmt= one of {FORMAT_HELP}")
+
+
+def _parse_label(value, label_map: Mapping | None, what: str = "label") -> int:
+    """An int from an int, an int string, or a string of ``label_map``; _BadRecord otherwise."""
+    if isinstance(value, str):
+        if label_map is not None and value in label_map:
+            return label_map[value]
+        s = value.strip()
+        if label_map is not None and s in label_map:
+            return label_map[s]
+        try:
+            return int(s)
+        except ValueError:
+            known = f" or one of the label_map keys {sorted(label_map)}" if label_map else ""
+            raise _BadRecord(f"{what} {value!r} is not an integer{known}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _BadRecord(f"{what} must be an integer, got {json.dumps(value, ensure_ascii=False)}")
+    return value
+
+
+def _text(obj: dict, key: str, fmt: str) -> str:
+    if key not in obj:
+        raise _BadRecord(f"missing field {key!r} ({fmt} records need {_required(fmt)})")
+    v = obj[key]
+    if not isinstance(v, str):
+        raise _BadRecord(f"field {key!r} must be a string, got {json.dumps(v, ensure_ascii=False)[:60]}")
+    return v
+
+
+def _required(fmt: str) -> str:
+    return {"jsonl": "'query', 'document', 'label'", "nli": "'sentence1', 'sentence2', 'gold_label'"}[fmt]
+
+
+def _json_object(text: str) -> dict:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _BadRecord(f"bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise _BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _parse_jsonl(text: str, label_map) -> dict:
+    obj = _json_object(text)
+    query = _text(obj, "query", "jsonl")
+    document = _text(obj, "document", "jsonl")
+    if "label" not in obj or obj["label"] is None:
+        raise _BadRecord(f"missing field 'label' (jsonl records need {_required('jsonl')})")
+    label = _parse_label(obj["label"], label_map)
+    reason = obj.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise _BadRecord(f"field 'reason' must be a string or null, got {json.dumps(reason, ensure_ascii=False)[:60]}")
+    return {"query": query, "document": document, "label": label, "reason": reason or None}
+
+
+def _parse_nli(text: str, label_map) -> dict:
+    obj = _json_object(text)
+    s1 = _text(obj, "sentence1", "nli")
+    s2 = _text(obj, "sentence2", "nli")
+    if "gold_label" not in obj:
+        raise _BadRecord(f"missing field 'gold_label' (nli records need {_required('nli')})")
+    gold = obj["gold_label"]
+    if gold == NLI_NO_LABEL:
+        raise _NoLabel()
+    mapping = label_map if label_map is not None else NLI_LABELS
+    if isinstance(gold, str) and gold in mapping:
+        label = mapping[gold]
+    elif isinstance(gold, str) and not gold.strip().lstrip("-").isdigit():
+        raise _BadRecord(f"gold_label {gold!r} is not one of {sorted(mapping)} (or '-', dropped)")
+    else:
+        label = _parse_label(gold, mapping, "gold_label")
+    return {"query": s1, "document": s2, "label": label, "reason": None}
+
+
+def _parse_lcqmc(text: str, label_map) -> dict:
+    cols = text.split("\t")
+    if len(cols) == 4 and cols[0].strip().isdigit():  # ATEC raw: id, text_a, text_b, label
+        cols = cols[1:]
+    if len(cols) != 3:
+        raise _BadRecord(f"expected 3 tab-separated columns text_a, text_b, label; got {len(cols)}")
+    return {"query": cols[0], "document": cols[1], "label": _parse_label(cols[2], label_map), "reason": None}
+
+
+def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip_bad: bool = False,
+                 label_map: Mapping[str, int] | None = None) -> tuple[list[dict], ReadStats]:
+    """Reads a data file into UGD records (see the module docstring for the formats).
+
+    Args:
+        path: the file (UTF-8; a BOM is ignored).
+        fmt: "auto", "jsonl", "lcqmc", "qqp" or "nli" (or an alias: ugd, bq, atec, snli, mnli, multinli).
+        num_labels: when given, a label outside ``[0, num_labels)`` raises DataError (even with skip_bad).
+        skip_bad: skip malformed lines (counted in ``stats.skipped_malformed``) instead of raising.
+        label_map: string label -> int (e.g. ``{"bad": 0, "good": 1}``); integer strings still parse as
+            integers. For "nli" it replaces the default ``{"entailment": 0, "neutral": 1, "contradiction": 2}``.
+
+    Returns:
+        ``(records, stats)``; each record is ``{"query", "document", "label", "reason"}``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DataError: a malformed line (without skip_bad), a label out of range, an undetectable format.
+        ValueError: bad arguments.
+    """
+    if isinstance(path, (bytes, bytearray)):
+        path = os.fsdecode(path)
+    path = os.fspath(path)
+    f = _check_format(fmt)
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise ValueError(f"num_labels must be None or an int >= 1, got {num_labels!r}")
+    if label_map is not None:
+        if not isinstance(label_map, Mapping):
+            raise ValueError(f"label_map must be a mapping from label strings to ints, got {type(label_map).__name__}")
+        for k, v in label_map.items():
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"label_map[{k!r}] must be an int, got {v!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "data file not found", path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"data path is a directory, not a file: {path}")
+
+    if f == "auto":
+        f = _detect_format(path)
+    stats = ReadStats(path=path, fmt=f)
+    records: list[dict] = []
+    if f is None:  # no data lines: nothing to detect, nothing to read
+        return records, stats
+
+    qqp_cols = None
+    header_checked = False
+    for n, text, decode_error in _lines(path):
+        if text is not None and not text.strip():
+            continue
+        if f == "qqp" and qqp_cols is None:  # the header row
+            if decode_error:
+                raise DataError(path, n, f"the QQP header line is {decode_error}")
+            names = [c.strip().lower() for c in text.split("\t")]
+            missing = [c for c in QQP_COLUMNS if c not in names]
+            if missing:
+                raise DataError(path, n, f"the QQP header {names} lacks the column(s) {missing}; a QQP file starts "
+                                         f"with a header row naming {list(QQP_COLUMNS)}")
+            qqp_cols = (len(names), [names.index(c) for c in QQP_COLUMNS])
+            continue
+        if f == "lcqmc" and not header_checked:
+            header_checked = True
+            cols = text.split("\t") if text is not None else []
+            if len(cols) in (3, 4) and cols[-1].strip().lower() == "label":
+                continue  # a header row (some LCQMC/BQ copies have "text_a<TAB>text_b<TAB>label")
+        stats.read += 1
+        try:
+            if decode_error:
+                raise _BadRecord(decode_error)
+            if f == "jsonl":
+                rec = _parse_jsonl(text, label_map)
+            elif f == "nli":
+                rec = _parse_nli(text, label_map)
+            elif f == "lcqmc":
+                rec = _parse_lcqmc(text, label_map)
+            else:
+                width, (i1, i2, il) = qqp_cols
+                cols = text.split("\t")
+                if len(cols) != width:
+                    raise _BadRecord(f"expected {width} tab-separated columns as in the header, got {len(cols)}")
+                rec = {"query": cols[i1], "document": cols[i2], "label": _parse_label(cols[il], label_map, "is_duplicate"),
+                       "reason": None}
+            label = rec["label"]
+            if label < 0 or (num_labels is not None and label >= num_labels):
+                raise _LabelOutOfRange(label)
+        except _NoLabel:
+            stats.dropped_no_label += 1
+            continue
+        except _BadRecord as e:
+            if not skip_bad:
+                raise DataError(path, n, f"{e} (pass skip_bad=True to skip and count malformed lines)") from None
+            stats.skipped_malformed += 1
+            if len(stats.errors) < MAX_KEPT_ERRORS:
+                stats.errors.append(f"{path}:{n}: {e}")
+            continue
+        except _LabelOutOfRange as e:
+            label = e.args[0]
+            if num_labels is None:
+                problem = f"label {label} is negative; labels are class indices 0, 1, ..."
+            else:
+                problem = f"label {label} is out of range for num_labels={num_labels}"
+            raise DataError(path, n, problem) from None
+        records.append(rec)
+        stats.kept += 1
+    return records, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset and writing
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """A list of records as a map-style Dataset: ``dataset[i]`` is the record dict (the collator,
+    ``ugd.collator.UGDCollator``, encodes lists of them)."""
+
+    def __init__(self, records: Sequence[Mapping]):
+        self.records = list(records)
+        self.stats: ReadStats | None = None
+
+    @classmethod
+    def from_file(cls, path, **kwargs) -> "RecordDataset":
+        """``read_records(path, **kwargs)`` as a dataset; the ReadStats are in ``dataset.stats``."""
+        records, stats = read_records(path, **kwargs)
+        ds = cls(records)
+        ds.stats = stats
+        return ds
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index]
+
+    @property
+    def labels(self) -> list:
+        """Each record's label (None where a record has none)."""
+        return [r.get("label") for r in self.records]
+
+
+def _json_default(o):
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def write_jsonl(records: Iterable[Mapping], path) -> int:
+    """Writes records as UTF-8 JSON Lines, atomically (a temp file in the same folder, then
+    ``os.replace``): a reader never sees a half-written file. Creates the folder if needed.
+    Returns the number of records written."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            # mkstemp makes the file private (0600); give it the mode an ordinary new file would have
+            os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
+            for r in records:
+                out.write(json.dumps(dict(r), ensure_ascii=False, default=_json_default))
+                out.write("\n")
+                n += 1
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return n
+
+
+__all__ = [
+    "FORMATS",
+    "NLI_LABELS",
+    "DataError",
+    "ReadStats",
+    "RecordDataset",
+    "read_records",
+    "write_jsonl",
+]
