@@ -79,6 +79,10 @@ class UGDConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_json_string(self) -> str:
+        """JSON text (what transformers' loggers, e.g. TensorBoard's, record of a model config)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
     @classmethod
     def from_dict(cls, d: dict) -> "UGDConfig":
         known = {f.name for f in dataclasses.fields(cls)}

@@ -1,0 +1,558 @@
+"""UGD on ``transformers.Trainer``: loss terms in the logs, ACC/AUC per head, UGD checkpoints.
+
+    trainer = UGDTrainer(model=ugd_model, args=TrainingArguments(...), train_dataset=RecordDataset(train),
+                         eval_dataset=RecordDataset(dev), data_collator=UGDCollator(tok, paradigm=...),
+                         tokenizer=tok)
+    trainer.train()                  # resume_from_checkpoint= as usual
+    trainer.evaluate()               # eval_loss, eval_acc_t, eval_auc_t, eval_acc_s, eval_auc_s, eval_loss_<term>
+
+What it changes in Trainer:
+
+* ``compute_loss`` calls ``UGDModel(batch)`` (one packed batch dict) and keeps a running sum of every
+  loss term; ``log`` adds their means since the last log to the training logs as ``loss_cls_t``,
+  ``loss_cls_s``, ``loss_gen``, ``loss_kl``, ``loss_kl_emb`` (unweighted values, averaged over the
+  processes), next to Trainer's ``loss`` (the weighted total).
+* ``training_step`` stops the run with ``NonFiniteLossError`` naming the step when the loss is NaN or
+  inf (on any process), before the optimizer step: no weight is updated with it and no checkpoint is
+  written after it, so the last checkpoint on disk is the last good one.
+* ``prediction_step`` returns the logits of both heads (``[B, 2, C]``: two-tower, single-tower; NaN
+  for a head the paradigm lacks) and the labels; ``compute_metrics`` turns them into ACC and AUC per
+  head (``ugd.metrics``; AUC is macro one-vs-rest beyond two classes) and adds the eval loss terms.
+* Saving: every checkpoint directory, and ``save_model``'s output, is a UGD checkpoint
+  (``UGDModel.from_pretrained`` loads it; its backbone loads with ``AutoModelForCausalLM``). Trainer
+  adds the optimizer, scheduler, RNG and trainer state as usual. With LoRA the backbone is saved with
+  the adapters merged (computed, the live model is not touched) plus ``lora_adapter/`` for resuming.
+* Checkpoints are atomic: Trainer writes ``checkpoint-N`` into ``<output_dir>/.ugd-staging/``, and
+  only when every file (of every process) is there is it renamed to ``<output_dir>/checkpoint-N``.
+  A run killed while saving leaves no ``checkpoint-N`` behind, so ``resume_from_checkpoint=True``
+  (the newest ``checkpoint-N``) never picks up a half-written one.
+* Resuming loads a UGD checkpoint's weights into the model (``_load_from_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .metrics import head_metrics
+from .model import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, SINGLE_TOWER, TWO_TOWER, UGDModel
+
+STAGING_DIR = ".ugd-staging"
+LORA_ADAPTER_DIR = "lora_adapter"
+CURVES_NAME = "training_curves.png"
+TRAINING_ARGS_NAME = "training_args.bin"
+HEAD_NAMES = ("t", "s")  # two-tower, single-tower: the order of the logits in prediction_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; the run stopped before the optimizer step."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: models wrapped by peft, saving and loading UGD checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def is_peft_model(module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is optional
+        return False
+    return isinstance(module, PeftModel)
+
+
+def _clean_peft_key(key: str) -> str:
+    return ".".join(p for p in key.split(".") if p not in ("base_layer", "token_adapter"))
+
+
+def merged_backbone_state_dict(peft_model) -> dict:
+    """The state dict of the base model of ``peft_model`` with its LoRA adapters and trainable-token
+    rows merged in, under the base model's own parameter names -- computed, the model is not changed
+    (``merge_and_unload`` would change it, and ``merge_adapter``/``unmerge_adapter`` round). Tensors
+    are on the CPU."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    base = peft_model.get_base_model()
+    merged = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                if module.merged:
+                    merged[_clean_peft_key(name) + ".weight"] = weight.detach().cpu().clone()
+                    continue
+                w = weight.detach().clone()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        w += module.get_delta_weight(adapter).to(w.dtype)
+                merged[_clean_peft_key(name) + ".weight"] = w.cpu()
+            elif isinstance(module, TrainableTokensLayer):
+                merged[_clean_peft_key(name) + ".weight"] = module.get_merged_weights(
+                    module.active_adapters).detach().cpu().clone()
+        out = {}
+        for key, value in base.state_dict().items():
+            parts = key.split(".")
+            if any(p.startswith(("lora_", "trainable_tokens_")) for p in parts):
+                continue
+            clean = _clean_peft_key(key)
+            out[clean] = merged[clean] if clean in merged else value.detach().cpu()
+    return out
+
+
+def _write_heads_and_config(model: UGDModel, path: str, heads_state: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    state = heads_state if heads_state is not None else model.heads.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, HEADS_NAME))
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(model.config.to_dict(), f, indent=2)
+
+
+def save_ugd_checkpoint(model: UGDModel, path: str, tokenizer=None, state_dict: dict | None = None) -> None:
+    """Writes ``model`` as a UGD checkpoint to ``path`` (the layout of ``UGDModel.save_pretrained``).
+
+    ``state_dict``: a full state dict of ``model`` (keys ``backbone.*``, ``heads.*``,
+    ``document_backbone.*``), as FSDP/DeepSpeed hand it to ``Trainer._save``; default: the live weights.
+    A peft-wrapped backbone is saved merged (``merged_backbone_state_dict``), its adapter state in
+    ``lora_adapter/`` (for resuming).
+    """
+    os.makedirs(path, exist_ok=True)
+    peft = is_peft_model(model.backbone)
+    if state_dict is None and not peft:
+        model.save_pretrained(path, tokenizer=tokenizer)
+        return
+    if state_dict is not None and not peft:
+        parts = {"backbone": {}, "heads": {}, "document_backbone": {}}
+        for k, v in state_dict.items():
+            prefix, _, rest = k.partition(".")
+            if prefix not in parts:
+                raise ValueError(f"unexpected key {k!r} in the UGDModel state dict")
+            parts[prefix][rest] = v
+        model.backbone.save_pretrained(path, state_dict=parts["backbone"])
+        if model.document_backbone is not None:
+            model.document_backbone.save_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR),
+                                                    state_dict=parts["document_backbone"])
+        _write_heads_and_config(model, path, parts["heads"])
+    else:  # peft
+        if model.document_backbone is not None:
+            raise NotImplementedError("LoRA with the two-backbone 'ttm' baseline is not supported")
+        model.backbone.get_base_model().save_pretrained(path, state_dict=merged_backbone_state_dict(model.backbone))
+        model.backbone.save_pretrained(os.path.join(path, LORA_ADAPTER_DIR))
+        _write_heads_and_config(model, path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def _read_weights(path: str) -> dict | None:
+    """The tensors of a transformers checkpoint folder (single or sharded safetensors), or None."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for name in files:
+            state.update(load_file(os.path.join(path, name)))
+        return state
+    return None
+
+
+def _load_backbone(backbone: nn.Module, path: str) -> None:
+    state = _read_weights(path)
+    if state is None:
+        raise FileNotFoundError(f"{path}: no model.safetensors (or sharded index) to resume from")
+    result = backbone.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: weights not in the model: {result.unexpected_keys[:5]}")
+    # a key missing from the file is fine only when it is tied to one the file has (lm_head <-> embeddings)
+    params = dict(backbone.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [k for k in result.missing_keys if not (k in params and id(params[k]) in loaded)]
+    if missing:
+        raise ValueError(f"{path}: weights missing from the checkpoint: {missing[:5]}")
+
+
+def load_ugd_weights(model: UGDModel, path: str) -> None:
+    """Loads the weights of the UGD checkpoint ``path`` into ``model`` in place (same architecture)."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        raise FileNotFoundError(f"{path} is not a UGD checkpoint ({CONFIG_NAME} is missing)")
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        saved = json.load(f)
+    for key in ("paradigm", "num_labels", "kl_dim"):
+        if saved.get(key) != getattr(model.config, key):
+            raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r}, the model {getattr(model.config, key)!r}")
+    if is_peft_model(model.backbone):
+        from peft import set_peft_model_state_dict
+
+        adapter = os.path.join(path, LORA_ADAPTER_DIR, "adapter_model.safetensors")
+        if not os.path.isfile(adapter):
+            raise FileNotFoundError(f"{path}: no {LORA_ADAPTER_DIR}/adapter_model.safetensors to resume LoRA from")
+        result = set_peft_model_state_dict(model.backbone, load_file(adapter))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{adapter}: unexpected adapter weights {result.unexpected_keys[:5]}")
+    else:
+        _load_backbone(model.backbone, path)
+        if model.document_backbone is not None:
+            _load_backbone(model.document_backbone, os.path.join(path, DOCUMENT_BACKBONE_DIR))
+    heads = load_file(os.path.join(path, HEADS_NAME))
+    model.heads.load_state_dict({k: v.to(model.heads.classifier.weight.device) for k, v in heads.items()})
+
+
+def unused_parameters(model: UGDModel) -> list[str]:
+    """Names of trainable parameters that a training step of ``model`` never uses (heads of inactive
+    loss terms, an untied LM head without L_gen, the document backbone's LM head): DDP needs
+    ``find_unused_parameters=True`` exactly when this is not empty."""
+    terms = set(model.config.active_terms)
+    logits_t = bool(terms & {"cls_t", "kl"})
+    logits_s = bool(terms & {"cls_s", "kl"})
+    emb = "kl_emb" in terms
+    unused_modules = []
+    heads = model.heads
+    if heads.fc_t is not None and not (logits_t or emb):
+        unused_modules.append(("heads.fc_t", heads.fc_t))
+    if not (logits_t or logits_s):
+        unused_modules.append(("heads.classifier", heads.classifier))
+    if heads.fc_t_kl is not None and not emb:
+        unused_modules += [("heads.fc_t_kl", heads.fc_t_kl), ("heads.fc_s_kl", heads.fc_s_kl)]
+    for name, bb, uses_lm in (("backbone", model.backbone, "gen" in terms),
+                              ("document_backbone", model.document_backbone, False)):
+        if bb is None or uses_lm:
+            continue
+        out, inp = bb.get_output_embeddings(), bb.get_input_embeddings()
+        if out is not None and out.weight is not inp.weight:
+            unused_modules.append((f"{name}.lm_head", out))
+    return [f"{prefix}.{n}" for prefix, mod in unused_modules for n, p in mod.named_parameters() if p.requires_grad]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class UGDTrainer(Trainer):
+    """``transformers.Trainer`` for ``UGDModel`` (see the module docstring).
+
+    ``tokenizer`` is saved into every checkpoint. It is kept off Trainer's ``processing_class``, which
+    would make Trainer align the tokenizer's special tokens with ``model.config`` (a ``UGDConfig``
+    here, not a transformers config).
+    """
+
+    def __init__(self, *args, tokenizer=None, **kwargs):
+        kwargs.setdefault("compute_metrics", self._compute_metrics)
+        self.ugd_tokenizer = tokenizer
+        self._train_terms: dict[str, torch.Tensor] = {}
+        self._train_term_counts: dict[str, int] = {}
+        self._eval_terms: dict[str, float] = {}
+        self._eval_term_counts: dict[str, int] = {}
+        model = kwargs.get("model", args[0] if args else None)
+        config = getattr(model, "config", None)
+        if config is not None and not hasattr(config, "to_json_string"):
+            # Trainer's TensorBoard callback writes model.config.to_json_string() (a transformers config API)
+            config.to_json_string = lambda: json.dumps(config.to_dict(), indent=2)
+        super().__init__(*args, **kwargs)
+
+    # ----------------------------------------------------------------- training
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(inputs)
+        if out.loss is None:
+            raise ValueError("the batch gave no loss: no sample has a label (and no reason) for the active loss terms")
+        if model.training:
+            for term, value in out.terms.items():
+                v = value.detach().float()
+                self._train_terms[term] = self._train_terms[term] + v if term in self._train_terms else v
+                self._train_term_counts[term] = self._train_term_counts.get(term, 0) + 1
+        return (out.loss, out) if return_outputs else out.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+        if _distributed():  # every process stops together (else the others hang in the next all-reduce)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite.item()):
+            step = self.state.global_step + 1
+            last = self._last_checkpoint()
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {step} (epoch {self.state.epoch or 0:.2f}); stopped "
+                f"before the optimizer step, nothing saved after it; {where}. Lower the learning rate, check the "
+                f"data, or use bf16 instead of fp16")
+        return loss
+
+    def _last_checkpoint(self) -> str | None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        d = self.args.output_dir
+        return get_last_checkpoint(d) if d and os.path.isdir(d) else None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._train_term_counts:
+            names = sorted(self._train_terms)
+            device = self._train_terms[names[0]].device
+            values = torch.stack([self._train_terms[n] / self._train_term_counts[n] for n in names]).to(device)
+            if _distributed():
+                torch.distributed.all_reduce(values)
+                values /= torch.distributed.get_world_size()
+            for n, v in zip(names, values.tolist()):
+                logs[f"loss_{n}"] = v
+            self._train_terms.clear()
+            self._train_term_counts.clear()
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------- evaluation
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+        paradigm = unwrapped.config.paradigm
+        with torch.no_grad():
+            out = model(inputs)  # eval mode, compute=None: the loss terms and the heads they need
+            want = []
+            if paradigm in TWO_TOWER and out.logits_t is None:
+                want.append("two_tower")
+            if paradigm in SINGLE_TOWER and out.logits_s is None:
+                want.append("single_tower")
+            if want and not prediction_loss_only:  # a head no active loss term needs (a zero weight)
+                extra = model(inputs, compute=tuple(want))
+                out.logits_t = out.logits_t if out.logits_t is not None else extra.logits_t
+                out.logits_s = out.logits_s if out.logits_s is not None else extra.logits_s
+        for term, value in out.terms.items():
+            self._eval_terms[term] = self._eval_terms.get(term, 0.0) + float(value)
+            self._eval_term_counts[term] = self._eval_term_counts.get(term, 0) + 1
+        loss = out.loss.detach() if out.loss is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        labels = inputs["labels"]
+        ref = out.logits_t if out.logits_t is not None else out.logits_s
+        nan = torch.full_like(ref, float("nan"))
+        logits = torch.stack([(out.logits_t if out.logits_t is not None else nan).float(),
+                              (out.logits_s if out.logits_s is not None else nan).float()], dim=1)
+        return loss, logits, labels
+
+    def _compute_metrics(self, eval_pred) -> dict:
+        logits = torch.as_tensor(eval_pred.predictions)
+        labels = torch.as_tensor(eval_pred.label_ids)
+        metrics = {}
+        for i, head in enumerate(HEAD_NAMES):
+            head_logits = logits[:, i]
+            if torch.isnan(head_logits).all():
+                continue
+            for name, value in head_metrics(head_logits, labels).items():
+                metrics[f"{name}_{head}"] = value
+        # the loss terms of this evaluation, averaged over batches and processes
+        names = sorted(self._eval_terms)
+        if names:
+            sums = torch.tensor([self._eval_terms[n] for n in names] + [self._eval_term_counts[n] for n in names],
+                                dtype=torch.float64, device=self.args.device)
+            if _distributed():
+                torch.distributed.all_reduce(sums)
+            k = len(names)
+            for j, n in enumerate(names):
+                metrics[f"loss_{n}"] = float(sums[j] / sums[k + j])
+        self._eval_terms.clear()
+        self._eval_term_counts.clear()
+        return metrics
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_terms.clear()
+        self._eval_term_counts.clear()
+        return super().evaluate(*args, **kwargs)
+
+    # ----------------------------------------------------------------- saving and loading
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        save_ugd_checkpoint(model, output_dir, tokenizer=self.ugd_tokenizer, state_dict=state_dict)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _barrier(self) -> None:
+        if _distributed():
+            torch.distributed.barrier()
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if getattr(self, "_staging", False) else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written under ``.ugd-staging/`` and renamed into place when complete."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = os.path.join(run_dir, STAGING_DIR, name)
+        final = os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # left over from a save that was killed
+        self._barrier()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotation happens below, in run_dir, after the rename
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+            self.args.save_total_limit = limit
+        self._barrier()  # every process has written its files (rng_state_<rank>.pth)
+        if self.args.should_save:
+            _fsync_tree(staged)
+            if os.path.exists(final):  # the same step saved again (e.g. after resuming): replace it
+                old = final + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                os.rename(staged, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staged, final)
+            _fsync_dir(run_dir)
+            if self.state.best_global_step:
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                if os.path.exists(best):
+                    self.state.best_model_checkpoint = best
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self._barrier()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model if model is not None else self.model
+        load_ugd_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_ugd_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    """Flushes every file of a checkpoint to disk before it is renamed into place."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+            except OSError:
+                pass
+        _fsync_dir(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# callbacks and curves
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_training_curves(log_history: list[dict], path: str) -> str | None:
+    """A PNG of the training curves: every loss term over steps (training, and evaluation as dashed
+    lines), and the eval ACC/AUC of each head. Returns ``path``, or None when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = {}, {}
+    for entry in log_history:
+        step = entry.get("step")
+        if step is None:
+            continue
+        for key, value in entry.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                continue
+            if key == "loss" or key.startswith("loss_"):
+                train.setdefault(key, []).append((step, value))
+            elif key == "eval_loss" or key.startswith("eval_loss_") or key.startswith(("eval_acc_", "eval_auc_")):
+                evals.setdefault(key, []).append((step, value))
+    if not train and not evals:
+        return None
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = {}
+    for key, points in sorted(train.items()):
+        line, = ax_loss.plot(*zip(*points), label=f"train {key}", lw=1.4)
+        colors[key] = line.get_color()
+    for key, points in sorted(evals.items()):
+        if key.startswith("eval_loss"):
+            base = key[len("eval_"):]
+            ax_loss.plot(*zip(*points), ls="--", marker="o", ms=3, color=colors.get(base), label=f"eval {base}")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (terms unweighted)")
+    if any(v > 0 for pts in train.values() for _, v in pts):
+        ax_loss.set_yscale("log")
+    ax_loss.set_title("losses")
+    ax_loss.legend(fontsize=7, ncol=2)
+    ax_loss.grid(alpha=0.3)
+    names = {"t": "two-tower", "s": "single-tower"}
+    drawn = False
+    for key, points in sorted(evals.items()):
+        if key.startswith(("eval_acc_", "eval_auc_")):
+            metric, head = key[len("eval_"):].split("_", 1)
+            ax_metric.plot(*zip(*points), marker="o", ms=3, ls="-" if metric == "acc" else "--",
+                           label=f"{metric.upper()} {names.get(head, head)}")
+            drawn = True
+    ax_metric.set_xlabel("step")
+    ax_metric.set_title("evaluation")
+    ax_metric.set_ylim(0, 1.02)
+    ax_metric.grid(alpha=0.3)
+    if drawn:
+        ax_metric.legend(fontsize=8)
+    else:
+        ax_metric.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=ax_metric.transAxes)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class CurvesCallback(TrainerCallback):
+    """Writes ``training_curves.png`` into the output folder at the end of training (main process)."""
+
+    def __init__(self, filename: str = CURVES_NAME):
+        self.filename = filename
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and args.output_dir:
+            plot_training_curves(state.log_history, os.path.join(args.output_dir, self.filename))
+
+
+__all__ = [
+    "CURVES_NAME",
+    "LORA_ADAPTER_DIR",
+    "STAGING_DIR",
+    "CurvesCallback",
+    "NonFiniteLossError",
+    "UGDTrainer",
+    "load_ugd_weights",
+    "merged_backbone_state_dict",
+    "plot_training_curves",
+    "save_ugd_checkpoint",
+    "unused_parameters",
+]
