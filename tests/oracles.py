@@ -50,3 +50,17 @@ def attention_dense(q, k, v, mask, scale):
     lse = torch.logsumexp(s, -1)
     p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)
     return (p @ vd).transpose(0, 1), lse
+
+
+def kl_oracle(p, q, temperature, reduction):
+    """KL(softmax(p/T) || softmax(q/T)) in float64 with F.kl_div (P goes in the target slot)."""
+    import torch.nn.functional as F
+
+    log_p = F.log_softmax(p.double() / temperature, -1)
+    log_q = F.log_softmax(q.double() / temperature, -1)
+    per_elem = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    if reduction == "none":
+        return per_elem.sum(-1)
+    if reduction == "mean":  # F.kl_div's "mean" (over all elements), without its deprecation warning
+        return per_elem.sum() / per_elem.numel()
+    return F.kl_div(log_q, log_p, reduction=reduction, log_target=True)
