@@ -219,10 +219,14 @@ class UGDModel(nn.Module):
             kwargs["attention_mask"] = mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
         return backbone.get_decoder()(**kwargs).last_hidden_state[0]
 
+    def _training_terms(self, compute) -> set:
+        """The loss terms a forward computes: the active ones, unless an eval call asked for outputs."""
+        return set(self.config.active_terms) if self.training or compute is None else set()
+
     def needed(self, compute: tuple[str, ...] | None = None) -> dict:
         """Which outputs to compute: those the active loss terms need, plus ``compute`` (any of
         "two_tower", "single_tower", "gen")."""
-        terms = set(self.config.active_terms) if self.training or compute is None else set()
+        terms = self._training_terms(compute)
         want = set(compute or ())
         p = self.config.paradigm
         need = {
@@ -271,7 +275,7 @@ class UGDModel(nn.Module):
 
         terms = {}
         have_labels = labels is not None and bool((labels != -100).any())
-        active = set(cfg.active_terms) if self.training or compute is None else set()
+        active = self._training_terms(compute)
         if "cls_t" in active and have_labels:
             terms["cls_t"] = classification_loss(out.logits_t, labels)
         if "cls_s" in active and have_labels:

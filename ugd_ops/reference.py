@@ -50,8 +50,13 @@ def partitioned_attention(q, k, v, cu_seqlens, kv_start, kv_end, *, softmax_scal
     for fp64 inputs; -inf for rows with an empty interval, whose output is 0).
     """
     _checks.check_attention_meta(q, k, v, cu_seqlens, kv_start, kv_end, CPU_MAX_HEAD_DIM)
+    _checks.check_layout_values(cu_seqlens, kv_start, kv_end, q.shape[0])
+    return _attention(q, k, v, cu_seqlens, kv_start, kv_end, softmax_scale, return_lse)
+
+
+def _attention(q, k, v, cu_seqlens, kv_start, kv_end, softmax_scale, return_lse):
+    """partitioned_attention on checked arguments."""
     T, Hq, D = q.shape
-    _checks.check_layout_values(cu_seqlens, kv_start, kv_end, T)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     dtype = _compute_dtype(q.dtype)
     group = Hq // k.shape[1]
@@ -78,8 +83,7 @@ def partitioned_attention_fwd(q, k, v, cu_seqlens, kv_start, kv_end, max_seqlen,
     _checks.check_attention_meta(q, k, v, cu_seqlens, kv_start, kv_end, CPU_MAX_HEAD_DIM)
     _checks.check_max_seqlen(max_seqlen, _checks.check_layout_values(cu_seqlens, kv_start, kv_end, q.shape[0]))
     with torch.no_grad():
-        out, lse = partitioned_attention(q, k, v, cu_seqlens, kv_start, kv_end, softmax_scale=softmax_scale,
-                                         return_lse=True)
+        out, lse = _attention(q, k, v, cu_seqlens, kv_start, kv_end, softmax_scale, True)
     return out.contiguous(), lse.contiguous()
 
 

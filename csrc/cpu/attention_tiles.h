@@ -68,6 +68,9 @@ inline TilePlan make_tile_plan(const at::Tensor& cu_seqlens, const at::Tensor& k
 }
 
 inline bool tile_meets(const QueryTile& t, int32_t c0, int32_t c1) { return t.k_lo < c1 && c0 < t.k_hi; }
+// First column of the first key tile the tile's rows reach (== k_hi, so no tile, when all rows are empty).
+inline int32_t first_key_tile(const QueryTile& t) { return t.k_lo < t.k_hi ? (t.k_lo / kBlockN) * kBlockN : t.k_hi; }
+
 inline bool tile_inside(const QueryTile& t, int32_t c0, int32_t c1) {
   return t.full_lo <= c0 && c1 <= t.full_hi;
 }

@@ -135,8 +135,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data());
       load_rows(dO.row(r_abs0, h), dO.st, rows, D, dof.data());
       std::fill(dqf.begin(), dqf.end(), acc_t(0));
-      const int32_t c_first = t.k_lo < t.k_hi ? (t.k_lo / kBlockN) * kBlockN : t.k_hi;
-      for (int32_t c0 = c_first; c0 < t.k_hi; c0 += kBlockN) {
+      for (int32_t c0 = first_key_tile(t); c0 < t.k_hi; c0 += kBlockN) {
         const int32_t c1 = std::min(c0 + kBlockN, t.seq_len), cols = c1 - c0;
         if (!tile_meets(t, c0, c1)) continue;
         load_rows(K.row(t.seq_start + c0, g), K.st, cols, D, kf.data());

@@ -47,8 +47,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), acc_t(0));
-      const int32_t c_first = t.k_lo < t.k_hi ? (t.k_lo / kBlockN) * kBlockN : t.k_hi;
-      for (int32_t c0 = c_first; c0 < t.k_hi; c0 += kBlockN) {
+      for (int32_t c0 = first_key_tile(t); c0 < t.k_hi; c0 += kBlockN) {
         const int32_t c1 = std::min(c0 + kBlockN, t.seq_len), cols = c1 - c0;
         if (!tile_meets(t, c0, c1)) continue;
         const bool inside = tile_inside(t, c0, c1);
