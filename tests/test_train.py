@@ -97,7 +97,7 @@ def test_demo_end_to_end_writes_model_curves_tensorboard_and_loadable_checkpoint
     assert isinstance(UGDModel.from_pretrained(str(out / "checkpoint-15")), UGDModel)
     assert type(AutoModelForCausalLM.from_pretrained(str(out))).__name__ == "Qwen2ForCausalLM"
     # ... and gives the metrics the run reported (load_tokenizer: see its docstring for why not AutoTokenizer)
-    from ugd.train import load_tokenizer
+    from ugd.layout import load_tokenizer
 
     tok = load_tokenizer(str(out))
     assert tok.convert_ids_to_tokens(tok("red running shoes")["input_ids"]) == ["red", "running", "shoes"]
@@ -455,48 +455,3 @@ def test_lora_run_saves_merged_checkpoints_and_resumes_exactly(tmp_path):
     ref, resumed = train_losses(out / "checkpoint-4"), train_losses(tmp_path / "lora_resumed" / "checkpoint-4")
     for step in (3, 4):
         assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# the reason generator
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("paradigm", ["ugd-ttm", "ugd-stm"])
-def test_cached_greedy_decoding_equals_recomputing_the_full_sequence(paradigm):
-    from transformers import AutoModelForCausalLM
-
-    from ugd.collator import pack
-    from ugd.demo_data import build_tokenizer, demo_splits, tiny_backbone_config
-    from ugd.generate import PREFILL_MASK, generate_reason_ids, prefill_batch
-    from ugd.layout import LayoutConfig
-    from ugd.model import UGDConfig, UGDModel
-
-    torch.manual_seed(0)
-    records, _ = demo_splits(8, 1)
-    tok = build_tokenizer(records)
-    layout = LayoutConfig(max_query_len=16, max_document_len=40, max_reason_len=16)
-    backbone = AutoModelForCausalLM.from_config(tiny_backbone_config(len(tok) + 3, **TINY_BACKBONE),
-                                                attn_implementation="ugd")
-    model = UGDModel.from_backbone(backbone, tok, UGDConfig(paradigm=paradigm, num_labels=4, kl_dim=8,
-                                                            layout=layout.to_dict())).eval()
-    ids = generate_reason_ids(model, tok, records[0], max_new_tokens=6)
-    assert len(ids) == 6  # an untrained model does not stop early here
-
-    # without a cache: the whole sequence Q D P [Start] g1..gk under the partition mask, every step
-    sample = prefill_batch(model, tok, records[0])
-    base_ids = sample["input_ids"][0].tolist()
-    base_pos = sample["position_ids"][0].tolist()
-    Lq, Ld, Lp, _ = sample["spans"][0].tolist()
-    expected = []
-    from ugd.layout import EncodedSample
-
-    for _ in range(6):
-        n = len(expected)
-        s = EncodedSample(input_ids=base_ids + expected, position_ids=base_pos + [base_pos[-1] + 1 + i for i in range(n)],
-                          lm_labels=[-100] * (len(base_ids) + n), spans=(Lq, Ld, Lp, 1 + n))
-        batch = pack([s], PREFILL_MASK[paradigm])
-        with torch.no_grad():
-            hidden = model.encode(batch)
-            expected.append(int(model.backbone.get_output_embeddings()(hidden[-1]).argmax()))
-    assert ids == expected

@@ -7,12 +7,17 @@ by a partitioned attention mask (SPEC sections 1-6):
     ugd.collator   UGDCollator: records -> one padding-free packed batch with its key intervals
     ugd.attention  attn_implementation="ugd" for transformers (registered on import of ugd)
     ugd.model      UGDConfig, UGDModel: heads, losses, the five paradigms, save/load
+    ugd.inference  encode_queries/documents, predict, rank (two-tower and single-tower serving)
+    ugd.doc_vectors DocumentVectors: stored document vectors (safetensors), found by text
+    ugd.generate   batched reason generation: packed prefill, then a KV cache
+    ugd.predict    python -m ugd.predict: JSONL in, JSONL out
     ugd.viz        python -m ugd.viz: a picture of the attention partition
 """
 
 from . import attention  # noqa: F401  (registers attn_implementation="ugd" with transformers)
 from .collator import UGDCollator
+from .doc_vectors import DocumentVectors
 from .layout import LayoutConfig, add_special_tokens
 from .model import UGDConfig, UGDModel, UGDOutput
 
-__all__ = ["LayoutConfig", "UGDCollator", "UGDConfig", "UGDModel", "UGDOutput", "add_special_tokens"]
+__all__ = ["DocumentVectors", "LayoutConfig", "UGDCollator", "UGDConfig", "UGDModel", "UGDOutput", "add_special_tokens"]

@@ -34,3 +34,27 @@ class UGDHeads(nn.Module):
         if self.fc_t is None:
             raise RuntimeError("this model has no two-tower head (its paradigm is single-tower)")
         return self.fc_t(torch.cat([v_q, v_d], dim=-1))
+
+    # Two-tower scoring of many pairs that share queries or documents (ranking against stored document
+    # vectors): FC_t's first layer splits as W [V_Q; V_D] + b = (W_q V_Q + b) + W_d V_D, so each side is
+    # projected once (an H x H product per text) and a pair costs an addition, the activation and FC.
+
+    def query_part(self, v_q: torch.Tensor) -> torch.Tensor:
+        """W_q V_Q + b [N, H] from V_Q [N, H]."""
+        lin = self._fc_t_linear()
+        h = v_q.shape[-1]
+        return torch.nn.functional.linear(v_q, lin.weight[:, :h], lin.bias)
+
+    def document_part(self, v_d: torch.Tensor) -> torch.Tensor:
+        """W_d V_D [M, H] from V_D [M, H]."""
+        lin = self._fc_t_linear()
+        return torch.nn.functional.linear(v_d, lin.weight[:, v_d.shape[-1]:])
+
+    def two_tower_logits_from_parts(self, query_part: torch.Tensor, document_part: torch.Tensor) -> torch.Tensor:
+        """Logits_t [..., C] from broadcastable ``query_part`` and ``document_part`` [..., H]."""
+        return self.classifier(self.fc_t[1](query_part + document_part))
+
+    def _fc_t_linear(self) -> nn.Linear:
+        if self.fc_t is None:
+            raise RuntimeError("this model has no two-tower head (its paradigm is single-tower)")
+        return self.fc_t[0]

@@ -126,6 +126,31 @@ def special_token_ids(tokenizer) -> dict:
     return ids
 
 
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved in ``path`` (a model folder or a UGD checkpoint).
+
+    ``AutoTokenizer`` is right for a model's own tokenizer, but not for a generic one (the demo's
+    word-level tokenizer, ``tokenizer_class`` "TokenizersBackend") saved beside a Qwen2 ``config.json``:
+    transformers 5.23 then builds the model type's tokenizer class (Qwen2Tokenizer) from the file and
+    every word becomes the same token. A generic class is therefore loaded as what it is.
+    """
+    import json
+    import os
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(cfg_file) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        with open(cfg_file) as f:
+            cls = json.load(f).get("tokenizer_class")
+        if cls in GENERIC_TOKENIZER_CLASSES:
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # config and samples
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +204,7 @@ class EncodedSample:
     lm_labels: list[int]
     spans: tuple[int, int, int, int]  # (Lq, Ld, Lp, Lg)
     label: int = IGNORE_INDEX  # -100 when absent
+    truncated: str = ""  # the spans whose text was cut to its max length: a subset of "qdg"
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -236,14 +262,23 @@ def encode_sample(
     cls = ids["cls"]
     q = d = p = g = []
     g_labels: list[int] = []
+    truncated = ""
+
+    def cut(text: str | None, limit: int, span: str) -> list[int]:
+        nonlocal truncated
+        tokens = _tokenize(tokenizer, text)
+        if len(tokens) > limit:
+            truncated += span
+        return tokens[:limit]
+
     if "q" in parts:
-        q = _tokenize(tokenizer, query)[: config.max_query_len - 1] + [cls]
+        q = cut(query, config.max_query_len - 1, "q") + [cls]
     if "d" in parts:
-        d = _tokenize(tokenizer, document)[: config.max_document_len - 1] + [cls]
+        d = cut(document, config.max_document_len - 1, "d") + [cls]
     if "p" in parts:
         p = list(_prompt) if _prompt is not None else prompt_ids(tokenizer, ids, config)
     if "g" in parts and reason:
-        r = _tokenize(tokenizer, reason)[: config.max_reason_len - 1]
+        r = cut(reason, config.max_reason_len - 1, "g")
         g = [ids["start"]] + r
         g_labels = r + [ids["eos"]]
     Lq, Ld, Lp, Lg = len(q), len(d), len(p), len(g)
@@ -259,6 +294,7 @@ def encode_sample(
         lm_labels=labels,
         spans=(Lq, Ld, Lp, Lg),
         label=IGNORE_INDEX if label is None else int(label),
+        truncated=truncated,
     )
 
 
@@ -273,6 +309,7 @@ __all__ = [
     "add_special_tokens",
     "check_paradigm",
     "encode_sample",
+    "load_tokenizer",
     "prompt_ids",
     "special_token_ids",
 ]

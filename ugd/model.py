@@ -116,6 +116,25 @@ def _gather(hidden: torch.Tensor, index: torch.Tensor, what: str) -> torch.Tenso
     return hidden[index]
 
 
+def packed_inputs(backbone: nn.Module, pack: dict) -> dict:
+    """The keywords that run a packed batch (``ugd.collator.pack``) through ``backbone``.
+
+    With ``attn_implementation="ugd"``: ids, positions and the packing metadata (partitioned attention,
+    no T x T mask). Any other implementation (eager, sdpa) gets the same layout as a dense additive
+    4D mask: the reference path, O(T^2) memory, for checks and comparisons only.
+    """
+    kwargs = dict(input_ids=pack["input_ids"], position_ids=pack["position_ids"])
+    if backbone.config._attn_implementation == "ugd":
+        kwargs.update(cu_seqlens=pack["cu_seqlens"], kv_start=pack["kv_start"], kv_end=pack["kv_end"],
+                      max_seqlen=pack["max_seqlen"])
+    else:
+        allowed = ugd_ops.dense_mask(pack["cu_seqlens"], pack["kv_start"], pack["kv_end"])
+        dtype = backbone.get_input_embeddings().weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        kwargs["attention_mask"] = mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    return kwargs
+
+
 class UGDModel(nn.Module):
     """A UGD matcher on a causal-LM backbone loaded with ``attn_implementation="ugd"``."""
 
@@ -127,6 +146,8 @@ class UGDModel(nn.Module):
         if p == "ttm" and document_backbone is None:
             raise ValueError("the 'ttm' baseline needs a second backbone for documents (document_backbone=...)")
         self.document_backbone = document_backbone
+        self.tokenizer = None  # set by from_backbone / from_pretrained; the inference methods use it
+        self._heads_digest = None  # (sha256 of the heads file it was loaded from, parameter versions then)
         hidden = backbone.config.get_text_config().hidden_size
         self.heads = UGDHeads(hidden, config.num_labels, config.kl_dim, two_tower=p in TWO_TOWER,
                               single_tower=p in SINGLE_TOWER, activation=config.head_activation)
@@ -159,28 +180,69 @@ class UGDModel(nn.Module):
         if document is not None:
             document.resize_token_embeddings(len(tokenizer))
         config.special_token_ids = ids
-        return cls(backbone, config, document)
+        model = cls(backbone, config, document)
+        model.tokenizer = tokenizer
+        return model
 
     def save_pretrained(self, path: str, tokenizer=None, **kwargs) -> None:
+        """Writes the checkpoint (backbone, heads, ugd_config.json) and ``tokenizer`` (default: the
+        model's own, ``self.tokenizer``) to ``path``."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
         self.backbone.save_pretrained(path, **kwargs)
         if self.document_backbone is not None:
             self.document_backbone.save_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR), **kwargs)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
-        save_file(state, os.path.join(path, HEADS_NAME))
+        save_file(self._heads_state(), os.path.join(path, HEADS_NAME))
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             json.dump(self.config.to_dict(), f, indent=2)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
+    def _heads_state(self) -> dict:
+        return {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+
+    def _heads_versions(self) -> tuple:
+        # which tensors the heads hold and how often each was written in place (an optimizer step, a
+        # load_state_dict); .to(dtype/device) keeps both, so a dtype change keeps the name
+        return tuple((id(p), p._version) for p in self.heads.parameters())
+
+    def fingerprint(self) -> str:
+        """A name for these weights, for data derived from them (stored document vectors).
+
+        The sha256 of the heads' safetensors serialization: of the file a checkpoint was loaded from
+        (so loading it in another dtype keeps the name), otherwise of the heads as they are now (equal to
+        the file ``save_pretrained`` would write). Remembered until a head parameter is written in place
+        or replaced, so calling it per request costs nothing. The heads are trained with the backbone, so a
+        different checkpoint of the same run has different heads.
+        """
+        import hashlib
+
+        versions = self._heads_versions()
+        if self._heads_digest is not None and self._heads_digest[1] == versions:
+            return self._heads_digest[0]
+        from safetensors.torch import save
+
+        digest = hashlib.sha256(save(self._heads_state())).hexdigest()
+        self._heads_digest = (digest, versions)  # computed once until the heads change
+        return digest
+
     @classmethod
-    def from_pretrained(cls, path: str, **backbone_kwargs) -> "UGDModel":
-        from safetensors.torch import load_file
+    def from_pretrained(cls, path: str, tokenizer=None, **backbone_kwargs) -> "UGDModel":
+        """Loads a checkpoint written by ``save_pretrained`` (or by ``python -m ugd.train``).
+
+        ``tokenizer``: default, the one saved in ``path`` (if any; the inference methods need one).
+        ``backbone_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...;
+        ``attn_implementation`` defaults to "ugd").
+        """
+        import hashlib
+
+        from safetensors.torch import load
         from transformers import AutoModelForCausalLM
 
         from . import attention  # noqa: F401
+        from .layout import load_tokenizer
 
         cfg_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfg_file):
@@ -195,8 +257,18 @@ class UGDModel(nn.Module):
             document = AutoModelForCausalLM.from_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR),
                                                             **backbone_kwargs)
         model = cls(backbone, config, document)
-        model.heads.load_state_dict(load_file(os.path.join(path, HEADS_NAME)))
-        return model.to(next(backbone.parameters()).dtype)
+        with open(os.path.join(path, HEADS_NAME), "rb") as f:
+            heads_bytes = f.read()
+        model.heads.load_state_dict(load(heads_bytes))
+        first = next(backbone.parameters())
+        model = model.to(first.dtype)
+        model.heads.to(first.device)  # with device_map the backbone is already placed; the heads follow it
+        model._heads_digest = (hashlib.sha256(heads_bytes).hexdigest(), model._heads_versions())
+        if tokenizer is None and any(os.path.isfile(os.path.join(path, f))
+                                     for f in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer = load_tokenizer(path)
+        model.tokenizer = tokenizer
+        return model
 
     # ------------------------------------------------------------------ forward
 
@@ -208,16 +280,7 @@ class UGDModel(nn.Module):
         reference path, O(T^2) memory, for checks and comparisons only.
         """
         backbone = backbone or self.backbone
-        kwargs = dict(input_ids=pack["input_ids"], position_ids=pack["position_ids"], use_cache=False)
-        if backbone.config._attn_implementation == "ugd":
-            kwargs.update(cu_seqlens=pack["cu_seqlens"], kv_start=pack["kv_start"], kv_end=pack["kv_end"],
-                          max_seqlen=pack["max_seqlen"])
-        else:
-            allowed = ugd_ops.dense_mask(pack["cu_seqlens"], pack["kv_start"], pack["kv_end"])
-            dtype = backbone.get_input_embeddings().weight.dtype
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-            kwargs["attention_mask"] = mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
-        return backbone.get_decoder()(**kwargs).last_hidden_state[0]
+        return backbone.get_decoder()(**packed_inputs(backbone, pack), use_cache=False).last_hidden_state[0]
 
     def _training_terms(self, compute) -> set:
         """The loss terms a forward computes: the active ones, unless an eval call asked for outputs."""
@@ -293,3 +356,53 @@ class UGDModel(nn.Module):
         if terms:
             out.loss = sum(cfg.weight(t) * v for t, v in terms.items())
         return out
+
+    # ------------------------------------------------------------------ inference (SPEC section 7)
+    # Thin wrappers over ugd.inference and ugd.generate, which document the costs and the checks.
+
+    def encode_queries(self, texts, **kwargs):
+        """V_Q ``[N, H]`` of each query, encoded alone (``ugd.inference.encode_texts``: ``batch_tokens``,
+        ``show_progress``, ``output_device``, ``return_numpy``)."""
+        from .inference import encode_texts
+
+        return encode_texts(self, texts, "query", **kwargs)
+
+    def encode_documents(self, texts, **kwargs):
+        """V_D ``[M, H]`` of each document, encoded alone (see ``encode_queries``); for a store that finds
+        vectors by text and saves them, use ``ugd.DocumentVectors.build(model, texts)``."""
+        from .inference import encode_texts
+
+        return encode_texts(self, texts, "document", **kwargs)
+
+    def score_pairs(self, query_vectors, document_vectors) -> torch.Tensor:
+        """Two-tower probabilities ``[N, C]`` of aligned stored vectors (no backbone)."""
+        from .inference import score_pairs
+
+        return score_pairs(self, query_vectors, document_vectors)
+
+    def score_documents(self, query_vectors, documents) -> torch.Tensor:
+        """Two-tower probabilities ``[Nq, M, C]`` of queries against stored documents (no backbone)."""
+        from .inference import score_documents
+
+        return score_documents(self, query_vectors, documents)
+
+    def predict(self, pairs, mode: str = "two_tower", **kwargs) -> torch.Tensor:
+        """Class probabilities ``[N, C]`` of (query, document) pairs; ``mode`` "two_tower" or "single_tower"."""
+        from .inference import predict
+
+        return predict(self, pairs, mode, **kwargs)
+
+    def rank(self, query: str, documents, top_k: int | None = 10, mode: str = "two_tower", **kwargs):
+        """``[(index, score), ...]`` of the best ``top_k`` documents (texts or stored vectors) for ``query``."""
+        from .inference import rank
+
+        return rank(self, query, documents, top_k=top_k, mode=mode, **kwargs)
+
+    def generate_reason(self, pairs, max_new_tokens: int = 64, do_sample: bool = False, **kwargs) -> list[str]:
+        """The reason for each (query, document) pair: packed prefill, then batched cached decoding
+        (``ugd.generate.generate_reason_ids``: ``batch_size``, ``generate`` keywords)."""
+        from .generate import generate_reason
+        from .inference import tokenizer_of
+
+        return generate_reason(self, tokenizer_of(self), pairs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                               **kwargs)

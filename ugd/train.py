@@ -356,32 +356,11 @@ def _backbone_overrides(text) -> dict:
     return value
 
 
-GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-
-
-def load_tokenizer(path: str):
-    """The tokenizer saved in ``path``.
-
-    ``AutoTokenizer`` is right for a model's own tokenizer, but not for a generic one (the demo's
-    word-level tokenizer, ``tokenizer_class`` "TokenizersBackend") saved beside a Qwen2 ``config.json``:
-    transformers 5.23 then builds the model type's tokenizer class (Qwen2Tokenizer) from the file and
-    every word becomes the same token. A generic class is therefore loaded as what it is.
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    cfg_file = os.path.join(path, "tokenizer_config.json")
-    if os.path.isfile(cfg_file) and os.path.isfile(os.path.join(path, "tokenizer.json")):
-        with open(cfg_file) as f:
-            cls = json.load(f).get("tokenizer_class")
-        if cls in GENERIC_TOKENIZER_CLASSES:
-            return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
-
-
 def build_model(run: RunArguments, num_labels: int, records: list[dict]):
     """(UGDModel, tokenizer) from ``--model_name_or_path`` (or a random-init tiny backbone)."""
     from transformers import AutoModelForCausalLM
 
+    from .layout import load_tokenizer
     from .model import UGDModel
 
     m = run.model
@@ -569,8 +548,10 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     reasons = []
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if main_process and run.data.num_reasons > 0 and unwrapped.config.paradigm in PREFILL_MASK:
-        for record in (dev or train)[: run.data.num_reasons]:
-            text = generate_reason(unwrapped, tokenizer, record, max_new_tokens=run.data.max_new_tokens, layout=layout)
+        shown = (dev or train)[: run.data.num_reasons]
+        texts = generate_reason(unwrapped, tokenizer, shown, max_new_tokens=run.data.max_new_tokens, layout=layout,
+                                show_progress=False)
+        for record, text in zip(shown, texts):
             reasons.append({"query": record["query"], "document": record["document"], "label": record.get("label"),
                             "gold_reason": record.get("reason"), "generated_reason": text})
     summary["reasons"] = reasons

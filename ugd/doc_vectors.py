@@ -1,0 +1,181 @@
+"""Stored document vectors for two-tower serving (SPEC section 7: "documents once, stored").
+
+    store = DocumentVectors.build(model, corpus)          # encodes each distinct text once
+    store.save("docs.safetensors")
+    store = DocumentVectors.load("docs.safetensors", model)   # refuses vectors of another checkpoint
+    hits = model.rank(query, store, top_k=10)              # no document goes through the backbone
+    rows = store.add(model, more_texts)                    # encodes only the texts not stored yet
+
+File format (safetensors; ``FORMAT`` in the metadata):
+
+    vectors     [M, H]   V_D of each document, in the dtype of the model that made them
+    text_sha1   uint8 [M, 20]   the SHA-1 of each document's UTF-8 text: how records find their vector
+    metadata    format, fingerprint (``UGDModel.fingerprint()``: which checkpoint made them), hidden_size,
+                layout (the JSON of the prompt/length settings: max_document_len decides truncation),
+                paradigm
+
+A document is found by its exact text. Loading checks the fingerprint and the layout against the
+model: vectors of another checkpoint would give wrong scores without any error, so they are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+FORMAT = "ugd-document-vectors/1"
+
+
+def text_key(text: str) -> bytes:
+    """The 20-byte key of a document text (SHA-1 of its UTF-8 bytes)."""
+    return hashlib.sha1(text.encode("utf-8")).digest()
+
+
+def _layout_json(model) -> str:
+    from .inference import layout_of
+
+    d = layout_of(model).to_dict()
+    return json.dumps({k: d[k] for k in ("max_document_len", "position_mode")}, sort_keys=True)
+
+
+class DocumentVectors:
+    """V_D of a set of documents, keyed by text, with the fingerprint of the model that made them."""
+
+    def __init__(self, vectors: torch.Tensor, keys: list[bytes], *, fingerprint: str, layout: str, paradigm: str):
+        if vectors.dim() != 2 or vectors.shape[0] != len(keys):
+            raise ValueError(f"vectors must be [M, H] with one row per key, got {list(vectors.shape)} for {len(keys)} keys")
+        self.vectors = vectors
+        self.keys = list(keys)
+        self.fingerprint = fingerprint
+        self.layout = layout
+        self.paradigm = paradigm
+        self._row = {k: i for i, k in enumerate(self.keys)}
+        if len(self._row) != len(self.keys):
+            raise ValueError("duplicate document keys")
+        self._projection = None  # (fingerprint, number of rows, tensor): W_d V_D on the model's device
+
+    # ---------------------------------------------------------------- building
+
+    @classmethod
+    def empty(cls, model) -> "DocumentVectors":
+        hidden = model.heads.classifier.in_features
+        return cls(torch.empty((0, hidden), dtype=model.heads.classifier.weight.dtype), [],
+                   fingerprint=model.fingerprint(), layout=_layout_json(model), paradigm=model.config.paradigm)
+
+    @classmethod
+    def build(cls, model, texts, **encode_kwargs) -> "DocumentVectors":
+        """Encodes each distinct text of ``texts`` once (``encode_kwargs``: see ``encode_texts``)."""
+        store = cls.empty(model)
+        store.add(model, texts, **encode_kwargs)
+        return store
+
+    def add(self, model, texts, **encode_kwargs) -> torch.Tensor:
+        """Encodes the texts not stored yet and appends them; returns the row of every text ``[N]``."""
+        from .inference import as_texts, encode_texts
+
+        self.check(model)
+        texts = as_texts(texts, "document")
+        new: dict[bytes, str] = {}
+        for t in texts:
+            k = text_key(t)
+            if k not in self._row and k not in new:
+                new[k] = t
+        if new:
+            encode_kwargs.setdefault("output_device", "cpu")
+            v = encode_texts(model, list(new.values()), "document", **encode_kwargs)
+            self.vectors = torch.cat([self.vectors, v.to(self.vectors.device, self.vectors.dtype)])
+            for k in new:
+                self._row[k] = len(self.keys)
+                self.keys.append(k)
+        return self.rows(texts)
+
+    # ---------------------------------------------------------------- lookup
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, text: str) -> bool:
+        return text_key(text) in self._row
+
+    def rows(self, texts) -> torch.Tensor:
+        """The row of each text ``[N]`` (int64), -1 where the text is not stored."""
+        return torch.tensor([self._row.get(text_key(t), -1) for t in texts], dtype=torch.int64)
+
+    def check(self, model) -> None:
+        """Raises ValueError unless ``model`` is the checkpoint (and document layout) these vectors came from."""
+        fp = model.fingerprint()
+        if fp != self.fingerprint:
+            raise ValueError(f"these document vectors were made by another model (fingerprint {self.fingerprint[:12]}, "
+                             f"this model's is {fp[:12]}): rebuild them with this model (DocumentVectors.build)")
+        layout = _layout_json(model)
+        if layout != self.layout:
+            raise ValueError(f"these document vectors were made with document layout {self.layout}, the model now "
+                             f"uses {layout}: rebuild them, or restore the layout")
+
+    def projected(self, model) -> torch.Tensor:
+        """W_d V_D ``[M, H]`` on the model's device (FC_t's document half), computed once per model."""
+        self.check(model)
+        fp = model.fingerprint()
+        if self._projection is None or self._projection[:2] != (fp, len(self)):
+            w = model.heads.classifier.weight
+            with torch.no_grad():
+                p = torch.cat([model.heads.document_part(chunk.to(w.device, w.dtype))
+                               for chunk in self.vectors.split(65536)]) if len(self) else \
+                    torch.empty((0, w.shape[1]), dtype=w.dtype, device=w.device)
+            self._projection = (fp, len(self), p)
+        return self._projection[2]
+
+    # ---------------------------------------------------------------- storage
+
+    def save(self, path: str) -> None:
+        """Writes the safetensors file atomically (a temporary file in the same folder, then a rename)."""
+        from safetensors.torch import save_file
+
+        keys = torch.frombuffer(bytearray(b"".join(self.keys)), dtype=torch.uint8).reshape(len(self.keys), 20) \
+            if self.keys else torch.empty((0, 20), dtype=torch.uint8)
+        meta = {"format": FORMAT, "fingerprint": self.fingerprint, "layout": self.layout, "paradigm": self.paradigm,
+                "hidden_size": str(self.vectors.shape[1])}
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        try:
+            save_file({"vectors": self.vectors.contiguous().cpu(), "text_sha1": keys}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str, model=None) -> "DocumentVectors":
+        """Reads a file written by ``save``; with ``model``, also checks that it made them (``check``)."""
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no document vectors at {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not a UGD document-vector file (metadata format "
+                                     f"{meta.get('format')!r}, expected {FORMAT!r})")
+                vectors, keys = f.get_tensor("vectors"), f.get_tensor("text_sha1")
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' own errors for a damaged or foreign file
+            raise ValueError(f"{path} could not be read as safetensors: {e}") from None
+        raw = keys.contiguous().numpy().tobytes()
+        store = cls(vectors, [raw[i: i + 20] for i in range(0, len(raw), 20)], fingerprint=meta.get("fingerprint", ""),
+                    layout=meta.get("layout", ""), paradigm=meta.get("paradigm", ""))
+        if model is not None:
+            store.check(model)
+        return store
+
+    def __repr__(self) -> str:
+        return (f"DocumentVectors({len(self)} documents, hidden {self.vectors.shape[1]}, {self.vectors.dtype}, "
+                f"model {self.fingerprint[:12]})")
+
+
+__all__ = ["FORMAT", "DocumentVectors", "text_key"]
