@@ -84,23 +84,17 @@ class CountForwards:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("paradigm", ["ugd-ttm", "shared-ttm", "ttm"])
-def test_two_tower_predict_equals_training_heads(paradigm):
+@pytest.mark.parametrize("mode, paradigm", [("two_tower", p) for p in ("ugd-ttm", "shared-ttm", "ttm")]
+                         + [("single-tower", p) for p in ("ugd-ttm", "ugd-stm", "stm")])
+def test_predict_equals_training_heads(mode, paradigm):
     model = cached_model(paradigm)
     ps = pairs()
-    out = training_outputs(model, ps, ("two_tower",))
-    probs = model.predict(ps, mode="two_tower", show_progress=False)
-    torch.testing.assert_close(probs, out.logits_t.float().softmax(-1), rtol=1e-5, atol=1e-6)
+    tower = mode.replace("-", "_")
+    out = training_outputs(model, ps, (tower,))
+    probs = model.predict(ps, mode=mode, show_progress=False)
+    logits = out.logits_t if tower == "two_tower" else out.logits_s
+    torch.testing.assert_close(probs, logits.float().softmax(-1), rtol=1e-5, atol=1e-6)
     assert probs.shape == (len(ps), 4) and probs.dtype == torch.float32
-
-
-@pytest.mark.parametrize("paradigm", ["ugd-ttm", "ugd-stm", "stm"])
-def test_single_tower_predict_equals_training_heads(paradigm):
-    model = cached_model(paradigm)
-    ps = pairs()
-    out = training_outputs(model, ps, ("single_tower",))
-    probs = model.predict(ps, mode="single-tower", show_progress=False)
-    torch.testing.assert_close(probs, out.logits_s.float().softmax(-1), rtol=1e-5, atol=1e-6)
 
 
 def test_lone_vectors_equal_those_inside_full_training_sequences():

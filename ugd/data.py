@@ -118,17 +118,23 @@ class _NoLabel(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+def decode_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, str | None, str | None]]:
+    """(1-based line number, text or None, decode error or None) for each line of a binary stream;
+    a UTF-8 byte-order mark and CRLF line ends are accepted."""
+    for n, raw in enumerate(lines, 1):
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        raw = raw.rstrip(b"\r\n")
+        try:
+            yield n, raw.decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            yield n, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+
+
 def _lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
-    """(1-based line number, text or None, decode error or None) for each line of the file."""
+    """``decode_lines`` of a file."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            raw = raw.rstrip(b"\r\n")
-            try:
-                yield n, raw.decode("utf-8"), None
-            except UnicodeDecodeError as e:
-                yield n, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+        yield from decode_lines(f)
 
 
 def _check_format(fmt: str) -> str:

@@ -42,6 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .data import decode_lines
 from .inference import DEFAULT_BATCH_TOKENS
 
 MODES = ("two_tower", "single_tower", "reason", "documents")
@@ -218,18 +219,6 @@ class _BadLine(Exception):
     """A malformed input line (skippable with --skip_bad)."""
 
 
-def _decoded(lines):
-    """(1-based line number, text or None, decode problem or None) for each line of a binary stream."""
-    for n, raw in enumerate(lines, 1):
-        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        raw = raw.rstrip(b"\r\n")
-        try:
-            yield n, raw.decode("utf-8"), None
-        except UnicodeDecodeError as e:
-            yield n, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
-
-
 def _input_lines(path: str):
     if path == STDIO:
         stream = getattr(sys.stdin, "buffer", None)
@@ -237,14 +226,14 @@ def _input_lines(path: str):
             for n, line in enumerate(sys.stdin, 1):
                 yield n, line.rstrip("\r\n"), None
         else:
-            yield from _decoded(stream)
+            yield from decode_lines(stream)
         return
     try:
         f = open(path, "rb")
     except OSError as e:
         raise ValueError(f"cannot read --input {path}: {e.strerror}") from None
     with f:
-        yield from _decoded(f)
+        yield from decode_lines(f)
 
 
 def _parse_line(text: str, fields: tuple[str, ...]) -> dict:
