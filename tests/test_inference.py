@@ -260,6 +260,21 @@ def test_batched_cached_greedy_equals_recomputation_without_cache(paradigm, fami
     assert sum(len(g) for g in got) > 10 and len({tuple(g) for g in got}) > 1  # a real check: varied tokens
 
 
+def test_generation_prefills_once_packed_then_decodes_one_token_per_step():
+    model = cached_model("ugd-ttm")
+    ps = pairs(3)
+    shapes = []
+    handle = model.backbone.get_decoder().register_forward_pre_hook(
+        lambda mod, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        generate_reason_ids(model, model.tokenizer, ps, max_new_tokens=4, min_new_tokens=4)
+    finally:
+        handle.remove()
+    prompt_tokens = sum(len(s) for s in prompt_samples(model, model.tokenizer, ps))
+    # one packed prefill of Q D P (no padding), then [Start] and 3 more single-token steps on the cache
+    assert shapes == [(1, prompt_tokens)] + [(3, 1)] * 4
+
+
 def test_generation_stops_at_eos_per_pair_and_passes_generate_keywords():
     model = cached_model("ugd-ttm")
     eos = model.tokenizer.eos_token_id

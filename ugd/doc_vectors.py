@@ -104,8 +104,9 @@ class DocumentVectors:
         """The row of each text ``[N]`` (int64), -1 where the text is not stored."""
         return torch.tensor([self._row.get(text_key(t), -1) for t in texts], dtype=torch.int64)
 
-    def check(self, model) -> None:
-        """Raises ValueError unless ``model`` is the checkpoint (and document layout) these vectors came from."""
+    def check(self, model) -> str:
+        """Raises ValueError unless ``model`` is the checkpoint (and document layout) these vectors came from;
+        returns its fingerprint."""
         fp = model.fingerprint()
         if fp != self.fingerprint:
             raise ValueError(f"these document vectors were made by another model (fingerprint {self.fingerprint[:12]}, "
@@ -114,11 +115,11 @@ class DocumentVectors:
         if layout != self.layout:
             raise ValueError(f"these document vectors were made with document layout {self.layout}, the model now "
                              f"uses {layout}: rebuild them, or restore the layout")
+        return fp
 
     def projected(self, model) -> torch.Tensor:
         """W_d V_D ``[M, H]`` on the model's device (FC_t's document half), computed once per model."""
-        self.check(model)
-        fp = model.fingerprint()
+        fp = self.check(model)
         if self._projection is None or self._projection[:2] != (fp, len(self)):
             w = model.heads.classifier.weight
             with torch.no_grad():

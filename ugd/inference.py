@@ -280,8 +280,7 @@ def single_tower_probs(model, pairs, *, batch_tokens: int = DEFAULT_BATCH_TOKENS
                 batch = pack([samples[i] for i in idx], mask)
                 batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
                 v_s = model.encode(batch)[batch["cls_index"][:, 2]]
-                out[torch.tensor(idx)] = model.heads.classifier(v_s.to(model.heads.classifier.weight.dtype)).float() \
-                    .softmax(-1).cpu()
+                out[torch.tensor(idx)] = model.heads.classifier(v_s).float().softmax(-1).cpu()
                 bar.update(len(idx))
     finally:
         model.train(was_training)
@@ -293,7 +292,8 @@ def single_tower_probs(model, pairs, *, batch_tokens: int = DEFAULT_BATCH_TOKENS
 # ---------------------------------------------------------------------------------------------
 
 
-def _unique(texts: list[str]) -> tuple[list[str], list[int]]:
+def unique_texts(texts: list[str]) -> tuple[list[str], list[int]]:
+    """(the distinct texts in first-seen order, the index of each text among them)."""
     first: dict[str, int] = {}
     inverse = [first.setdefault(t, len(first)) for t in texts]
     return list(first), inverse
@@ -313,8 +313,8 @@ def predict(model, pairs, mode: str = "two_tower", *, batch_tokens: int = DEFAUL
     _check_two_tower(model)
     if not pairs:
         return torch.empty((0, model.config.num_labels))
-    queries, qi = _unique([q for q, _ in pairs])
-    documents, di = _unique([d for _, d in pairs])
+    queries, qi = unique_texts([q for q, _ in pairs])
+    documents, di = unique_texts([d for _, d in pairs])
     kw = dict(batch_tokens=batch_tokens, show_progress=show_progress, output_device=None)
     v_q = encode_texts(model, queries, "query", **kw)
     v_d = encode_texts(model, documents, "document", **kw)
@@ -373,4 +373,5 @@ __all__ = [
     "score_documents",
     "score_pairs",
     "single_tower_probs",
+    "unique_texts",
 ]

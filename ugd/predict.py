@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 from .data import decode_lines
-from .inference import DEFAULT_BATCH_TOKENS
+from .inference import DEFAULT_BATCH_TOKENS, unique_texts
 
 MODES = ("two_tower", "single_tower", "reason", "documents")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -318,9 +318,9 @@ def score_with_store(model, records: list[dict], args) -> tuple:
 
     store = _open_store(model, args.doc_vectors)
     rows, added = _extend_store(model, store, args.doc_vectors, [r["document"] for r in records], args)
-    index: dict[str, int] = {}
-    qi = torch.tensor([index.setdefault(r["query"], len(index)) for r in records], dtype=torch.int64)
-    v_q = model.encode_queries(list(index), batch_tokens=args.batch_tokens, show_progress=args.progress,
+    queries, qi = unique_texts([r["query"] for r in records])
+    qi = torch.tensor(qi, dtype=torch.int64)
+    v_q = model.encode_queries(queries, batch_tokens=args.batch_tokens, show_progress=args.progress,
                                output_device=None)
     probs = torch.empty((len(records), model.config.num_labels), dtype=torch.float32)
     for lo in range(0, len(records), SCORE_CHUNK):
