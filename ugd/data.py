@@ -101,7 +101,7 @@ class ReadStats:
         return s
 
 
-class _BadRecord(Exception):
+class BadRecord(Exception):
     """A malformed line (skippable with skip_bad)."""
 
 
@@ -192,7 +192,7 @@ def _detect_format(path: str) -> str | None:
 
 
 def _parse_label(value, label_map: Mapping | None, what: str = "label") -> int:
-    """An int from an int, an int string, or a string of ``label_map``; _BadRecord otherwise."""
+    """An int from an int, an int string, or a string of ``label_map``; BadRecord otherwise."""
     if isinstance(value, str):
         if label_map is not None and value in label_map:
             return label_map[value]
@@ -203,18 +203,18 @@ def _parse_label(value, label_map: Mapping | None, what: str = "label") -> int:
             return int(s)
         except ValueError:
             known = f" or one of the label_map keys {sorted(label_map)}" if label_map else ""
-            raise _BadRecord(f"{what} {value!r} is not an integer{known}") from None
+            raise BadRecord(f"{what} {value!r} is not an integer{known}") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _BadRecord(f"{what} must be an integer, got {json.dumps(value, ensure_ascii=False)}")
+        raise BadRecord(f"{what} must be an integer, got {json.dumps(value, ensure_ascii=False)}")
     return value
 
 
 def _text(obj: dict, key: str, fmt: str) -> str:
     if key not in obj:
-        raise _BadRecord(f"missing field {key!r} ({fmt} records need {_required(fmt)})")
+        raise BadRecord(f"missing field {key!r} ({fmt} records need {_required(fmt)})")
     v = obj[key]
     if not isinstance(v, str):
-        raise _BadRecord(f"field {key!r} must be a string, got {json.dumps(v, ensure_ascii=False)[:60]}")
+        raise BadRecord(f"field {key!r} must be a string, got {json.dumps(v, ensure_ascii=False)[:60]}")
     return v
 
 
@@ -222,35 +222,36 @@ def _required(fmt: str) -> str:
     return {"jsonl": "'query', 'document', 'label'", "nli": "'sentence1', 'sentence2', 'gold_label'"}[fmt]
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
+    """The JSON object on one line of a JSONL file, or ``BadRecord`` saying what is wrong with it."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _BadRecord(f"bad JSON ({e.msg} at column {e.colno})") from None
+        raise BadRecord(f"bad JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
-        raise _BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
 def _parse_jsonl(text: str, label_map) -> dict:
-    obj = _json_object(text)
+    obj = json_object(text)
     query = _text(obj, "query", "jsonl")
     document = _text(obj, "document", "jsonl")
     if "label" not in obj or obj["label"] is None:
-        raise _BadRecord(f"missing field 'label' (jsonl records need {_required('jsonl')})")
+        raise BadRecord(f"missing field 'label' (jsonl records need {_required('jsonl')})")
     label = _parse_label(obj["label"], label_map)
     reason = obj.get("reason")
     if reason is not None and not isinstance(reason, str):
-        raise _BadRecord(f"field 'reason' must be a string or null, got {json.dumps(reason, ensure_ascii=False)[:60]}")
+        raise BadRecord(f"field 'reason' must be a string or null, got {json.dumps(reason, ensure_ascii=False)[:60]}")
     return {"query": query, "document": document, "label": label, "reason": reason or None}
 
 
 def _parse_nli(text: str, label_map) -> dict:
-    obj = _json_object(text)
+    obj = json_object(text)
     s1 = _text(obj, "sentence1", "nli")
     s2 = _text(obj, "sentence2", "nli")
     if "gold_label" not in obj:
-        raise _BadRecord(f"missing field 'gold_label' (nli records need {_required('nli')})")
+        raise BadRecord(f"missing field 'gold_label' (nli records need {_required('nli')})")
     gold = obj["gold_label"]
     if gold == NLI_NO_LABEL:
         raise _NoLabel()
@@ -258,7 +259,7 @@ def _parse_nli(text: str, label_map) -> dict:
     if isinstance(gold, str) and gold in mapping:
         label = mapping[gold]
     elif isinstance(gold, str) and not gold.strip().lstrip("-").isdigit():
-        raise _BadRecord(f"gold_label {gold!r} is not one of {sorted(mapping)} (or '-', dropped)")
+        raise BadRecord(f"gold_label {gold!r} is not one of {sorted(mapping)} (or '-', dropped)")
     else:
         label = _parse_label(gold, mapping, "gold_label")
     return {"query": s1, "document": s2, "label": label, "reason": None}
@@ -269,7 +270,7 @@ def _parse_lcqmc(text: str, label_map) -> dict:
     if len(cols) == 4 and cols[0].strip().isdigit():  # ATEC raw: id, text_a, text_b, label
         cols = cols[1:]
     if len(cols) != 3:
-        raise _BadRecord(f"expected 3 tab-separated columns text_a, text_b, label; got {len(cols)}")
+        raise BadRecord(f"expected 3 tab-separated columns text_a, text_b, label; got {len(cols)}")
     return {"query": cols[0], "document": cols[1], "label": _parse_label(cols[2], label_map), "reason": None}
 
 
@@ -340,7 +341,7 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
         stats.read += 1
         try:
             if decode_error:
-                raise _BadRecord(decode_error)
+                raise BadRecord(decode_error)
             if f == "jsonl":
                 rec = _parse_jsonl(text, label_map)
             elif f == "nli":
@@ -351,7 +352,7 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
                 width, (i1, i2, il) = qqp_cols
                 cols = text.split("\t")
                 if len(cols) != width:
-                    raise _BadRecord(f"expected {width} tab-separated columns as in the header, got {len(cols)}")
+                    raise BadRecord(f"expected {width} tab-separated columns as in the header, got {len(cols)}")
                 rec = {"query": cols[i1], "document": cols[i2], "label": _parse_label(cols[il], label_map, "is_duplicate"),
                        "reason": None}
             label = rec["label"]
@@ -360,7 +361,7 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
         except _NoLabel:
             stats.dropped_no_label += 1
             continue
-        except _BadRecord as e:
+        except BadRecord as e:
             if not skip_bad:
                 raise DataError(path, n, f"{e} (pass skip_bad=True to skip and count malformed lines)") from None
             stats.skipped_malformed += 1

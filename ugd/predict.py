@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .data import decode_lines
+from .data import BadRecord, decode_lines, json_object
 from .inference import DEFAULT_BATCH_TOKENS, unique_texts
 
 MODES = ("two_tower", "single_tower", "reason", "documents")
@@ -215,10 +215,6 @@ def load_model(path: str, device, dtype: str, progress: bool | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-class _BadLine(Exception):
-    """A malformed input line (skippable with --skip_bad)."""
-
-
 def _input_lines(path: str):
     if path == STDIO:
         stream = getattr(sys.stdin, "buffer", None)
@@ -237,21 +233,17 @@ def _input_lines(path: str):
 
 
 def _parse_line(text: str, fields: tuple[str, ...]) -> dict:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _BadLine(f"bad JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise _BadLine(f"expected a JSON object, got {type(obj).__name__}")
+    """The record on one input line; ``BadRecord`` (skippable with --skip_bad) if it is malformed."""
+    obj = json_object(text)
     need = " and ".join(repr(k) for k in fields)
     for key in fields:
         if key not in obj:
-            raise _BadLine(f"missing field {key!r} (each record needs {need} strings)")
+            raise BadRecord(f"missing field {key!r} (each record needs {need} strings)")
         value = obj[key]
         if not isinstance(value, str):
-            raise _BadLine(f"field {key!r} must be a string, got {json.dumps(value, ensure_ascii=False)[:60]}")
+            raise BadRecord(f"field {key!r} must be a string, got {json.dumps(value, ensure_ascii=False)[:60]}")
         if not value.strip():
-            raise _BadLine(f"field {key!r} is empty (or only whitespace); a matching score needs text on both sides")
+            raise BadRecord(f"field {key!r} is empty (or only whitespace); a matching score needs text on both sides")
     return obj
 
 
@@ -271,9 +263,9 @@ def read_inputs(path: str, fields: tuple[str, ...], *, skip_bad: bool = False):
         stats.read += 1
         try:
             if problem is not None:
-                raise _BadLine(problem)
+                raise BadRecord(problem)
             records.append(_parse_line(text, fields))
-        except _BadLine as e:
+        except BadRecord as e:
             if not skip_bad:
                 raise DataError(shown, n, f"{e} (pass --skip_bad to skip and count malformed lines)") from None
             stats.skipped_malformed += 1
