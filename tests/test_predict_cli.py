@@ -379,3 +379,10 @@ def test_bad_arguments_exit_2_with_one_line(env, args, message):
 def test_help_exits_0(capsys):
     assert cli(["--help"]) == 0
     assert "--doc_vectors" in capsys.readouterr().out
+
+
+def test_console_scripts_point_at_the_clis():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("ugd-")}
+    assert scripts == {"ugd-predict": "ugd.predict:cli", "ugd-train": "ugd.train:cli"}

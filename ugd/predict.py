@@ -1,6 +1,6 @@
 """``python -m ugd.predict``: score or explain (query, document) pairs of a JSONL file with a UGD checkpoint.
 
-    python -m ugd.predict --model out/demo --input pairs.jsonl --output scored.jsonl        # two-tower
+    python -m ugd.predict --model out/demo --input pairs.jsonl --output scored.jsonl        # two-tower (also: ugd-predict ...)
     python -m ugd.predict --model out/demo --input pairs.jsonl --mode single-tower
     python -m ugd.predict --model out/demo --input pairs.jsonl --mode reason --max_new_tokens 48
     cat pairs.jsonl | python -m ugd.predict --model out/demo --input - > scored.jsonl
