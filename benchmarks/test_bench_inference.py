@@ -269,7 +269,8 @@ def peer_prefill(peer, samples):
 @torch.no_grad()
 def peer_generate_ids(peer, pairs, *, max_new_tokens: int, batch_size: int, **generate_kwargs) -> list[list[int]]:
     """Reason token ids of the padded peer: dense-mask prefill, then the same ``generate`` call as
-    ``ugd.generate`` makes (left-padded prompts + ``[Start]``, 2D padding mask, per-pair positions)."""
+    ``ugd.generate`` makes (left-padded prompts + ``[Start]``, a 2D padding mask from which ``generate``
+    numbers the new tokens)."""
     from ugd.layout import special_token_ids
 
     tok = peer.tokenizer
@@ -285,9 +286,8 @@ def peer_generate_ids(peer, pairs, *, max_new_tokens: int, batch_size: int, **ge
         dev = valid.device
         input_ids = torch.cat([torch.where(valid, b["input_ids"], pad),
                                torch.full((B, 1), ids["start"], dtype=torch.int64, device=dev)], 1)
-        position_ids = torch.cat([b["position_ids"], b["position_ids"][:, -1:] + 1], 1)
         attention_mask = torch.cat([valid, torch.ones((B, 1), dtype=torch.bool, device=dev)], 1).to(torch.long)
-        gen = peer.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        gen = peer.backbone.generate(input_ids=input_ids, attention_mask=attention_mask,
                                      past_key_values=out.past_key_values, max_new_tokens=max_new_tokens,
                                      eos_token_id=ids["eos"], pad_token_id=pad, do_sample=False, **generate_kwargs)
         for i, row in zip(chunk, gen[:, input_ids.shape[1]:].tolist()):
