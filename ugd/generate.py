@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .collator import pack
+from .inference import as_pairs, check_count, eval_mode, layout_of, tqdm_disable, warn_truncated
 from .layout import LayoutConfig, encode_sample, special_token_ids
 
 #: the mask a reason is prefilled with, per paradigm (those with a generative task)
@@ -49,13 +50,9 @@ def check_generative(model) -> str:
     return PREFILL_MASK[paradigm]
 
 
-def _layout(model) -> LayoutConfig:
-    return LayoutConfig(**model.config.layout) if model.config.layout else LayoutConfig()
-
-
 def prompt_samples(model, tokenizer, pairs, layout: LayoutConfig | None = None) -> list:
     """``EncodedSample``s of Q D P (no G span) for ``pairs`` of (query, document)."""
-    layout = layout or _layout(model)
+    layout = layout or layout_of(model)
     ids = special_token_ids(tokenizer)
     return [encode_sample(tokenizer, ids, q, d, None, None, config=layout, parts="qdp") for q, d in pairs]
 
@@ -101,11 +98,11 @@ def _generate_batch(model, samples, mask: str, start_id: int, eos: int, pad: int
                     generate_kwargs: dict) -> list[list[int]]:
     from transformers import DynamicCache
 
-    from .model import packed_inputs
+    from .model import move_batch, packed_inputs
 
     backbone = model.backbone
     device = model.heads.classifier.weight.device
-    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in pack(samples, mask).items()}
+    batch = move_batch(pack(samples, mask), device)
     # 1. prefill: the decoder alone (no LM head), into a cache without sliding-window layers (the
     #    packed sequence may be longer than a window that each pair fits in)
     prefill = backbone.get_decoder()(**packed_inputs(backbone, batch), use_cache=True, past_key_values=DynamicCache())
@@ -157,8 +154,6 @@ def generate_reason_ids(model, tokenizer, pairs, *, max_new_tokens: int = 64, do
     """
     from tqdm.auto import tqdm
 
-    from .inference import as_pairs, check_count, tqdm_disable, warn_truncated
-
     mask = check_generative(model)
     pairs = as_pairs(pairs)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
@@ -176,19 +171,15 @@ def generate_reason_ids(model, tokenizer, pairs, *, max_new_tokens: int = 64, do
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids["eos"]
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
     result: list[list[int]] = [[] for _ in samples]
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(samples), unit="pair", desc="reasons", disable=tqdm_disable(show_progress)) as bar:
-            for lo in range(0, len(order), batch_size):
-                chunk = order[lo: lo + batch_size]
-                out = _generate_batch(model, [samples[i] for i in chunk], mask, ids["start"], ids["eos"], pad,
-                                      max_new_tokens, dict(generate_kwargs, do_sample=do_sample))
-                for i, r in zip(chunk, out):
-                    result[i] = r
-                bar.update(len(chunk))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tqdm(total=len(samples), unit="pair", desc="reasons",
+                                disable=tqdm_disable(show_progress)) as bar:
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo: lo + batch_size]
+            out = _generate_batch(model, [samples[i] for i in chunk], mask, ids["start"], ids["eos"], pad,
+                                  max_new_tokens, dict(generate_kwargs, do_sample=do_sample))
+            for i, r in zip(chunk, out):
+                result[i] = r
+            bar.update(len(chunk))
     return result
 
 

@@ -31,8 +31,7 @@ class UGDHeads(nn.Module):
 
     def two_tower_features(self, v_q: torch.Tensor, v_d: torch.Tensor) -> torch.Tensor:
         """F_t [N, H] from V_Q and V_D [N, H]."""
-        if self.fc_t is None:
-            raise RuntimeError("this model has no two-tower head (its paradigm is single-tower)")
+        self._fc_t_linear()  # raises without a two-tower head
         return self.fc_t(torch.cat([v_q, v_d], dim=-1))
 
     # Two-tower scoring of many pairs that share queries or documents (ranking against stored document

@@ -25,6 +25,7 @@ index); a text longer than the layout's ``max_query_len`` / ``max_document_len``
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Mapping, Sequence
 
@@ -32,6 +33,7 @@ import torch
 
 from .collator import budget_batches, pack
 from .layout import PARADIGMS, LayoutConfig, encode_sample, prompt_ids, special_token_ids
+from .model import SINGLE_TOWER, TWO_TOWER, move_batch
 
 MODES = ("two_tower", "single_tower")
 DEFAULT_BATCH_TOKENS = 16384
@@ -124,13 +126,22 @@ def layout_of(model) -> LayoutConfig:
     return LayoutConfig(**model.config.layout) if model.config.layout else LayoutConfig()
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model.eval()`` for the block (no dropout), then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _device(model) -> torch.device:
     return model.heads.classifier.weight.device
 
 
 def _check_two_tower(model) -> None:
-    from .model import TWO_TOWER
-
     if model.config.paradigm not in TWO_TOWER:
         raise ValueError(f"paradigm {model.config.paradigm!r} has no two-tower head; use mode='single_tower'")
 
@@ -181,18 +192,13 @@ def encode_texts(model, texts, side: str, *, batch_tokens: int = DEFAULT_BATCH_T
     device = _device(model)
     hidden = backbone.config.get_text_config().hidden_size
     out = torch.empty((len(texts), hidden), dtype=model.heads.classifier.weight.dtype, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(texts), unit=side[0], desc=f"{side}s", disable=tqdm_disable(show_progress)) as bar:
-            for idx in _batches([len(s) for s in samples], batch_tokens):
-                batch = pack([samples[i] for i in idx], "bidirectional")
-                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                h = model.encode(batch, backbone=backbone)
-                out[torch.tensor(idx, device=device)] = h[batch["cls_index"][:, cls_col]].to(out.dtype)
-                bar.update(len(idx))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tqdm(total=len(texts), unit=side[0], desc=f"{side}s",
+                                disable=tqdm_disable(show_progress)) as bar:
+        for idx in _batches([len(s) for s in samples], batch_tokens):
+            batch = move_batch(pack([samples[i] for i in idx], "bidirectional"), device)
+            h = model.encode(batch, backbone=backbone)
+            out[torch.tensor(idx, device=device)] = h[batch["cls_index"][:, cls_col]].to(out.dtype)
+            bar.update(len(idx))
     if return_numpy:
         return out.float().cpu().numpy()
     return out if output_device is None else out.to(output_device)
@@ -257,8 +263,6 @@ def single_tower_probs(model, pairs, *, batch_tokens: int = DEFAULT_BATCH_TOKENS
     """Single-tower class probabilities ``[N, C]`` (float32, CPU): spans Q D P, no G token."""
     from tqdm.auto import tqdm
 
-    from .model import SINGLE_TOWER
-
     if model.config.paradigm not in SINGLE_TOWER:
         raise ValueError(f"paradigm {model.config.paradigm!r} has no single-tower head; use mode='two_tower'")
     check_count("batch_tokens", batch_tokens, minimum=1)
@@ -272,18 +276,13 @@ def single_tower_probs(model, pairs, *, batch_tokens: int = DEFAULT_BATCH_TOKENS
     mask = PARADIGMS[model.config.paradigm][1]
     device = _device(model)
     out = torch.empty((len(pairs), model.config.num_labels), dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(pairs), unit="pair", desc="single tower", disable=tqdm_disable(show_progress)) as bar:
-            for idx in _batches([len(s) for s in samples], batch_tokens):
-                batch = pack([samples[i] for i in idx], mask)
-                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                v_s = model.encode(batch)[batch["cls_index"][:, 2]]
-                out[torch.tensor(idx)] = model.heads.classifier(v_s).float().softmax(-1).cpu()
-                bar.update(len(idx))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tqdm(total=len(pairs), unit="pair", desc="single tower",
+                                disable=tqdm_disable(show_progress)) as bar:
+        for idx in _batches([len(s) for s in samples], batch_tokens):
+            batch = move_batch(pack([samples[i] for i in idx], mask), device)
+            v_s = model.encode(batch)[batch["cls_index"][:, 2]]
+            out[torch.tensor(idx)] = model.heads.classifier(v_s).float().softmax(-1).cpu()
+            bar.update(len(idx))
     return out
 
 

@@ -386,7 +386,7 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
         if num_labels != saved.get("num_labels"):
             raise ConfigError(f"{path} is a UGD checkpoint with num_labels={saved.get('num_labels')}, not {num_labels}")
         model = UGDModel.from_pretrained(path, dtype=dtype, attn_implementation="ugd")
-        tokenizer = load_tokenizer(path)
+        tokenizer = model.tokenizer or load_tokenizer(path)  # from_pretrained loaded the saved one
         for name in LOSS_FIELDS:
             if name in run.explicit:
                 setattr(model.config, name, getattr(run.ugd, name))
