@@ -104,7 +104,7 @@ def ext_modules():
     macros = [("UGD_PYTHON_MODULE", None)]
     if build_cuda:
         archs = os.environ.get("UGD_CUDA_ARCHS", "80;90")
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))  # attention/ holds the attention kernels
         macros += [("UGD_WITH_CUDA", None), ("UGD_CUDA_ARCHS_STR", f'"{archs}"')]
         nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo", *cuda_arch_flags(archs)]
         _log(f"building CPU and CUDA kernels (CUDA_HOME={cuda_home}, archs {archs})")

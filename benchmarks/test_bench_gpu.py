@@ -136,12 +136,12 @@ def test_attention_gpu(benchmark, bench_record, bench_finish, attention_info, ug
     benchmark.group = f"attention-{workload}-{shape}-{mode}"
     bench_record(
         "cuda", peer=peer_name,
-        backend=ugd_backend("partitioned_attention_fwd", "cuda") if peer_name == "ugd" else peer_name,
+        backend=_ugd_path(x0) if peer_name == "ugd" else peer_name,
         input_sets=SETS, warmup_rounds=WARMUP, l2_flush_mib=flush.buffer.numel() >> 20, timer="cuda events",
         forward_grad_mode="enabled (training forward)",
         **attention_info(workload, PARADIGM, spans, x0.kv_start, x0.kv_end, heads, DTYPE, mode, shape_name=shape),
     )
-    if peer_name == "ugd" and benchmark.extra_info["backend"] == "reference":
+    if peer_name == "ugd" and benchmark.extra_info["backend"] == "ugd_ops reference":
         benchmark.extra_info["warning"] = "no compiled CUDA kernel: this times the pure-PyTorch reference"
     prepared = [peer.prepare(x, spans, dout) for x, dout in sets]
     torch.cuda.synchronize()
@@ -149,9 +149,19 @@ def test_attention_gpu(benchmark, bench_record, bench_finish, attention_info, ug
     bench_finish()
 
 
+def _ugd_path(x) -> str:
+    """Which path serves ugd_ops.partitioned_attention here: compiled kernel, flex or reference."""
+    from ugd_ops.ops import attention_path
+
+    return f"ugd_ops {attention_path(x.q, x.k, x.v)}"
+
+
+@pytest.mark.parametrize("builder", ["create_block_mask", "ugd_ops.flex"])
 @pytest.mark.parametrize("workload", list(WORKLOADS))
-def test_flex_block_mask_build(benchmark, bench_record, bench_finish, attention_info, flush, workload):
-    """FlexAttention's create_block_mask (compiled) over the packed batch, reported apart from the attention."""
+def test_flex_block_mask_build(benchmark, bench_record, bench_finish, attention_info, flush, workload, builder):
+    """The block mask over the packed batch, reported apart from the attention: FlexAttention's
+    create_block_mask (compiled, what the flex peer uses) and ugd_ops.flex.build_block_mask (what the
+    ugd path builds once per batch, from per-block interval bounds)."""
     peer = ap.PEERS["flex"]
     reason = peer.unavailable(torch.device("cuda"))
     if reason:
@@ -163,7 +173,8 @@ def test_flex_block_mask_build(benchmark, bench_record, bench_finish, attention_
     for k in ("shape", "Hq", "Hkv", "head_dim", "mode", "flops", "flops_counting"):
         info.pop(k)
     benchmark.group = f"flex-block-mask-{workload}"
-    bench_record("cuda", peer="flex", op="create_block_mask", compiled=True, input_sets=SETS, warmup_rounds=WARMUP,
+    bench_record("cuda", peer="flex" if builder == "create_block_mask" else "ugd", op=builder,
+                 compiled=builder == "create_block_mask", input_sets=SETS, warmup_rounds=WARMUP,
                  timer="cuda events", **info)
     turn = itertools.count()
 
@@ -173,7 +184,15 @@ def test_flex_block_mask_build(benchmark, bench_record, bench_finish, attention_
         return (x,), {}
 
     _use_cuda_clock(benchmark)
-    block_mask = benchmark.pedantic(lambda x: ap.build_block_mask(x, compiled=True), setup=setup, rounds=ROUNDS,
-                                    warmup_rounds=WARMUP, iterations=1)
+    if builder == "create_block_mask":
+        def build(x):
+            return ap.build_block_mask(x, compiled=True)
+    else:
+        from ugd_ops import flex
+
+        def build(x):
+            return flex.build_block_mask(x.cu_seqlens, x.kv_start, x.kv_end)
+
+    block_mask = benchmark.pedantic(build, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     benchmark.extra_info["block_mask_sparsity_percent"] = float(block_mask.sparsity())
     bench_finish()

@@ -15,8 +15,14 @@ GPU (skipped without CUDA), the targets of the issue:
     ugd vs eager (logits upcast to fp32, as Hugging Face does) vs Liger-Kernel's fused linear
     cross-entropy when it can be imported. Besides the time, each records the peak memory of one
     forward+backward above what the inputs hold (``torch.cuda.max_memory_allocated``).
-  GPU timing uses the CUDA-event clock of attention_peers (the event time of the timed work alone),
-  an L2 flush before every round, UGD_BENCH_WARMUP discarded rounds and UGD_BENCH_ROUNDS kept ones.
+  GPU timing measures the kernels, not the launches: UGD_BENCH_GRAPH_REPS (default 20) forward+backward
+  calls are captured in one CUDA graph, each round replays it between two CUDA events, and the clock
+  divides by the repetitions (one call of these losses is a few microseconds of GPU work, far less
+  than the ~0.5 ms Python and autograd take to launch it: an event pair around a single eager call
+  measured that launch overhead, alike for every implementation). Where capture fails (a peer that
+  synchronises), the same repetitions run as an eager loop and ``timing`` says "eager-loop".
+  UGD_BENCH_WARMUP discarded rounds, UGD_BENCH_ROUNDS kept ones. No L2 flush: inputs this small stay
+  in L2 in a real step too (the previous layer just wrote them).
 Every peer is checked against ugd_ops before it is timed; a peer that disagrees gives no figure.
 """
 
@@ -36,6 +42,7 @@ CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="GPU benchmarks need a CUDA device")
 GPU_ROUNDS = int(os.environ.get("UGD_BENCH_ROUNDS", "50"))
 GPU_WARMUP = int(os.environ.get("UGD_BENCH_WARMUP", "5"))
+GRAPH_REPS = int(os.environ.get("UGD_BENCH_GRAPH_REPS", "20"))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -135,11 +142,58 @@ def test_linear_cross_entropy_vs_eager_cpu(benchmark, bench_record, bench_finish
 # ---------------------------------------------------------------------------------------------
 
 
-def _time_gpu(benchmark, target, setup):
+class PerCallClock(ap.CudaEventClock):
+    """CUDA-event time of a round divided by the calls the round makes: pytest-benchmark's statistics
+    are then per call."""
+
+    __name__ = "cuda_event_clock_per_call"
+
+    def __init__(self, calls: int):
+        super().__init__()
+        self.calls = calls
+
+    def __call__(self) -> float:
+        return super().__call__() / self.calls
+
+
+def graphed(run, reps: int):
+    """``reps`` calls of ``run`` captured in one CUDA graph (warmed up on a side stream, as CUDA graph
+    capture requires), or None when capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                run()
+    except Exception:  # noqa: BLE001  (a peer that syncs or allocates on the host cannot be captured)
+        torch.cuda.synchronize()
+        return None
+    return graph
+
+
+def _time_gpu(benchmark, run, clear, reps: int = GRAPH_REPS):
+    """Kernel time per call of ``run`` (a forward+backward; ``clear`` drops the gradients)."""
     if not hasattr(benchmark, "_timer"):
         pytest.fail("this pytest-benchmark has no BenchmarkFixture._timer; the CUDA-event clock cannot be installed")
-    benchmark._timer = ap.CudaEventClock()
-    benchmark.pedantic(target, setup=setup, rounds=GPU_ROUNDS, warmup_rounds=GPU_WARMUP, iterations=1)
+    clear()
+    graph = graphed(run, reps)
+    if graph is not None:
+        target, timing = graph.replay, "cuda-graph"
+    else:
+        def target():
+            for _ in range(reps):
+                run()
+        timing = "eager-loop"
+    benchmark.extra_info.update(timing=timing, calls_per_round=reps)
+    benchmark._timer = PerCallClock(reps)
+    benchmark.pedantic(target, rounds=GPU_ROUNDS, warmup_rounds=GPU_WARMUP, iterations=1)
+    clear()
 
 
 def _peak_memory(run, clear, inputs_bytes: int) -> dict:
@@ -158,11 +212,6 @@ def _peak_memory(run, clear, inputs_bytes: int) -> dict:
     return {"peak_memory_gib": peak / 2**30, "inputs_gib": inputs_bytes / 2**30}
 
 
-@pytest.fixture(scope="module")
-def flush():
-    return ap.L2Flush("cuda")
-
-
 _kl_compiled = {}
 
 
@@ -178,7 +227,7 @@ def _kl_impl(name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_dtype_name)
 @pytest.mark.parametrize("classes", [4, 1024])
 @pytest.mark.parametrize("impl", ["ugd", "eager", "compiled"])
-def test_detached_kl_gpu(benchmark, bench_record, bench_finish, ugd_backend, flush, impl, classes, dtype):
+def test_detached_kl_gpu(benchmark, bench_record, bench_finish, ugd_backend, impl, classes, dtype):
     rows = 8192
     gen = torch.Generator(device="cuda").manual_seed(0)
     p = torch.randn((rows, classes), generator=gen, device="cuda").to(dtype).requires_grad_(True)
@@ -188,18 +237,13 @@ def test_detached_kl_gpu(benchmark, bench_record, bench_finish, ugd_backend, flu
     benchmark.group = f"losses-gpu-detached_kl-{rows}x{classes}-{_dtype_name(dtype)}-fwd+bwd"
     bench_record("cuda", impl=impl, backend=ugd_backend("detached_kl_fwd", "cuda") if impl == "ugd" else impl,
                  op="detached_kl", mode="fwd+bwd", shape=[rows, classes], dtype=_dtype_name(dtype), temperature=2.0,
-                 reduction="batchmean", timer="cuda events", warmup_rounds=GPU_WARMUP)
-
-    def setup():
-        p.grad = None
-        flush()
-        return (), {}
+                 reduction="batchmean", timer="cuda events per call", warmup_rounds=GPU_WARMUP)
 
     def clear():
         p.grad = None
 
-    _time_gpu(benchmark, lambda: fn(p, q, 2.0).backward(), setup)
     benchmark.extra_info.update(_peak_memory(lambda: fn(p, q, 2.0).backward(), clear, 2 * p.numel() * p.element_size()))
+    _time_gpu(benchmark, lambda: fn(p, q, 2.0).backward(), clear)
     bench_finish()
 
 
@@ -208,7 +252,7 @@ CE_GPU_SHAPE = dict(tokens=4096, vocab=151_936, hidden=1536)  # Qwen2.5-1.5B's L
 
 @requires_cuda
 @pytest.mark.parametrize("impl", ["ugd", "eager", "liger"])
-def test_linear_cross_entropy_gpu(benchmark, bench_record, bench_finish, flush, impl):
+def test_linear_cross_entropy_gpu(benchmark, bench_record, bench_finish, impl):
     N, V, H = CE_GPU_SHAPE["tokens"], CE_GPU_SHAPE["vocab"], CE_GPU_SHAPE["hidden"]
     dtype = torch.bfloat16
     fn = {"ugd": ce_ugd, "eager": ce_eager, "liger": _liger_ce()}[impl]
@@ -226,7 +270,7 @@ def test_linear_cross_entropy_gpu(benchmark, bench_record, bench_finish, flush, 
     benchmark.group = f"losses-gpu-linear_cross_entropy-{N}x{V}x{H}-bf16-fwd+bwd"
     bench_record("cuda", impl=impl, backend="python (chunked PyTorch)" if impl == "ugd" else impl,
                  op="linear_cross_entropy", mode="fwd+bwd", dtype=_dtype_name(dtype), chunk_size=chunk if impl == "ugd"
-                 else None, timer="cuda events", warmup_rounds=GPU_WARMUP,
+                 else None, timer="cuda events per call", warmup_rounds=GPU_WARMUP,
                  matmul_flops=3 * 2 * N * V * H,  # logits, grad_hidden, grad_weight
                  **CE_GPU_SHAPE)
 
@@ -237,12 +281,7 @@ def test_linear_cross_entropy_gpu(benchmark, bench_record, bench_finish, flush, 
         hidden.grad = None
         weight.grad = None
 
-    def setup():
-        clear()
-        flush()
-        return (), {}
-
     inputs_bytes = (hidden.numel() + weight.numel()) * 2
     benchmark.extra_info.update(_peak_memory(run, clear, inputs_bytes))
-    _time_gpu(benchmark, run, setup)
+    _time_gpu(benchmark, run, clear, reps=1)  # milliseconds of matmuls per call: launches do not matter
     bench_finish()

@@ -42,7 +42,11 @@ SHAPES = {
                                   tie_word_embeddings=True),
                       batch=8, device="cpu", dtype=torch.float32, rounds=3),
 }
-IMPLS = ("ugd", "sdpa-padded")
+# ugd: attn_implementation="ugd" on the packed batch. sdpa-padded: stock SDPA, a padded batch and a dense 4D
+# mask (a plain transformers pipeline). flex-packed: what a savvy transformers user builds -- the packed
+# batch under attn_implementation="flex_attention" with a BlockMask from create_block_mask (a mask_mod
+# over document ids and the per-row intervals), built every batch; CUDA only (flex has no CPU backward).
+IMPLS = ("ugd", "sdpa-padded", "flex-packed")
 NUM_LABELS = 4
 # dense bf16 peak TFLOP/s by GPU name fragment
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
@@ -68,6 +72,9 @@ def make_batch(spans: torch.Tensor, vocab: int, seed: int = 0) -> dict:
 def padded_inputs(batch: dict, dtype: torch.dtype, device) -> dict:
     """The packed batch as a padded [B, L] batch with a dense additive [B, 1, L, L] mask (the partition
     per sample; padding rows see only themselves, so that no softmax row is empty)."""
+    # built on the CPU (wherever the packed batch lives), then moved: the CPU index tensors below must
+    # not meet CUDA layout tensors
+    batch = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     cu = batch["cu_seqlens"].tolist()
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
     B, L = len(lengths), max(lengths)
@@ -106,16 +113,56 @@ def build_model(impl: str, shape: dict, seed: int = 0):
                                             attention_mask=p["attention_mask"], use_cache=False).last_hidden_state
             return hidden[p["valid"]]
 
+    class PackedFlexModel(UGDModel):
+        """UGDModel whose backbone runs the packed batch under attn_implementation="flex_attention" with a
+        BlockMask built by create_block_mask for every batch, as a transformers user would."""
+
+        def encode(self, pack, *, backbone=None):
+            backbone = backbone or self.backbone
+            mask = savvy_block_mask(pack["cu_seqlens"], pack["kv_start"], pack["kv_end"])
+            return backbone.get_decoder()(input_ids=pack["input_ids"], position_ids=pack["position_ids"],
+                                          attention_mask=mask, use_cache=False).last_hidden_state[0]
+
     torch.manual_seed(seed)
     cfg = Qwen2Config(**shape["config"])
-    attn = "ugd" if impl == "ugd" else "sdpa"
+    attn = {"ugd": "ugd", "sdpa-padded": "sdpa", "flex-packed": "flex_attention"}[impl]
     with torch.device(shape["device"]):
         backbone = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=attn,
                                                     dtype=shape["dtype"])
     ucfg = UGDConfig(paradigm="ugd-ttm", num_labels=NUM_LABELS)
-    cls = UGDModel if impl == "ugd" else PaddedSDPAModel
+    cls = {"ugd": UGDModel, "sdpa-padded": PaddedSDPAModel, "flex-packed": PackedFlexModel}[impl]
     model = cls(backbone, ucfg).to(shape["device"], shape["dtype"])
     return model
+
+
+def savvy_block_mask(cu_seqlens: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor):
+    """The partition as a FlexAttention BlockMask the usual way: a mask_mod over document ids and
+    intervals, handed to create_block_mask (compiled on CUDA), a [1, 1, T, T] mask for transformers."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cu = cu_seqlens.to(torch.int64)
+    T = int(kv_start.shape[0])
+    seq_id = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1],
+                                     output_size=T)
+    seq_start = cu[:-1][seq_id]
+    ks, ke = kv_start.to(torch.int64), kv_end.to(torch.int64)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        rel = kv_idx - seq_start[q_idx]
+        return (seq_id[q_idx] == seq_id[kv_idx]) & (rel >= ks[q_idx]) & (rel < ke[q_idx])
+
+    return create_block_mask(mask_mod, 1, None, T, T, device=kv_start.device, _compile=kv_start.is_cuda)
+
+
+def attention_path(shape: dict) -> str:
+    """Which path serves attn_implementation="ugd" for this shape (see ``python -m ugd_ops.info``)."""
+    from ugd_ops.ops import attention_path as path
+
+    cfg = shape["config"]
+    D = cfg["hidden_size"] // cfg["num_attention_heads"]
+    q = torch.empty((1, cfg["num_attention_heads"], D), device=shape["device"], dtype=shape["dtype"])
+    k = torch.empty((1, cfg["num_key_value_heads"], D), device=shape["device"], dtype=shape["dtype"])
+    return path(q, k, k)
 
 
 def step_flops(model, batch: dict) -> float:
@@ -155,12 +202,12 @@ def run_step_benchmark(benchmark, bench_record, ugd_backend, impl: str, shape_na
     from ugd.model import move_batch
 
     batch = move_batch(batch, device)
-    if impl != "ugd":
+    if impl == "sdpa-padded":
         model.padded = padded_inputs(batch, dtype, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     flops = step_flops(model, batch)
     T = int(batch["input_ids"].shape[1])
-    padded_tokens = int(model.padded["valid"].numel()) if impl != "ugd" else T
+    padded_tokens = int(model.padded["valid"].numel()) if impl == "sdpa-padded" else T
 
     def step():
         out = model(batch)
@@ -174,7 +221,8 @@ def run_step_benchmark(benchmark, bench_record, ugd_backend, impl: str, shape_na
     benchmark.group = f"train-step-{shape_name}"
     bench_record(device, impl=impl, shape=shape_name, workload="qlq", batch=shape["batch"], tokens=T,
                  padded_tokens=padded_tokens, dtype=str(dtype).removeprefix("torch."), flops_per_step=flops,
-                 attention_backend=ugd_backend("partitioned_attention_fwd", device) if impl == "ugd" else "sdpa",
+                 attention_backend={"ugd": f"ugd_ops ({attention_path(shape)})", "sdpa-padded": "sdpa",
+                                    "flex-packed": "flex_attention (create_block_mask per batch)"}[impl],
                  parameters=sum(p.numel() for p in model.parameters()))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -202,6 +250,8 @@ def run_step_benchmark(benchmark, bench_record, ugd_backend, impl: str, shape_na
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_train_step_cpu_small(benchmark, bench_record, ugd_backend, impl):
+    if impl == "flex-packed":
+        pytest.skip("flex_attention has no backward on the CPU (the peer runs on CUDA)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # steady figures on a small shared machine
     try:
@@ -236,5 +286,24 @@ def test_padded_peer_computes_the_same_loss_as_ugd():
         assert la.terms.keys() == lb.terms.keys() and la.terms
         for term in la.terms:
             torch.testing.assert_close(la.terms[term], lb.terms[term], atol=2e-5, rtol=2e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_flex_peer_computes_the_same_hidden_states_as_ugd():
+    """The flex-packed peer's block mask and model path agree with ugd (cpu-small, fp32, no grad: flex
+    runs on the CPU only without gradients)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shape = SHAPES["cpu-small"]
+        batch = make_batch(make_spans("qlq", batch=3, seed=2), shape["config"]["vocab_size"], seed=2)
+        a = build_model("ugd", shape).eval()
+        b = build_model("flex-packed", shape).eval()
+        b.load_state_dict(a.state_dict())
+        with torch.no_grad():
+            ha, hb = a.encode(batch), b.encode(batch)
+        torch.testing.assert_close(hb, ha, atol=2e-5, rtol=2e-5)
     finally:
         torch.set_num_threads(threads)

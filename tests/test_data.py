@@ -281,3 +281,16 @@ def test_write_jsonl_failure_leaves_old_file(tmp_path):
         write_jsonl(bad(), path)
     assert read_records(path)[0] == [rec("a", "b", 1)]
     assert os.listdir(tmp_path) == ["train.jsonl"]
+
+
+def test_nan_constants_are_malformed_and_the_hint_names_the_callers_flag(tmp_path):
+    """Python's json reads NaN / Infinity, JSON has neither: such a line is malformed (issue 15), and the
+    error names how the caller skips it (ugd.train passes --skip_bad_records)."""
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"query": "a", "document": "b", "label": 1}\n{"query": "a", "document": "b", "label": NaN}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: .*NaN.*pass skip_bad=True"):
+        read_records(f)
+    with pytest.raises(DataError, match=r"pass --skip_bad_records to skip"):
+        read_records(f, skip_hint="--skip_bad_records")
+    records, stats = read_records(f, skip_bad=True)
+    assert len(records) == 1 and stats.skipped_malformed == 1

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 import ugd.attention  # noqa: F401  registers attn_implementation="ugd"
 from ugd.collator import UGDCollator
 from ugd.layout import LayoutConfig
+from ugd import paradigms
 from ugd.model import PARADIGM_TERMS, UGDConfig, UGDModel
 from ugd.testing import make_test_tokenizer
 
@@ -114,22 +115,22 @@ def test_tiny_model_learns_and_every_term_falls():
 
 def _heads_run(model, batch, monkeypatch):
     """Names of the head modules that ran in a forward pass ("lm_head": the generation loss ran)."""
-    import ugd.model
+    import ugd.paradigms.ugd_paradigms as family  # where the UGD forward calls it
 
     ran = set()
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: ran.add(n))
              for n, m in model.heads.named_children() if m is not None]
-    real = ugd.model.generation_loss
+    real = family.generation_loss
 
     def spy(*args, **kwargs):
         ran.add("lm_head")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ugd.model, "generation_loss", spy)
+    monkeypatch.setattr(family, "generation_loss", spy)
     model(batch)
     for h in hooks:
         h.remove()
-    monkeypatch.setattr(ugd.model, "generation_loss", real)
+    monkeypatch.setattr(family, "generation_loss", real)
     return ran
 
 
@@ -154,7 +155,7 @@ def test_ablation_switches_change_which_heads_run(zeroed, absent, monkeypatch):
         assert out.logits_s is None
 
 
-@pytest.mark.parametrize("paradigm", sorted(PARADIGM_TERMS))
+@pytest.mark.parametrize("paradigm", paradigms.names(family="ugd"))
 def test_every_paradigm_trains_its_terms(paradigm):
     model, tok = make_model(paradigm=paradigm)
     model.train()

@@ -6,7 +6,8 @@ by a partitioned attention mask (SPEC sections 1-6):
     ugd.layout     special tokens, LayoutConfig, encode_sample (spans, positions, reason labels)
     ugd.collator   UGDCollator: records -> one padding-free packed batch with its key intervals
     ugd.attention  attn_implementation="ugd" for transformers (registered on import of ugd)
-    ugd.model      UGDConfig, UGDModel: heads, losses, the five paradigms, save/load
+    ugd.paradigms  the paradigm registry: the five UGD paradigms, d2llm, ullme, flipped-kd (docs/paradigms.md)
+    ugd.model      UGDConfig, UGDModel: backbone + the paradigm's heads and losses, save/load
     ugd.inference  encode_queries/documents, predict, rank (two-tower and single-tower serving)
     ugd.doc_vectors DocumentVectors: stored document vectors (safetensors), found by text
     ugd.generate   batched reason generation: packed prefill, then a KV cache

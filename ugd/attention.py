@@ -14,6 +14,12 @@ run time) from ``XForCausalLM.forward`` to ``XModel.forward`` to every decoder l
 attention module, which passes them on to the attention function. There the [1, H, T, D]
 query/key/value (after RoPE) become [T, H, D] views and go to ``ugd_ops.partitioned_attention``.
 
+Kernels. ``ugd_ops.partitioned_attention`` runs the compiled C++ kernel on the CPU; on CUDA the compiled
+CUDA kernel where it serves, else FlexAttention with a block mask built once per batch (every layer
+passes the same three layout tensors, so ``ugd_ops.flex`` builds it once), else the reference
+(``python -m ugd_ops.info`` says which). Under ``torch.autocast`` q, k and v are cast to the autocast
+dtype, as SDPA's are: an fp32 model under bf16 autocast hands over fp32 q/k (RoPE) and a bf16 v.
+
 No T x T mask. ``create_causal_mask`` runs before any layer and cannot see the forward's
 ``**kwargs``; what it hands the mask function is only sizes, offsets, the 2D padding mask and a mask
 *function* (it does detect restarting ``position_ids`` as packing, and would then build a
@@ -28,6 +34,7 @@ packing metadata "ugd" is "sdpa", mask for mask, including padding masks for bat
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -139,7 +146,21 @@ def ugd_mask(batch_size: int, **mask_kwargs: Any):
 # ---------------------------------------------------------------------------------------------
 
 
+# The layout tensors each layer passes on, as converted for the kernels: [(weak reference to the given
+# tensor, its version, device, converted tensor)], most recent first. Every layer of a forward gets
+# the same objects, so a conversion (a [1, n] view, int64 -> int32, CPU -> GPU) happens once per
+# forward and every layer hands ugd_ops the *same* tensors -- which is what lets ugd_ops.flex build
+# its block mask once per batch.
+_converted: list = []
+_CONVERTED_SIZE = 6
+
+
 def _index_tensor(t, name: str, device: torch.device) -> torch.Tensor:
+    given = t if isinstance(t, torch.Tensor) and not torch.compiler.is_compiling() else None
+    if given is not None:
+        for ref, version, dev, out in _converted:
+            if ref() is given and version == given._version and dev == device:
+                return out
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -148,7 +169,11 @@ def _index_tensor(t, name: str, device: torch.device) -> torch.Tensor:
         t = t[0]
     if t.dim() != 1:
         raise ValueError(f'attn_implementation="ugd": {name} must be 1-D, got shape {list(t.shape)}')
-    return t.to(device=device, dtype=torch.int32)  # no copy when it already is int32 on this device
+    out = t.to(device=device, dtype=torch.int32)  # no copy when it already is int32 on this device
+    if given is not None and out is not given:
+        _converted.insert(0, (weakref.ref(given), given._version, device, out))
+        del _converted[_CONVERTED_SIZE:]
+    return out
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,

@@ -1,4 +1,4 @@
-"""Padding-free packing of laid-out samples, and the collator of the five paradigms (SPEC sections 3, 6, 8).
+"""Padding-free packing of laid-out samples, and the collator of every paradigm (SPEC sections 3, 6, 8).
 
 A packed batch is one sequence of T tokens holding B samples back to back (no padding), as a dict:
 
@@ -145,11 +145,15 @@ class UGDCollator:
     A record is a mapping ``{"query": str, "document": str, "label": int (optional at inference),
     "reason": str (optional)}``.
 
-    ``__call__`` returns ``pack(samples, mask)`` for ``ugd-ttm`` (parts Q D P G, TTM mask), ``ugd-stm``
-    (Q D P G, STM mask), ``shared-ttm`` (Q D, TTM mask) and ``stm`` (Q D P, STM mask). For the
-    two-backbone ``ttm`` baseline it returns ``{"query": pack(lone queries, "bidirectional"),
-    "document": pack(lone documents, "bidirectional"), "labels": int64 [B]}``: sample b of both packs
-    is record b.
+    ``__call__`` asks the paradigm (``ugd.paradigms.get(paradigm).collate``), whose default is
+    ``pack_records``: ``pack(samples, mask)`` of the paradigm's ``parts`` and ``mask`` -- for
+    ``ugd-ttm`` parts Q D P G, TTM mask; ``ugd-stm`` Q D P G, STM mask; ``shared-ttm`` Q D, TTM mask;
+    ``stm`` Q D P, STM mask. For parts ``"q|d"`` (the two-backbone ``ttm`` baseline) it returns
+    ``{"query": pack(lone queries, "bidirectional"), "document": pack(lone documents, "bidirectional"),
+    "labels": int64 [B]}``: sample b of both packs is record b. A paradigm may add fields.
+
+    ``model_config``: the model's ``UGDConfig``, for paradigms whose batches depend on their options
+    (the embedding paradigms read ``collator.model_config``).
 
     ``max_tokens``: an optional token budget per packed batch. The collator only warns when a batch
     exceeds it; a batch sampler enforces it with ``budget_batches(collator.lengths(records), max_tokens)``.
@@ -158,9 +162,15 @@ class UGDCollator:
     """
 
     def __init__(self, tokenizer, *, paradigm: str = "ugd-ttm", config: LayoutConfig | None = None,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, model_config=None):
         self.parts, self.mask = check_paradigm(paradigm)
         self.paradigm = paradigm
+        from . import paradigms  # the registry (its modules do not import this one at import time)
+
+        self.paradigm_impl = paradigms.get(paradigm)
+        # the model's UGDConfig, for paradigms whose batches depend on their options (ullme, flipped-kd);
+        # ugd.train sets it
+        self.model_config = model_config
         self.tokenizer = tokenizer
         self.config = config if config is not None else LayoutConfig()
         if not isinstance(self.config, LayoutConfig):
@@ -170,6 +180,9 @@ class UGDCollator:
         self.max_tokens = max_tokens
         self.ids = special_token_ids(tokenizer)
         self._prompt = prompt_ids(tokenizer, self.ids, self.config) if "p" in self.parts else None
+        from .length_limits import TruncationNotice
+
+        self._truncation = TruncationNotice(self.config)  # texts cut to the layout's limits: warned once
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -195,8 +208,10 @@ class UGDCollator:
 
     def _encode(self, record, i: int, parts: str) -> EncodedSample:
         query, document, reason, label = self._fields(record, i)
-        return encode_sample(self.tokenizer, self.ids, query, document, reason, label,
-                             config=self.config, parts=parts, _prompt=self._prompt)
+        sample = encode_sample(self.tokenizer, self.ids, query, document, reason, label,
+                               config=self.config, parts=parts, _prompt=self._prompt)
+        self._truncation(sample.truncated)
+        return sample
 
     def encode(self, record, index: int = 0):
         """One record -> its ``EncodedSample`` (for ``ttm``: a pair (query sample, document sample))."""
@@ -216,6 +231,10 @@ class UGDCollator:
     def __call__(self, records: Sequence) -> dict:
         if len(records) == 0:
             raise ValueError("UGDCollator got an empty list of records")
+        return self.paradigm_impl.collate(self, records)
+
+    def pack_records(self, records: Sequence) -> dict:
+        """The default batch of a paradigm: its ``parts`` packed with its ``mask`` (see the class docstring)."""
         if self.mask is None:  # ttm: two backbones, two separate packs
             pairs = [self.encode(r, i) for i, r in enumerate(records)]
             query = pack([q for q, _ in pairs], "bidirectional")

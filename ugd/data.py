@@ -10,7 +10,9 @@ A record is ``{"query": str, "document": str, "label": int, "reason": str | None
 Formats (``fmt``):
 
     "jsonl"  UGD records, one JSON object a line: "query", "document", "label" (an int or an int
-             string), "reason" optional (a string or null; "" is stored as None). Other keys are ignored.
+             string), "reason" optional (a string or null; "" is stored as None), "teacher_score"
+             optional (a finite number: a small model's score of the pair, for flipped-kd). Other keys are
+             ignored.
     "lcqmc"  tab-separated ``text_a<TAB>text_b<TAB>label``, no header (LCQMC, BQ, ATEC). A first line
              whose label column reads "label" is taken as a header and skipped; a leading integer id
              column (ATEC's raw files: ``id<TAB>text_a<TAB>text_b<TAB>label``) is accepted.
@@ -222,10 +224,15 @@ def _required(fmt: str) -> str:
     return {"jsonl": "'query', 'document', 'label'", "nli": "'sentence1', 'sentence2', 'gold_label'"}[fmt]
 
 
+def _no_constant(name: str):
+    # Python's json accepts NaN / Infinity, JSON does not: such a record would be written back invalid
+    raise BadRecord(f"bad JSON ({name} is not a JSON value; write a number or null)")
+
+
 def json_object(text: str) -> dict:
     """The JSON object on one line of a JSONL file, or ``BadRecord`` saying what is wrong with it."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise BadRecord(f"bad JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
@@ -243,7 +250,13 @@ def _parse_jsonl(text: str, label_map) -> dict:
     reason = obj.get("reason")
     if reason is not None and not isinstance(reason, str):
         raise BadRecord(f"field 'reason' must be a string or null, got {json.dumps(reason, ensure_ascii=False)[:60]}")
-    return {"query": query, "document": document, "label": label, "reason": reason or None}
+    record = {"query": query, "document": document, "label": label, "reason": reason or None}
+    score = obj.get("teacher_score")  # a small model's score of the pair (flipped-kd), kept when present
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score or abs(score) == float("inf"):
+            raise BadRecord(f"field 'teacher_score' must be a finite number or null, got {json.dumps(score)[:60]}")
+        record["teacher_score"] = float(score)
+    return record
 
 
 def _parse_nli(text: str, label_map) -> dict:
@@ -275,7 +288,8 @@ def _parse_lcqmc(text: str, label_map) -> dict:
 
 
 def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip_bad: bool = False,
-                 label_map: Mapping[str, int] | None = None) -> tuple[list[dict], ReadStats]:
+                 label_map: Mapping[str, int] | None = None,
+                 skip_hint: str = "skip_bad=True") -> tuple[list[dict], ReadStats]:
     """Reads a data file into UGD records (see the module docstring for the formats).
 
     Args:
@@ -285,6 +299,8 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
         skip_bad: skip malformed lines (counted in ``stats.skipped_malformed``) instead of raising.
         label_map: string label -> int (e.g. ``{"bad": 0, "good": 1}``); integer strings still parse as
             integers. For "nli" it replaces the default ``{"entailment": 0, "neutral": 1, "contradiction": 2}``.
+        skip_hint: how the caller's user switches ``skip_bad`` on, named in the error of a malformed line
+            (``python -m ugd.train`` passes ``--skip_bad_records``).
 
     Returns:
         ``(records, stats)``; each record is ``{"query", "document", "label", "reason"}``.
@@ -363,7 +379,7 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
             continue
         except BadRecord as e:
             if not skip_bad:
-                raise DataError(path, n, f"{e} (pass skip_bad=True to skip and count malformed lines)") from None
+                raise DataError(path, n, f"{e} (pass {skip_hint} to skip and count malformed lines)") from None
             stats.skipped_malformed += 1
             if len(stats.errors) < MAX_KEPT_ERRORS:
                 stats.errors.append(f"{path}:{n}: {e}")
@@ -419,6 +435,19 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
+def new_file_mode(path) -> int:
+    """The permission bits a file written at ``path`` gets: those of the file it replaces, else what
+    ``open()`` would give a new file (0666 less the process umask). Temporary files (mkstemp,
+    safetensors) are created 0600, so atomic writers chmod them to this before the rename."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        pass
+    mask = os.umask(0)  # the only portable way to read the umask; set back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_jsonl(records: Iterable[Mapping], path) -> int:
     """Writes records as UTF-8 JSON Lines, atomically (a temp file in the same folder, then
     ``os.replace``): a reader never sees a half-written file. Creates the folder if needed.
@@ -431,9 +460,10 @@ def write_jsonl(records: Iterable[Mapping], path) -> int:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
             # mkstemp makes the file private (0600); give it the mode an ordinary new file would have
-            os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
+            os.chmod(tmp, new_file_mode(path))
             for r in records:
-                out.write(json.dumps(dict(r), ensure_ascii=False, default=_json_default))
+                # allow_nan=False: bare NaN / Infinity are not JSON, and no reader should get them
+                out.write(json.dumps(dict(r), ensure_ascii=False, default=_json_default, allow_nan=False))
                 out.write("\n")
                 n += 1
             out.flush()

@@ -16,6 +16,12 @@ File format (safetensors; ``FORMAT`` in the metadata):
 
 A document is found by its exact text. Loading checks the fingerprint and the layout against the
 model: vectors of another checkpoint would give wrong scores without any error, so they are refused.
+The fingerprint (``ugd.fingerprint``) covers the backbone weights, the heads and both configs.
+
+Several processes may extend one file at once: ``merge_into_file`` takes a lock (``PATH.lock``, an
+OS file lock from the ``filelock`` package, released when a process dies) around reading the file
+again, adding what it lacks and writing it, so no writer drops another's documents. The encoding
+itself happens outside the lock.
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ def _layout_json(model) -> str:
     return json.dumps({k: d[k] for k in ("max_document_len", "position_mode")}, sort_keys=True)
 
 
+def _new_file_mode(path: str) -> int:
+    from .data import new_file_mode
+
+    return new_file_mode(path)
+
+
 class DocumentVectors:
     """V_D of a set of documents, keyed by text, with the fingerprint of the model that made them."""
 
@@ -61,8 +73,8 @@ class DocumentVectors:
 
     @classmethod
     def empty(cls, model) -> "DocumentVectors":
-        hidden = model.heads.classifier.in_features
-        return cls(torch.empty((0, hidden), dtype=model.heads.classifier.weight.dtype), [],
+        hidden = model.paradigm.vector_size(model)  # the paradigm's document vector (V_D for UGD)
+        return cls(torch.empty((0, hidden), dtype=model.head_dtype), [],
                    fingerprint=model.fingerprint(), layout=_layout_json(model), paradigm=model.config.paradigm)
 
     @classmethod
@@ -86,6 +98,11 @@ class DocumentVectors:
         if new:
             encode_kwargs.setdefault("output_device", "cpu")
             v = encode_texts(model, list(new.values()), "document", **encode_kwargs)
+            bad = int((~torch.isfinite(v).all(-1)).sum())
+            if bad:  # a damaged checkpoint (or a dtype overflow): never store such vectors
+                raise ValueError(f"the model produced non-finite document vectors (NaN or inf) for {bad} of {len(new)} "
+                                 "documents: its weights are damaged or overflow in this dtype; use another checkpoint "
+                                 "or --dtype float32")
             self.vectors = torch.cat([self.vectors, v.to(self.vectors.device, self.vectors.dtype)])
             for k in new:
                 self._row[k] = len(self.keys)
@@ -107,25 +124,64 @@ class DocumentVectors:
     def check(self, model) -> str:
         """Raises ValueError unless ``model`` is the checkpoint (and document layout) these vectors came from;
         returns its fingerprint."""
-        fp = model.fingerprint()
-        if fp != self.fingerprint:
-            raise ValueError(f"these document vectors were made by another model (fingerprint {self.fingerprint[:12]}, "
-                             f"this model's is {fp[:12]}): rebuild them with this model (DocumentVectors.build)")
+        # the layout first: it is part of the fingerprint too, and its own message says what changed
         layout = _layout_json(model)
         if layout != self.layout:
             raise ValueError(f"these document vectors were made with document layout {self.layout}, the model now "
                              f"uses {layout}: rebuild them, or restore the layout")
+        fp = model.fingerprint()
+        if fp != self.fingerprint:
+            raise ValueError(f"these document vectors were made by another model (fingerprint {self.fingerprint[:12]}, "
+                             f"this model's is {fp[:12]}): rebuild them with this model (DocumentVectors.build)")
         return fp
+
+    def merge(self, other: "DocumentVectors") -> int:
+        """Appends the documents of ``other`` (same model) that this store lacks; returns how many."""
+        if other.fingerprint != self.fingerprint or other.layout != self.layout:
+            raise ValueError("cannot merge document vectors of another model or layout")
+        take = [i for i, k in enumerate(other.keys) if k not in self._row]
+        if take:
+            rows = torch.tensor(take, dtype=torch.int64)
+            self.vectors = torch.cat([self.vectors, other.vectors[rows].to(self.vectors.device, self.vectors.dtype)])
+            for i in take:
+                self._row[other.keys[i]] = len(self.keys)
+                self.keys.append(other.keys[i])
+        return len(take)
+
+    def merge_into_file(self, path: str, model=None, *, timeout: float = 600.0) -> int:
+        """Saves this store to ``path`` without losing documents another process stored there meanwhile:
+        under a file lock the file is read again, its documents this store lacks are merged in, and the
+        union is written (atomically). Returns how many documents came from the file. Raises ValueError
+        when the file now holds vectors of another model (with ``model``: checked against it)."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(path + ".lock", mode=_new_file_mode(path + ".lock"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise ValueError(f"{path}: another process has held {path}.lock for {timeout:.0f} s; wait for it to "
+                             "finish (the lock is released when that process ends)") from None
+        try:
+            merged = 0
+            if os.path.exists(path):
+                on_disk = DocumentVectors.load(path, model)
+                if on_disk.fingerprint != self.fingerprint or on_disk.layout != self.layout:
+                    raise ValueError(f"{path} now holds vectors of another model or layout")
+                merged = self.merge(on_disk)
+            self.save(path)
+            return merged
+        finally:
+            lock.release()
 
     def projected(self, model) -> torch.Tensor:
         """W_d V_D ``[M, H]`` on the model's device (FC_t's document half), computed once per model."""
         fp = self.check(model)
         if self._projection is None or self._projection[:2] != (fp, len(self)):
-            w = model.heads.classifier.weight
+            paradigm, device, dtype = model.paradigm, model.head_device, model.head_dtype
             with torch.no_grad():
-                p = torch.cat([model.heads.document_part(chunk.to(w.device, w.dtype))
+                p = torch.cat([paradigm.document_part(model, chunk.to(device, dtype))
                                for chunk in self.vectors.split(65536)]) if len(self) else \
-                    torch.empty((0, w.shape[1]), dtype=w.dtype, device=w.device)
+                    paradigm.document_part(model, torch.empty((0, self.vectors.shape[1]), dtype=dtype, device=device))
             self._projection = (fp, len(self), p)
         return self._projection[2]
 
@@ -144,6 +200,7 @@ class DocumentVectors:
         tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
         try:
             save_file({"vectors": self.vectors.contiguous().cpu(), "text_sha1": keys}, tmp, metadata=meta)
+            os.chmod(tmp, _new_file_mode(path))  # safetensors writes 0600; a store is an ordinary output file
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

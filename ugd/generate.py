@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import torch
 
+from . import paradigms
 from .collator import pack
-from .inference import as_pairs, check_count, eval_mode, layout_of, tqdm_disable, warn_truncated
+from .inference import as_pairs, check_count, eval_mode, layout_of, require, tqdm_disable, warn_truncated
 from .layout import LayoutConfig, encode_sample, special_token_ids
+from .packed import move_batch, packed_inputs
 
-#: the mask a reason is prefilled with, per paradigm (those with a generative task)
-PREFILL_MASK = {"ugd-ttm": "ttm", "ugd-stm": "stm"}
+#: the mask a reason is prefilled with, per paradigm (those with a generative task), as registered when
+#: this module was imported (``ugd.paradigms.get(name).prefill_mask`` is the source)
+PREFILL_MASK = {p.name: p.prefill_mask for p in paradigms.all_paradigms() if "generate" in p.capabilities}
 
 #: ``generate`` keywords that would change the batch shape; the re-batched cache is made for one
 #: sequence per pair.
@@ -44,10 +47,8 @@ _REFUSED = ("num_beams", "num_return_sequences", "past_key_values", "attention_m
 
 def check_generative(model) -> str:
     """The prefill mask of ``model``'s paradigm; a ValueError for paradigms without a reason generator."""
-    paradigm = model.config.paradigm
-    if paradigm not in PREFILL_MASK:
-        raise ValueError(f"paradigm {paradigm!r} has no generative task; reasons need one of {sorted(PREFILL_MASK)}")
-    return PREFILL_MASK[paradigm]
+    require(model, "generate")
+    return model.paradigm.prefill_mask
 
 
 def prompt_samples(model, tokenizer, pairs, layout: LayoutConfig | None = None) -> list:
@@ -98,10 +99,8 @@ def _generate_batch(model, samples, mask: str, start_id: int, eos: int, pad: int
                     generate_kwargs: dict) -> list[list[int]]:
     from transformers import DynamicCache
 
-    from .model import move_batch, packed_inputs
-
     backbone = model.backbone
-    device = model.heads.classifier.weight.device
+    device = model.head_device
     batch = move_batch(pack(samples, mask), device)
     # 1. prefill: the decoder alone (no LM head), into a cache without sliding-window layers (the
     #    packed sequence may be longer than a window that each pair fits in)

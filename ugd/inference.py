@@ -18,6 +18,9 @@ Costs, as SPEC section 7 asks:
 * Single-tower. Spans Q D P with the paradigm's training mask (``ttm`` for ugd-ttm, ``stm`` for
   ugd-stm and stm): no G token is computed; the score comes from V_s.
 
+What a model can serve, and how a text becomes a vector or a pair a score, is its paradigm's
+(``model.paradigm``, ``ugd.paradigms.base``): this module never imports ``ugd.model``.
+
 Inputs are checked: texts must be non-empty strings (an empty one raises ``ValueError`` naming its
 index); a text longer than the layout's ``max_query_len`` / ``max_document_len`` keeps its beginning
 (as in training) and one warning per call counts the truncated texts; an unknown mode raises.
@@ -32,8 +35,8 @@ from typing import Mapping, Sequence
 import torch
 
 from .collator import budget_batches, pack
-from .layout import PARADIGMS, LayoutConfig, encode_sample, prompt_ids, special_token_ids
-from .model import SINGLE_TOWER, TWO_TOWER, move_batch
+from .layout import LayoutConfig, encode_sample, prompt_ids, special_token_ids
+from .packed import move_batch
 
 MODES = ("two_tower", "single_tower")
 DEFAULT_BATCH_TOKENS = 16384
@@ -138,12 +141,23 @@ def eval_mode(model):
 
 
 def _device(model) -> torch.device:
-    return model.heads.classifier.weight.device
+    return model.head_device
 
 
-def _check_two_tower(model) -> None:
-    if model.config.paradigm not in TWO_TOWER:
-        raise ValueError(f"paradigm {model.config.paradigm!r} has no two-tower head; use mode='single_tower'")
+def require(model, capability: str) -> None:
+    """A ValueError saying what ``model``'s paradigm serves when it lacks ``capability``."""
+    paradigm = model.paradigm
+    if capability in paradigm.serves(model.config):
+        return
+    modes = [m for m in paradigm.modes(model.config) if m in MODES or m == "reason"]
+    head = {"single_tower": "single-tower head", "generate": "generative task"}.get(capability, "two-tower head")
+    why = paradigm.why_not(model.config, [capability])
+    raise ValueError(f"paradigm {model.config.paradigm!r} has no {head} ({capability}{'; ' + why if why else ''}); "
+                     f"it serves: {', '.join(repr(m) for m in modes) or 'nothing'}")
+
+
+def _check_two_tower(model, capability: str = "score_pairs") -> None:
+    require(model, capability)
 
 
 def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -175,10 +189,10 @@ def encode_texts(model, texts, side: str, *, batch_tokens: int = DEFAULT_BATCH_T
 
     if side not in _SIDES:
         raise ValueError(f"side must be 'query' or 'document', got {side!r}")
-    _check_two_tower(model)
+    require(model, {"query": "encode_queries", "document": "encode_documents"}[side])
     check_count("batch_tokens", batch_tokens, minimum=1)
     texts = as_texts(texts, side)
-    part, cls_col = _SIDES[side]
+    part, _ = _SIDES[side]
     tok = tokenizer_of(model)
     layout = layout_of(model)
     if side == "document" and layout.position_mode != "restart":
@@ -187,17 +201,17 @@ def encode_texts(model, texts, side: str, *, batch_tokens: int = DEFAULT_BATCH_T
                       "two-tower vectors", stacklevel=3)
     ids = special_token_ids(tok)
     samples = [encode_sample(tok, ids, t, t, None, None, config=layout, parts=part) for t in texts]
-    warn_truncated(samples, f"encode_{side}s")
-    backbone = model.document_backbone if side == "document" and model.document_backbone is not None else model.backbone
+    warn_truncated(samples, {"query": "encode_queries", "document": "encode_documents"}[side])
+    paradigm = model.paradigm
+    backbone = paradigm.side_backbone(model, side)
     device = _device(model)
-    hidden = backbone.config.get_text_config().hidden_size
-    out = torch.empty((len(texts), hidden), dtype=model.heads.classifier.weight.dtype, device=device)
+    out = torch.empty((len(texts), paradigm.vector_size(model)), dtype=model.head_dtype, device=device)
     with eval_mode(model), tqdm(total=len(texts), unit=side[0], desc=f"{side}s",
                                 disable=tqdm_disable(show_progress)) as bar:
         for idx in _batches([len(s) for s in samples], batch_tokens):
             batch = move_batch(pack([samples[i] for i in idx], "bidirectional"), device)
             h = model.encode(batch, backbone=backbone)
-            out[torch.tensor(idx, device=device)] = h[batch["cls_index"][:, cls_col]].to(out.dtype)
+            out[torch.tensor(idx, device=device)] = paradigm.side_vectors(model, h, batch, side).to(out.dtype)
             bar.update(len(idx))
     if return_numpy:
         return out.float().cpu().numpy()
@@ -207,13 +221,12 @@ def encode_texts(model, texts, side: str, *, batch_tokens: int = DEFAULT_BATCH_T
 def _as_vectors(model, vectors, what: str) -> torch.Tensor:
     if not isinstance(vectors, torch.Tensor):
         vectors = torch.as_tensor(vectors)
-    hidden = model.heads.classifier.in_features
+    hidden = model.paradigm.vector_size(model)
     if vectors.dim() == 1:
         vectors = vectors[None]
     if vectors.dim() != 2 or vectors.shape[1] != hidden:
-        raise ValueError(f"{what} must be [N, {hidden}] (the model's hidden size), got {list(vectors.shape)}")
-    w = model.heads.classifier.weight
-    return vectors.to(device=w.device, dtype=w.dtype)
+        raise ValueError(f"{what} must be [N, {hidden}] (the model's vector size), got {list(vectors.shape)}")
+    return vectors.to(device=model.head_device, dtype=model.head_dtype)
 
 
 @torch.no_grad()
@@ -223,7 +236,7 @@ def score_pairs(model, query_vectors, document_vectors) -> torch.Tensor:
     v_q, v_d = _as_vectors(model, query_vectors, "query_vectors"), _as_vectors(model, document_vectors, "document_vectors")
     if v_q.shape[0] != v_d.shape[0]:
         raise ValueError(f"query_vectors and document_vectors must pair up: {v_q.shape[0]} vs {v_d.shape[0]} rows")
-    logits = model.heads.classifier(model.heads.two_tower_features(v_q, v_d))  # exactly the training head
+    logits = model.paradigm.pair_logits(model, v_q, v_d)  # exactly the training head
     return logits.float().softmax(-1).cpu()
 
 
@@ -234,22 +247,26 @@ def score_documents(model, query_vectors, documents, *, max_elements: int = 1 <<
     ``documents``: a ``DocumentVectors`` (its projection is computed once and kept) or V_D ``[M, H]``.
     Work goes in chunks of at most ``max_elements`` pair-by-hidden values.
     """
-    from .doc_vectors import DocumentVectors
-
     _check_two_tower(model)
-    heads = model.heads
-    pq = heads.query_part(_as_vectors(model, query_vectors, "query_vectors"))
-    if isinstance(documents, DocumentVectors):
+    paradigm = model.paradigm
+    pq = paradigm.query_part(model, _as_vectors(model, query_vectors, "query_vectors"))
+    if is_store(documents):
         pd = documents.projected(model)
     else:
-        pd = heads.document_part(_as_vectors(model, documents, "documents"))
+        pd = paradigm.document_part(model, _as_vectors(model, documents, "documents"))
     nq, m, h = pq.shape[0], pd.shape[0], pq.shape[1]
-    out = torch.empty((nq, m, heads.classifier.out_features), dtype=torch.float32)
+    out = torch.empty((nq, m, model.config.num_labels), dtype=torch.float32)
     step = max(1, max_elements // max(1, nq * h))
     for lo in range(0, m, step):
-        logits = heads.two_tower_logits_from_parts(pq[:, None, :], pd[None, lo: lo + step, :])
+        logits = paradigm.logits_from_parts(model, pq[:, None, :], pd[None, lo: lo + step, :])
         out[:, lo: lo + step] = logits.float().softmax(-1).cpu()
     return out
+
+
+def is_store(documents) -> bool:
+    """Whether ``documents`` is a store of document vectors (``ugd.DocumentVectors``: it has ``projected``).
+    Duck-typed, so that this module need not import ``ugd.doc_vectors`` (which imports this one)."""
+    return callable(getattr(documents, "projected", None)) and hasattr(documents, "vectors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,8 +280,7 @@ def single_tower_probs(model, pairs, *, batch_tokens: int = DEFAULT_BATCH_TOKENS
     """Single-tower class probabilities ``[N, C]`` (float32, CPU): spans Q D P, no G token."""
     from tqdm.auto import tqdm
 
-    if model.config.paradigm not in SINGLE_TOWER:
-        raise ValueError(f"paradigm {model.config.paradigm!r} has no single-tower head; use mode='two_tower'")
+    require(model, "single_tower")
     check_count("batch_tokens", batch_tokens, minimum=1)
     pairs = as_pairs(pairs)
     tok = tokenizer_of(model)
@@ -273,15 +289,16 @@ def single_tower_probs(model, pairs, *, batch_tokens: int = DEFAULT_BATCH_TOKENS
     prompt = prompt_ids(tok, ids, layout)
     samples = [encode_sample(tok, ids, q, d, None, None, config=layout, parts="qdp", _prompt=prompt) for q, d in pairs]
     warn_truncated(samples, "single-tower pairs")
-    mask = PARADIGMS[model.config.paradigm][1]
+    paradigm = model.paradigm
+    mask = paradigm.single_tower_mask
     device = _device(model)
     out = torch.empty((len(pairs), model.config.num_labels), dtype=torch.float32)
     with eval_mode(model), tqdm(total=len(pairs), unit="pair", desc="single tower",
                                 disable=tqdm_disable(show_progress)) as bar:
         for idx in _batches([len(s) for s in samples], batch_tokens):
             batch = move_batch(pack([samples[i] for i in idx], mask), device)
-            v_s = model.encode(batch)[batch["cls_index"][:, 2]]
-            out[torch.tensor(idx)] = model.heads.classifier(v_s).float().softmax(-1).cpu()
+            logits = paradigm.single_tower_logits(model, model.encode(batch), batch)
+            out[torch.tensor(idx)] = logits.float().softmax(-1).cpu()
             bar.update(len(idx))
     return out
 
@@ -335,14 +352,12 @@ def rank(model, query: str, documents, *, top_k: int | None = 10, mode: str = "t
     ``documents``: texts, or (two-tower only) stored vectors -- a ``DocumentVectors`` or V_D ``[M, H]``,
     in which case no document is encoded. ``top_k=None`` returns all of them.
     """
-    from .doc_vectors import DocumentVectors
-
     mode = check_mode(mode)
     query = _check_text(query, "query", 0)
     check_positive_label(model, positive_label)
     if top_k is not None:
         check_count("top_k", top_k, minimum=1)
-    stored = isinstance(documents, (DocumentVectors, torch.Tensor))
+    stored = is_store(documents) or isinstance(documents, torch.Tensor)
     if stored and mode != "two_tower":
         raise ValueError("stored document vectors serve mode='two_tower' only; single-tower scoring needs the texts")
     if mode == "single_tower":

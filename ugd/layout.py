@@ -30,6 +30,7 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 SPECIAL_TOKENS = {"cls": "[CLS]", "gmask": "[gMask]", "start": "[Start]"}
@@ -41,17 +42,39 @@ POSITION_MODES = ("restart", "continuous")
 #: The spans each ``parts`` string selects (Q, D, P, G); the rest have length 0.
 PARTS = ("qdpg", "qdp", "qd", "q", "d")
 
-#: Training paradigm (SPEC section 6) -> (parts, mask paradigm of ``ugd_ops.row_intervals``).
-#: ``"ttm"`` (the two-backbone baseline) encodes queries and documents as two *separate* packed
-#: batches -- parts ``"q"`` and ``"d"``, each span alone with the ``"bidirectional"`` mask -- one per
-#: backbone; ``"q|d"`` and the mask ``None`` say so.
-PARADIGMS = {
-    "ugd-ttm": ("qdpg", "ttm"),
-    "ugd-stm": ("qdpg", "stm"),
-    "shared-ttm": ("qd", "ttm"),
-    "stm": ("qdp", "stm"),
-    "ttm": ("q|d", None),
-}
+class _ParadigmLayouts(Mapping):
+    """Training paradigm -> (parts, mask paradigm of ``ugd_ops.row_intervals``), read from the paradigm
+    registry (``ugd.paradigms``: each paradigm's ``parts`` and ``mask``) whenever it is looked at, so
+    it includes paradigms registered later. E.g. ``"ugd-ttm"`` -> ``("qdpg", "ttm")``; the two-backbone
+    ``"ttm"`` baseline encodes queries and documents as two *separate* packed batches -- parts ``"q"``
+    and ``"d"``, each span alone with the ``"bidirectional"`` mask -- one per backbone; ``"q|d"`` and
+    the mask ``None`` say so."""
+
+    @staticmethod
+    def _registry():
+        from . import paradigms  # the registry imports its paradigm modules, which may import this one
+
+        return paradigms
+
+    def __getitem__(self, name):
+        reg = self._registry()
+        if name not in reg.names():
+            raise KeyError(name)
+        p = reg.get(name)
+        return (p.parts, p.mask)
+
+    def __iter__(self):
+        return iter(self._registry().names())
+
+    def __len__(self):
+        return len(self._registry().names())
+
+    def __repr__(self):
+        return repr(dict(self))
+
+
+#: Training paradigm (SPEC section 6) -> (parts, mask): a live view of ``ugd.paradigms``.
+PARADIGMS = _ParadigmLayouts()
 
 
 def check_paradigm(paradigm: str) -> tuple[str, str | None]:

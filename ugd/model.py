@@ -16,26 +16,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-import ugd_ops
-
-from .heads import UGDHeads
-from .losses import TERM_WEIGHTS, classification_loss, distillation_loss, generation_loss
+from . import paradigms as _paradigms
+from .packed import UGDOutput, encode_packed, gather_rows, move_batch, packed_inputs
 
 CONFIG_NAME = "ugd_config.json"
 HEADS_NAME = "ugd_heads.safetensors"
 DOCUMENT_BACKBONE_DIR = "document_backbone"
 
-# Per paradigm (SPEC section 6): which towers exist and which loss terms it trains.
-PARADIGM_TERMS = {
-    "ugd-ttm": ("cls_t", "cls_s", "gen", "kl", "kl_emb"),
-    "ugd-stm": ("cls_s", "gen"),
-    "shared-ttm": ("cls_t",),
-    "ttm": ("cls_t",),
-    "stm": ("cls_s",),
-}
-TWO_TOWER = {"ugd-ttm", "shared-ttm", "ttm"}
-SINGLE_TOWER = {"ugd-ttm", "ugd-stm", "stm"}
-GENERATIVE = {"ugd-ttm", "ugd-stm"}
+# Compatibility views of the registry for code written before it (``ugd.paradigms`` is the source):
+# the loss terms of each paradigm and which paradigms have a two-tower / single-tower head / reasons,
+# for the paradigms registered when this module was imported. New code asks ``ugd.paradigms.get(name)``.
+PARADIGM_TERMS = {p.name: p.terms for p in _paradigms.all_paradigms()}
+TWO_TOWER = set(_paradigms.names(capability="score_pairs"))
+SINGLE_TOWER = set(_paradigms.names(capability="single_tower"))
+GENERATIVE = set(_paradigms.names(capability="generate"))
+_gather = gather_rows  # the name it had here
 
 
 @dataclass
@@ -56,10 +51,15 @@ class UGDConfig:
     head_activation: str = "gelu"
     layout: dict = field(default_factory=dict)  # ugd.layout.LayoutConfig as a dict
     special_token_ids: dict = field(default_factory=dict)  # {"cls", "gmask", "start", "eos"}
+    # the paradigm's own settings (ugd.paradigms.base: Paradigm.options), only those set; absent in
+    # checkpoints written before the registry, which is the same as {}
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.paradigm not in PARADIGM_TERMS:
-            raise ValueError(f"paradigm must be one of {sorted(PARADIGM_TERMS)}, got {self.paradigm!r}")
+        if self.paradigm not in _paradigms.names():
+            raise ValueError(f"paradigm must be one of {_paradigms.names()}, got {self.paradigm!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a mapping of paradigm option names to values, got {self.options!r}")
         if self.num_labels < 2:
             raise ValueError(f"num_labels must be >= 2, got {self.num_labels}")
         for name in ("alpha", "beta", "gamma", "lam", "mu"):
@@ -67,14 +67,24 @@ class UGDConfig:
                 raise ValueError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+        self.paradigm_impl.check_config(self)
+
+    @property
+    def paradigm_impl(self):
+        """The registered ``ugd.paradigms.Paradigm`` called ``paradigm``."""
+        return _paradigms.get(self.paradigm)
 
     def weight(self, term: str) -> float:
-        return float(getattr(self, TERM_WEIGHTS[term]))
+        return float(self.paradigm_impl.weight(self, term))
+
+    def option(self, name: str):
+        """The value of the paradigm option ``name`` (this config's, else the paradigm's default)."""
+        return self.paradigm_impl.option(self, name)
 
     @property
     def active_terms(self) -> tuple[str, ...]:
         """The loss terms this paradigm trains with a non-zero weight."""
-        return tuple(t for t in PARADIGM_TERMS[self.paradigm] if self.weight(t) != 0)
+        return self.paradigm_impl.active_terms(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,49 +102,6 @@ class UGDConfig:
         return cls(**d)
 
 
-@dataclass
-class UGDOutput:
-    loss: torch.Tensor | None = None
-    terms: dict = field(default_factory=dict)  # each weighted term's unweighted value
-    logits_t: torch.Tensor | None = None  # [B, C] two-tower
-    logits_s: torch.Tensor | None = None  # [B, C] single-tower
-    v_q: torch.Tensor | None = None
-    v_d: torch.Tensor | None = None
-    v_s: torch.Tensor | None = None
-
-
-def move_batch(batch, device):
-    """A collated batch (nested dicts of tensors and ints) on ``device``."""
-    if isinstance(batch, dict):
-        return {k: move_batch(v, device) for k, v in batch.items()}
-    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
-
-
-def _gather(hidden: torch.Tensor, index: torch.Tensor, what: str) -> torch.Tensor:
-    if bool((index < 0).any()):
-        raise ValueError(f"the batch has samples without a {what} [CLS] (span length 0); this paradigm needs it")
-    return hidden[index]
-
-
-def packed_inputs(backbone: nn.Module, pack: dict) -> dict:
-    """The keywords that run a packed batch (``ugd.collator.pack``) through ``backbone``.
-
-    With ``attn_implementation="ugd"``: ids, positions and the packing metadata (partitioned attention,
-    no T x T mask). Any other implementation (eager, sdpa) gets the same layout as a dense additive
-    4D mask: the reference path, O(T^2) memory, for checks and comparisons only.
-    """
-    kwargs = dict(input_ids=pack["input_ids"], position_ids=pack["position_ids"])
-    if backbone.config._attn_implementation == "ugd":
-        kwargs.update(cu_seqlens=pack["cu_seqlens"], kv_start=pack["kv_start"], kv_end=pack["kv_end"],
-                      max_seqlen=pack["max_seqlen"])
-    else:
-        allowed = ugd_ops.dense_mask(pack["cu_seqlens"], pack["kv_start"], pack["kv_end"])
-        dtype = backbone.get_input_embeddings().weight.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        kwargs["attention_mask"] = mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
-    return kwargs
-
-
 class UGDModel(nn.Module):
     """A UGD matcher on a causal-LM backbone loaded with ``attn_implementation="ugd"``."""
 
@@ -142,15 +109,30 @@ class UGDModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
-        p = config.paradigm
-        if p == "ttm" and document_backbone is None:
-            raise ValueError("the 'ttm' baseline needs a second backbone for documents (document_backbone=...)")
+        paradigm = config.paradigm_impl
+        if paradigm.two_backbones and document_backbone is None:
+            raise ValueError(f"the {config.paradigm!r} paradigm needs a second backbone for documents "
+                             "(document_backbone=...)")
         self.document_backbone = document_backbone
         self.tokenizer = None  # set by from_backbone / from_pretrained; the inference methods use it
         self._heads_digest = None  # (sha256 of the heads file it was loaded from, parameter versions then)
         hidden = backbone.config.get_text_config().hidden_size
-        self.heads = UGDHeads(hidden, config.num_labels, config.kl_dim, two_tower=p in TWO_TOWER,
-                              single_tower=p in SINGLE_TOWER, activation=config.head_activation)
+        self.heads = paradigm.build_heads(config, hidden)
+        paradigm.setup(self)
+
+    @property
+    def paradigm(self):
+        """The ``ugd.paradigms.Paradigm`` this model trains and serves (``config.paradigm`` names it)."""
+        return self.config.paradigm_impl
+
+    @property
+    def head_device(self) -> torch.device:
+        """Where the heads (and the batches they take) live."""
+        return next(self.heads.parameters()).device
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return next(self.heads.parameters()).dtype
 
     # ------------------------------------------------------------------ construction and storage
 
@@ -168,11 +150,11 @@ class UGDModel(nn.Module):
             path = backbone
             backbone = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ugd")
             document = (AutoModelForCausalLM.from_pretrained(path, attn_implementation="ugd")
-                        if config.paradigm == "ttm" else None)
+                        if config.paradigm_impl.two_backbones else None)
         else:
             backbone.set_attn_implementation("ugd")
             document = None
-            if config.paradigm == "ttm":
+            if config.paradigm_impl.two_backbones:
                 import copy
 
                 document = copy.deepcopy(backbone)
@@ -211,22 +193,15 @@ class UGDModel(nn.Module):
     def fingerprint(self) -> str:
         """A name for these weights, for data derived from them (stored document vectors).
 
-        The sha256 of the heads' safetensors serialization: of the file a checkpoint was loaded from
-        (so loading it in another dtype keeps the name), otherwise of the heads as they are now (equal to
-        the file ``save_pretrained`` would write). Remembered until a head parameter is written in place
-        or replaced, so calling it per request costs nothing. The heads are trained with the backbone, so a
-        different checkpoint of the same run has different heads.
+        A SHA-256 over everything that determines V_D and the scores: the backbone weights (of the
+        safetensors files a checkpoint was loaded from, so loading it in another dtype keeps the name;
+        otherwise of the tensors as they are now), the heads, the backbone config and the UGD config
+        (``ugd.fingerprint``). Remembered until a parameter is written in place or replaced, so calling
+        it per request costs nothing.
         """
-        import hashlib
+        from .fingerprint import model_fingerprint
 
-        versions = self._heads_versions()
-        if self._heads_digest is not None and self._heads_digest[1] == versions:
-            return self._heads_digest[0]
-        from safetensors.torch import save
-
-        digest = hashlib.sha256(save(self._heads_state())).hexdigest()
-        self._heads_digest = (digest, versions)  # computed once until the heads change
-        return digest
+        return model_fingerprint(self)
 
     @classmethod
     def from_pretrained(cls, path: str, tokenizer=None, **backbone_kwargs) -> "UGDModel":
@@ -242,7 +217,6 @@ class UGDModel(nn.Module):
         from transformers import AutoModelForCausalLM
 
         from . import attention  # noqa: F401
-        from .layout import load_tokenizer
 
         cfg_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfg_file):
@@ -250,10 +224,15 @@ class UGDModel(nn.Module):
                                     "(to start from a plain causal LM, use UGDModel.from_backbone)")
         with open(cfg_file) as f:
             config = UGDConfig.from_dict(json.load(f))
+        from .checkpoint_files import check_checkpoint_files, load_checked_tokenizer
+        from .fingerprint import note_checkpoint_files
+
+        # one error naming a missing/empty/truncated weight file, instead of safetensors' traceback
+        check_checkpoint_files(path, document_backbone=config.paradigm_impl.two_backbones)
         backbone_kwargs.setdefault("attn_implementation", "ugd")
         backbone = AutoModelForCausalLM.from_pretrained(path, **backbone_kwargs)
         document = None
-        if config.paradigm == "ttm":
+        if config.paradigm_impl.two_backbones:
             document = AutoModelForCausalLM.from_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR),
                                                             **backbone_kwargs)
         model = cls(backbone, config, document)
@@ -264,9 +243,11 @@ class UGDModel(nn.Module):
         model = model.to(first.dtype)
         model.heads.to(first.device)  # with device_map the backbone is already placed; the heads follow it
         model._heads_digest = (hashlib.sha256(heads_bytes).hexdigest(), model._heads_versions())
+        note_checkpoint_files(model, path)  # the fingerprint hashes the backbone's files, lazily
         if tokenizer is None and any(os.path.isfile(os.path.join(path, f))
                                      for f in ("tokenizer.json", "tokenizer_config.json")):
-            tokenizer = load_tokenizer(path)
+            # refused (naming the file) when it cannot serve the checkpoint, e.g. tokenizer.json missing
+            tokenizer = load_checked_tokenizer(path, config.special_token_ids)
         model.tokenizer = tokenizer
         return model
 
@@ -279,83 +260,22 @@ class UGDModel(nn.Module):
         other implementation (eager, sdpa) gets the same layout as a dense additive 4D mask: the
         reference path, O(T^2) memory, for checks and comparisons only.
         """
-        backbone = backbone or self.backbone
-        return backbone.get_decoder()(**packed_inputs(backbone, pack), use_cache=False).last_hidden_state[0]
-
-    def _training_terms(self, compute) -> set:
-        """The loss terms a forward computes: the active ones, unless an eval call asked for outputs."""
-        return set(self.config.active_terms) if self.training or compute is None else set()
+        return encode_packed(backbone or self.backbone, pack)
 
     def needed(self, compute: tuple[str, ...] | None = None) -> dict:
-        """Which outputs to compute: those the active loss terms need, plus ``compute`` (any of
-        "two_tower", "single_tower", "gen")."""
-        terms = self._training_terms(compute)
-        want = set(compute or ())
-        p = self.config.paradigm
-        need = {
-            "logits_t": bool(terms & {"cls_t", "kl"}) or "two_tower" in want,
-            "logits_s": bool(terms & {"cls_s", "kl"}) or "single_tower" in want,
-            "emb": "kl_emb" in terms,
-            "gen": "gen" in terms or "gen" in want,
-        }
-        if need["logits_t"] and p not in TWO_TOWER:
-            raise ValueError(f"paradigm {p!r} has no two-tower head")
-        if need["logits_s"] and p not in SINGLE_TOWER:
-            raise ValueError(f"paradigm {p!r} has no single-tower head")
-        need["v_qd"] = need["logits_t"] or need["emb"]
-        need["v_s"] = need["logits_s"] or need["emb"]
-        return need
+        """Which outputs a forward computes (the UGD family: ``ugd.paradigms.ugd_paradigms``)."""
+        needed = getattr(self.paradigm, "needed", None)
+        if needed is None:
+            raise NotImplementedError(f"paradigm {self.config.paradigm!r} does not report which outputs it computes")
+        return needed(self, compute)
 
     def forward(self, batch: dict, *, compute: tuple[str, ...] | None = None) -> UGDOutput:
         """One packed batch (``ugd.collator``) -> UGDOutput with the loss, each term, and the outputs.
 
-        In training mode the active loss terms decide what runs; ``compute`` adds outputs.
+        In training mode the active loss terms decide what runs; ``compute`` adds outputs. The paradigm
+        (``self.paradigm.forward``) does the work.
         """
-        cfg, heads = self.config, self.heads
-        batch = move_batch(batch, self.heads.classifier.weight.device)
-        need = self.needed(compute)
-        out = UGDOutput()
-        if cfg.paradigm == "ttm":
-            out.v_q = _gather(self.encode(batch["query"]), batch["query"]["cls_index"][:, 0], "query")
-            out.v_d = _gather(self.encode(batch["document"], backbone=self.document_backbone),
-                              batch["document"]["cls_index"][:, 1], "document")
-            labels = batch["labels"]
-            hidden = None
-        else:
-            hidden = self.encode(batch)
-            cls_index = batch["cls_index"]
-            labels = batch["labels"]
-            if need["v_qd"]:
-                out.v_q = _gather(hidden, cls_index[:, 0], "query")
-                out.v_d = _gather(hidden, cls_index[:, 1], "document")
-            if need["v_s"]:
-                out.v_s = _gather(hidden, cls_index[:, 2], "single-tower")
-        f_t = heads.two_tower_features(out.v_q, out.v_d) if (need["logits_t"] or need["emb"]) else None
-        if need["logits_t"]:
-            out.logits_t = heads.classifier(f_t)
-        if need["logits_s"]:
-            out.logits_s = heads.classifier(out.v_s)
-
-        terms = {}
-        have_labels = labels is not None and bool((labels != -100).any())
-        active = self._training_terms(compute)
-        if "cls_t" in active and have_labels:
-            terms["cls_t"] = classification_loss(out.logits_t, labels)
-        if "cls_s" in active and have_labels:
-            terms["cls_s"] = classification_loss(out.logits_s, labels)
-        if "gen" in active and hidden is not None and "lm_labels" in batch:
-            terms["gen"] = generation_loss(hidden, self.backbone.get_output_embeddings(), batch["lm_labels"][0],
-                                           batch["cu_seqlens"])
-        if "kl" in active:
-            terms["kl"] = distillation_loss(out.logits_t, out.logits_s, temperature=cfg.kl_temperature,
-                                            detach=cfg.detach)
-        if "kl_emb" in active:
-            terms["kl_emb"] = distillation_loss(heads.fc_t_kl(f_t), heads.fc_s_kl(out.v_s),
-                                                temperature=cfg.kl_temperature, detach=cfg.detach)
-        out.terms = terms
-        if terms:
-            out.loss = sum(cfg.weight(t) * v for t, v in terms.items())
-        return out
+        return self.paradigm.forward(self, move_batch(batch, self.head_device), compute)
 
     # ------------------------------------------------------------------ inference (SPEC section 7)
     # Thin wrappers over ugd.inference and ugd.generate, which document the costs and the checks.

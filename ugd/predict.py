@@ -28,7 +28,17 @@ Output: one JSON line per kept record, in input order, the record plus
 ``--doc_vectors PATH`` (two-tower and documents modes): a ``ugd.DocumentVectors`` safetensors file.
 When it exists it is loaded and checked against the model (vectors of another checkpoint are
 refused); documents not in it yet are encoded, added and the file is saved back (atomically). Stored
-documents never go through the backbone again: only the queries are encoded.
+documents never go through the backbone again: only the queries are encoded. Several processes may
+extend one file at once: the write takes a lock (``PATH.lock``) and merges in what other processes
+stored meanwhile, so no documents are lost.
+
+``--threads N``: CPU threads of this process (torch.set_num_threads). Default: ``OMP_NUM_THREADS``
+when set, else half the usable cores, at most 4 (``default_threads``): a thread per core in each of
+several processes on one machine oversubscribes it and every process becomes ~100x slower, while one
+process loses little with half the cores.
+
+A checkpoint whose outputs are not finite (NaN or inf: damaged weights, or a dtype overflow) is an
+error: nothing is written, so the output never holds a wrong prediction or invalid JSON.
 
 Exit status: 0 on success, 2 for a problem with the arguments, the checkpoint or the input (one line
 on stderr). A summary (records, mode, seconds, pairs/s) goes to stderr at the end.
@@ -75,6 +85,9 @@ class PredictArguments:
     dtype: str = field(default="auto", metadata={
         "help": "dtype the model is loaded in: auto (the checkpoint's), float32, bfloat16 or float16."})
     positive_label: int = field(default=1, metadata={"help": "The class whose probability is \"score\"."})
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads (torch.set_num_threads). Default: $OMP_NUM_THREADS if set, else half the usable cores, "
+                "at most 4, so that several processes on one machine do not oversubscribe it."})
     skip_bad: bool = field(default=False, metadata={
         "help": "Skip malformed input lines (counted on stderr) instead of stopping at the first one."})
     # nargs/const: a bare --progress means True; --no_progress is added by _make_parser
@@ -105,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> PredictArguments:
     args.mode = check_mode(args.mode)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}")
-    for name, minimum in (("batch_tokens", 1), ("batch_size", 1), ("max_new_tokens", 0)):
-        if getattr(args, name) < minimum:
+    for name, minimum in (("batch_tokens", 1), ("batch_size", 1), ("max_new_tokens", 0), ("threads", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < minimum:
             raise ValueError(f"--{name} must be >= {minimum}, got {getattr(args, name)}")
     if args.doc_vectors is not None and args.mode not in ("two_tower", "documents"):
         raise ValueError(f"--doc_vectors serves --mode two-tower and documents only (stored vectors are two-tower "
@@ -139,6 +152,9 @@ def read_checkpoint_config(path: str):
     """The checkpoint's ``UGDConfig``, read before the (possibly large) backbone is loaded."""
     from .model import CONFIG_NAME, UGDConfig
 
+    if os.path.isfile(path):
+        raise ValueError(f"--model {path} is a file, not a folder: name the checkpoint folder (it holds "
+                         "ugd_config.json, the weights and the tokenizer)")
     if not os.path.isdir(path):
         raise ValueError(f"--model {path}: no such folder")
     cfg_file = os.path.join(path, CONFIG_NAME)
@@ -152,15 +168,21 @@ def read_checkpoint_config(path: str):
         raise ValueError(f"{cfg_file}: not a valid UGD config ({e})") from None
 
 
-def check_paradigm(paradigm: str, mode: str) -> None:
-    """A clear error when the checkpoint's paradigm has no head for ``mode``."""
-    from .model import GENERATIVE, SINGLE_TOWER, TWO_TOWER
+def check_paradigm(paradigm: str, mode: str, config=None) -> None:
+    """A clear error when the checkpoint's paradigm cannot serve ``mode`` (the registry says what each
+    paradigm serves: ``ugd.paradigms``; ``config``, the checkpoint's ``UGDConfig``, may narrow it)."""
+    from . import paradigms
 
-    serves = {"two_tower": TWO_TOWER, "documents": TWO_TOWER, "single_tower": SINGLE_TOWER, "reason": GENERATIVE}
-    if paradigm not in serves[mode]:
-        usable = [_show(m) for m in MODES if paradigm in serves[m]]
-        raise ValueError(f"this checkpoint's paradigm {paradigm!r} has no head for --mode {_show(mode)}; "
-                         f"use --mode {' or '.join(usable)}")
+    impl = paradigms.get(paradigm)
+    if config is None:
+        from .model import UGDConfig
+
+        config = UGDConfig(paradigm=paradigm)
+    usable = [m for m in MODES if m in impl.modes(config)]
+    if mode not in usable:
+        why = impl.why_not(config, [c for c in paradigms.MODE_NEEDS[mode] if c not in impl.serves(config)])
+        raise ValueError(f"this checkpoint's paradigm {paradigm!r} has no head for --mode {_show(mode)}"
+                         f"{' (' + why + ')' if why else ''}; use --mode {' or '.join(_show(m) for m in usable)}")
 
 
 def resolve_device(name: str | None):
@@ -294,13 +316,17 @@ def _open_store(model, path: str):
 
 def _extend_store(model, store, path: str, documents: list[str], args) -> tuple:
     """Adds the documents not stored yet (the only ones encoded) and saves the file when anything was
-    added (or it does not exist yet). Returns (row of each document, number of new documents)."""
+    added (or it does not exist yet), merging in under a lock what other processes stored meanwhile.
+    Returns (row of each document, number of new documents)."""
     before = len(store)
-    rows = store.add(model, documents, batch_tokens=args.batch_tokens, show_progress=args.progress)
+    store.add(model, documents, batch_tokens=args.batch_tokens, show_progress=args.progress)
     added = len(store) - before
     if added or not os.path.exists(path):
-        store.save(path)
-    return rows, added
+        try:
+            store.merge_into_file(path, model)
+        except ValueError as e:
+            raise ValueError(f"--doc_vectors {path}: {e}") from None
+    return store.rows(documents), added
 
 
 def score_with_store(model, records: list[dict], args) -> tuple:
@@ -321,6 +347,38 @@ def score_with_store(model, records: list[dict], args) -> tuple:
     return probs, store, added
 
 
+def check_finite(probs, model_path: str) -> None:
+    """Non-finite probabilities come from damaged weights (or an overflow): an error, never a prediction."""
+    import torch
+
+    bad = int((~torch.isfinite(probs).all(-1)).sum())
+    if bad:
+        raise ValueError(f"the model produced non-finite scores (NaN or inf) for {bad} of {len(probs)} pairs: the "
+                         f"weights in --model {model_path} are damaged (or overflow in this dtype); nothing was "
+                         "written. Use another checkpoint, or --dtype float32")
+
+
+def default_threads() -> int:
+    """CPU threads when --threads is not given: half the usable cores, at most 4 (see the module docstring)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
+def set_threads(threads: int | None) -> int:
+    """Applies --threads (or the default; $OMP_NUM_THREADS, which torch already follows, wins over it)."""
+    import torch
+
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS", "").strip():
+            return torch.get_num_threads()
+        threads = default_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _add_scores(records: list[dict], probs, positive_label: int) -> None:
     preds = probs.argmax(-1).tolist()
     for r, p, pred in zip(records, probs.tolist(), preds):
@@ -337,7 +395,7 @@ def _write(records: list[dict], path: str) -> None:
         return
     out = sys.stdout
     for r in records:
-        out.write(json.dumps(r, ensure_ascii=False))
+        out.write(json.dumps(r, ensure_ascii=False, allow_nan=False))  # bare NaN is not JSON
         out.write("\n")
     out.flush()
 
@@ -352,10 +410,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # everything cheap is checked before the model is loaded (which may take minutes)
     cfg = read_checkpoint_config(args.model)
-    check_paradigm(cfg.paradigm, args.mode)
+    check_paradigm(cfg.paradigm, args.mode, cfg)
     if args.mode in ("two_tower", "single_tower") and not 0 <= args.positive_label < cfg.num_labels:
         raise ValueError(f"--positive_label must be a class index in [0, {cfg.num_labels}), got {args.positive_label}")
     device = resolve_device(args.device)
+    set_threads(args.threads)
     fields = ("document",) if args.mode == "documents" else ("query", "document")
     records, stats = read_inputs(args.input, fields, skip_bad=args.skip_bad)
 
@@ -378,10 +437,12 @@ def main(argv: list[str] | None = None) -> dict:
             r["reason"] = text
     elif args.doc_vectors is not None:
         probs, store, added = score_with_store(model, records, args)
+        check_finite(probs, args.model)
         _add_scores(records, probs, args.positive_label)
     else:
         probs = model.predict([(r["query"], r["document"]) for r in records], mode=args.mode,
                               batch_tokens=args.batch_tokens, show_progress=args.progress)
+        check_finite(probs, args.model)
         _add_scores(records, probs, args.positive_label)
     seconds = time.time() - t1
     if args.mode != "documents":

@@ -99,7 +99,11 @@ class UGDArguments:
         "help": "A preset in ugd/presets (demo, paper) or none. Default: demo without --train_file."})
     config: str | None = field(default=None, metadata={
         "help": "A YAML or JSON file of arguments (keys are argument names); the command line wins."})
-    paradigm: str = field(default="ugd-ttm", metadata={"help": "ugd-ttm, ugd-stm, shared-ttm, ttm or stm."})
+    paradigm: str = field(default="ugd-ttm", metadata={
+        "help": "A registered paradigm (ugd.paradigms; docs/paradigms.md); the list is filled in by _make_parser."})
+    paradigm_options: str | None = field(default=None, metadata={
+        "help": "The paradigm's own settings as a JSON object, e.g. '{\"temperature\": 0.05}' (a mapping in a "
+                "--config file); docs/paradigms.md lists each paradigm's options."})
     num_labels: int | None = field(default=None, metadata={
         "help": "Number of classes. Default: the checkpoint's, 4 for the demo, else max label + 1 of the data."})
     alpha: float = field(default=1.0, metadata={"help": "Weight of CE(Logits_t)."})
@@ -140,8 +144,15 @@ class RunArguments:
 def _make_parser():
     from transformers import HfArgumentParser, TrainingArguments
 
-    return HfArgumentParser((ModelArguments, DataArguments, UGDArguments, TrainingArguments),
-                            description="Train a UGD matcher (see docs/training.md).")
+    from . import paradigms
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, UGDArguments, TrainingArguments),
+                              description="Train a UGD matcher (see docs/training.md).")
+    for action in parser._actions:  # the registry decides which paradigms exist
+        if action.dest == "paradigm":
+            action.choices = paradigms.names()
+            action.help = f"The training paradigm, one of: {', '.join(paradigms.names())} (docs/paradigms.md)."
+    return parser
 
 
 def load_config_file(path: str) -> dict:
@@ -283,7 +294,11 @@ def load_data(run: RunArguments, num_labels: int | None):
         info = {"train": f"built-in demo data: {len(train)} pairs (seed {d.demo_seed})",
                 "eval": f"built-in demo data: {len(dev)} pairs"}
         return train, (dev or None), info, num_labels
-    kw = dict(fmt=d.data_format, skip_bad=d.skip_bad_records)
+    for flag, file in (("--train_file", d.train_file), ("--eval_file", d.eval_file)):
+        if file and not os.path.isfile(file):  # one line, not read_records' FileNotFoundError traceback
+            problem = "a folder, not a data file" if os.path.isdir(file) else "no such file"
+            raise ConfigError(f"{flag} {file}: {problem}")
+    kw = dict(fmt=d.data_format, skip_bad=d.skip_bad_records, skip_hint="--skip_bad_records")
     train, stats = read_records(d.train_file, num_labels=num_labels, **kw)
     if not train:
         raise ConfigError(f"{d.train_file}: no training records")
@@ -337,9 +352,24 @@ def _ugd_config(run: RunArguments, num_labels: int, layout):
     kwargs = {n: getattr(u, n) for n in ARCH_FIELDS + LOSS_FIELDS}
     kwargs["num_labels"] = num_labels
     try:
-        return UGDConfig(layout=layout.to_dict(), **kwargs)
+        return UGDConfig(layout=layout.to_dict(), options=paradigm_options(u.paradigm_options), **kwargs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def paradigm_options(value) -> dict:
+    """``--paradigm_options``: a JSON object on the command line, a mapping in a config file, or None."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--paradigm_options is not a JSON object ({e.msg}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"--paradigm_options must be a JSON object, got {value!r}")
+    return parsed
 
 
 def _backbone_overrides(text) -> dict:
@@ -371,9 +401,15 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
         from .demo_data import build_tokenizer, tiny_backbone_config
 
         tokenizer = build_tokenizer(records)
+        overrides = _backbone_overrides(m.backbone_config)
+        if "max_position_embeddings" not in overrides:  # room for the layout's longest sequence
+            from .length_limits import positions_needed, prompt_length
+
+            layout = _layout_from(run)
+            overrides["max_position_embeddings"] = max(512, positions_needed(
+                layout, prompt_length(tokenizer, layout), run.data.max_new_tokens))
         try:
-            cfg = tiny_backbone_config(len(tokenizer) + 3, family=m.backbone_family,
-                                       **_backbone_overrides(m.backbone_config))
+            cfg = tiny_backbone_config(len(tokenizer) + 3, family=m.backbone_family, **overrides)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"random-init backbone: {e}") from None
         backbone = AutoModelForCausalLM.from_config(cfg, attn_implementation="ugd")
@@ -390,6 +426,8 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
         for name in LOSS_FIELDS:
             if name in run.explicit:
                 setattr(model.config, name, getattr(run.ugd, name))
+        if "paradigm_options" in run.explicit:
+            model.config.options = {**model.config.options, **paradigm_options(run.ugd.paradigm_options)}
         model.config.layout = _layout_from(run, model.config.layout or {}).to_dict()
         try:
             model.config.__post_init__()
@@ -398,6 +436,9 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
     else:
         if not os.path.isdir(path):
             raise ConfigError(f"--model_name_or_path {path}: not a local folder (nothing is downloaded)")
+        from .checkpoint_files import check_backbone_folder
+
+        check_backbone_folder(path)  # a missing/empty/truncated model.safetensors: one error naming it
         tokenizer = load_tokenizer(path)
         backbone = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ugd", dtype=dtype)
         model = UGDModel.from_backbone(backbone, tokenizer, _ugd_config(run, num_labels, _layout_from(run)))
@@ -437,10 +478,17 @@ def _enable_activation_checkpointing(model) -> None:
         kwargs = dict(activation_checkpointing_kwargs or {})
         kwargs.setdefault("use_reentrant", False)
         for bb in backbones:
-            bb.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
-                                               offload=offload)
+            if hasattr(bb, "activation_checkpointing_enable"):
+                bb.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                                   every_n_layers=every_n_layers, offload=offload)
+            else:  # transformers < 5.23 names it gradient checkpointing, without layer skipping or offload
+                bb.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def enable_old(gradient_checkpointing_kwargs=None):  # what Trainer calls in transformers < 5.23
+        enable(gradient_checkpointing_kwargs)
 
     model.activation_checkpointing_enable = enable
+    model.gradient_checkpointing_enable = enable_old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +523,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     from . import attention  # noqa: F401  registers attn_implementation="ugd"
     from .collator import UGDCollator
     from .data import RecordDataset
-    from .generate import PREFILL_MASK, generate_reason
+    from .generate import generate_reason
     from .layout import LayoutConfig
     from .trainer import CURVES_NAME, CurvesCallback, UGDTrainer, unused_parameters
 
@@ -496,10 +544,20 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
         logger.warning("%s data: %s", split, text)
 
     model, tokenizer = build_model(run, num_labels, train + (dev or []))
+    from .length_limits import check_model_positions
+
+    # every sequence (and the reasons shown at the end) inside the backbone's positions
+    check_model_positions(model, tokenizer, run.data.max_new_tokens if run.data.num_reasons > 0 else 0,
+                          error=ConfigError)
+    # a paradigm's own training defaults (flipped-kd: LoRA), unless the preset, config or command line set them
+    for name, value in getattr(model.config.paradigm_impl, "train_defaults", {}).items():
+        if name not in run.explicit and hasattr(run.model, name):
+            setattr(run.model, name, value)
     lora = run.model.lora_r > 0
     if lora:
         apply_lora(model, run.model)
-    if targs.activation_checkpointing:
+    # transformers >= 5.23 calls it activation_checkpointing; older 5.x (the GPU image's 5.17) gradient_checkpointing
+    if getattr(targs, "activation_checkpointing", None) or getattr(targs, "gradient_checkpointing", False):
         _enable_activation_checkpointing(model)
     if targs.ddp_find_unused_parameters is None and targs.world_size > 1:
         targs.ddp_find_unused_parameters = bool(unused_parameters(model))
@@ -511,6 +569,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
 
     layout = LayoutConfig(**model.config.layout) if model.config.layout else LayoutConfig()
     collator = UGDCollator(tokenizer, paradigm=model.config.paradigm, config=layout)
+    collator.model_config = model.config  # paradigms whose batches depend on their options (ullme, flipped-kd)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer = UGDTrainer(model=model, args=targs, train_dataset=RecordDataset(train),
@@ -547,7 +606,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     }
     reasons = []
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if main_process and run.data.num_reasons > 0 and unwrapped.config.paradigm in PREFILL_MASK:
+    if main_process and run.data.num_reasons > 0 and "generate" in unwrapped.paradigm.serves(unwrapped.config):
         shown = (dev or train)[: run.data.num_reasons]
         texts = generate_reason(unwrapped, tokenizer, shown, max_new_tokens=run.data.max_new_tokens, layout=layout,
                                 show_progress=False)
@@ -598,12 +657,15 @@ def _print_report(summary, metrics, reasons, curves_path) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """The console entry: errors in data, configuration or training as one line on stderr."""
+    from .checkpoint_files import CheckpointFileError
     from .data import DataError
+    from .teachers import TeacherError
     from .trainer import NonFiniteLossError
 
     try:
         main(argv)
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, CheckpointFileError, TeacherError) as e:  # CheckpointFileError: a damaged
+        # checkpoint file; TeacherError: flipped-kd's teacher missing (and pairs without teacher_score)
         print(f"ugd.train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

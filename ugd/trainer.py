@@ -42,7 +42,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .metrics import head_metrics
-from .model import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, SINGLE_TOWER, TWO_TOWER, UGDModel
+from .model import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, UGDModel
 
 STAGING_DIR = ".ugd-staging"
 LORA_ADAPTER_DIR = "lora_adapter"
@@ -195,6 +195,11 @@ def load_ugd_weights(model: UGDModel, path: str) -> None:
     for key in ("paradigm", "num_labels", "kl_dim"):
         if saved.get(key) != getattr(model.config, key):
             raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r}, the model {getattr(model.config, key)!r}")
+    from .checkpoint_files import check_checkpoint_files
+
+    # a missing/empty/truncated weight file: one error naming it (python -m ugd.train exits 2)
+    check_checkpoint_files(path, document_backbone=model.document_backbone is not None,
+                           lora_adapter=os.path.join(path, LORA_ADAPTER_DIR) if is_peft_model(model.backbone) else None)
     if is_peft_model(model.backbone):
         from peft import set_peft_model_state_dict
 
@@ -209,33 +214,15 @@ def load_ugd_weights(model: UGDModel, path: str) -> None:
         if model.document_backbone is not None:
             _load_backbone(model.document_backbone, os.path.join(path, DOCUMENT_BACKBONE_DIR))
     heads = load_file(os.path.join(path, HEADS_NAME))
-    model.heads.load_state_dict({k: v.to(model.heads.classifier.weight.device) for k, v in heads.items()})
+    model.heads.load_state_dict({k: v.to(model.head_device) for k, v in heads.items()})
 
 
 def unused_parameters(model: UGDModel) -> list[str]:
     """Names of trainable parameters that a training step of ``model`` never uses (heads of inactive
     loss terms, an untied LM head without L_gen, the document backbone's LM head): DDP needs
-    ``find_unused_parameters=True`` exactly when this is not empty."""
-    terms = set(model.config.active_terms)
-    logits_t = bool(terms & {"cls_t", "kl"})
-    logits_s = bool(terms & {"cls_s", "kl"})
-    emb = "kl_emb" in terms
-    unused_modules = []
-    heads = model.heads
-    if heads.fc_t is not None and not (logits_t or emb):
-        unused_modules.append(("heads.fc_t", heads.fc_t))
-    if not (logits_t or logits_s):
-        unused_modules.append(("heads.classifier", heads.classifier))
-    if heads.fc_t_kl is not None and not emb:
-        unused_modules += [("heads.fc_t_kl", heads.fc_t_kl), ("heads.fc_s_kl", heads.fc_s_kl)]
-    for name, bb, uses_lm in (("backbone", model.backbone, "gen" in terms),
-                              ("document_backbone", model.document_backbone, False)):
-        if bb is None or uses_lm:
-            continue
-        out, inp = bb.get_output_embeddings(), bb.get_input_embeddings()
-        if out is not None and out.weight is not inp.weight:
-            unused_modules.append((f"{name}.lm_head", out))
-    return [f"{prefix}.{n}" for prefix, mod in unused_modules for n, p in mod.named_parameters() if p.requires_grad]
+    ``find_unused_parameters=True`` exactly when this is not empty. The paradigm knows which
+    (``Paradigm.unused_parameters``)."""
+    return model.paradigm.unused_parameters(model)
 
 
 def _distributed() -> bool:
@@ -322,13 +309,13 @@ class UGDTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        paradigm = unwrapped.config.paradigm
+        serves = unwrapped.paradigm.serves(unwrapped.config)
         with torch.no_grad():
             out = model(inputs)  # eval mode, compute=None: the loss terms and the heads they need
             want = []
-            if paradigm in TWO_TOWER and out.logits_t is None:
+            if "score_pairs" in serves and out.logits_t is None:
                 want.append("two_tower")
-            if paradigm in SINGLE_TOWER and out.logits_s is None:
+            if "single_tower" in serves and out.logits_s is None:
                 want.append("single_tower")
             if want and not prediction_loss_only:  # a head no active loss term needs (a zero weight)
                 extra = model(inputs, compute=tuple(want))
@@ -424,6 +411,10 @@ class UGDTrainer(Trainer):
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(staged, final)
+            try:  # the staging folder is only for saves in progress: leave none behind
+                os.rmdir(os.path.join(run_dir, STAGING_DIR))
+            except OSError:
+                pass  # not empty (another save's leftovers) or already gone
             _fsync_dir(run_dir)
             if self.state.best_global_step:
                 best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")

@@ -7,7 +7,10 @@
     dense_mask             the same layout as a [T, T] bool mask (for references and peers)
 
 Kernels: C++ on the CPU, CUDA on NVIDIA GPUs, the pure-PyTorch ``ugd_ops.reference`` where
-nothing was compiled. ``python -m ugd_ops.info`` says which serve this installation.
+nothing was compiled. Partitioned attention on CUDA runs the compiled kernel where it serves
+(``ugd_ops.cuda_attention``), else FlexAttention (``ugd_ops.flex``), else the reference. The public
+functions follow ``torch.autocast`` as PyTorch's own ops do. ``python -m ugd_ops.info`` says which
+path serves this installation.
 """
 
 from . import _backend

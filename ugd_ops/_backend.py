@@ -89,13 +89,57 @@ def _register_python_kernels() -> None:
         _lib.impl(name, impl, "CompositeExplicitAutograd")
 
 
+# The CUDA kernels of partitioned attention are the internal operators ugd_ops::_cuda_attention_fwd/_bwd
+# (same schemas, CUDA only, opt-in: see cuda_attention.py); the public operators' CUDA kernels route here.
+ATTENTION_OPS = ("partitioned_attention_fwd", "partitioned_attention_bwd")
+
+
+def _attention_router(name: str):
+    """CUDA kernel of ``ugd_ops::<name>``: the compiled kernel when ``cuda_attention.serves`` the call,
+    else the reference (one warning). ``ugd_ops.partitioned_attention`` sends the calls flex serves to
+    flex before they reach the operator, so the reference here is the last resort."""
+    from . import _checks, cuda_attention, flex, layout_memo
+    from ._schemas import CPU_MAX_HEAD_DIM
+
+    fwd = name == "partitioned_attention_fwd"
+    kernel_op = cuda_attention.FWD_OP if fwd else cuda_attention.BWD_OP
+    ref = _REFERENCE_IMPLS[name]
+    warned = []
+
+    def impl(*args):
+        q, k, v = args[0:3] if fwd else args[1:4]
+        reason = cuda_attention.unserved_reason(q, k, v, kernel_op)
+        if reason is None:
+            # The kernel clamps a broken layout (never out of bounds) but cannot report it: check the
+            # values once per layout (one host sync per batch) so it raises as SPEC section 3 says.
+            _checks.check_attention_meta(q, k, v, *args[-5:-2], CPU_MAX_HEAD_DIM)
+            layout_memo.check_layout(*args[-5:-2], q.shape[0])
+            return getattr(torch.ops.ugd_ops, kernel_op)(*args)
+        if not warned:
+            warned.append(True)
+            flex_reason = flex.unserved_reason(q, k, v)
+            warnings.warn(
+                f"ugd_ops: {name} on CUDA runs the slow pure-PyTorch reference (compiled CUDA kernel: {reason}; "
+                f"FlexAttention: {flex_reason or 'serves only calls through ugd_ops.partitioned_attention'}). "
+                "`python -m ugd_ops.info` shows which path serves which case.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return ref(*args)
+
+    return impl
+
+
 def _fill_missing_cuda_kernels() -> None:
     global _lib
     for name in _REFERENCE_IMPLS:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ugd_ops::{name}", "CUDA"):
             if _lib is None:
                 _lib = torch.library.Library("ugd_ops", "IMPL")
-            impl = _warn_once(name, "CUDA") if name in HOT_OPS else _REFERENCE_IMPLS[name]
+            if name in ATTENTION_OPS:
+                impl = _attention_router(name)
+            else:
+                impl = _warn_once(name, "CUDA") if name in HOT_OPS else _REFERENCE_IMPLS[name]
             _lib.impl(name, impl, "CUDA")
             reference_fallbacks.append((name, "CUDA"))
 
@@ -105,12 +149,20 @@ def load() -> None:
     if os.environ.get("UGD_OPS_FORCE_REFERENCE", "0") not in ("", "0"):
         load_error = "UGD_OPS_FORCE_REFERENCE is set"
     else:
-        try:
-            from . import _C  # noqa: F401  (loading the library registers the operators)
+        import importlib.util
 
-            compiled = True
-        except ImportError as e:
-            load_error = f"{type(e).__name__}: {e}"
+        # Without a built library, ``from . import _C`` fails with Python's confusing "cannot import name
+        # '_C' from partially initialized module ... (most likely due to a circular import)": say what it is.
+        if importlib.util.find_spec(f"{__package__}._C") is None:
+            load_error = (f"the compiled extension is not built (no _C*.so in "
+                          f"{os.path.dirname(os.path.abspath(__file__))})")
+        else:
+            try:
+                from . import _C  # noqa: F401  (loading the library registers the operators)
+
+                compiled = True
+            except ImportError as e:  # built, but for another torch or Python, or a library is missing
+                load_error = f"the compiled extension ugd_ops._C could not be loaded ({type(e).__name__}: {e})"
     if compiled:
         _fill_missing_cuda_kernels()
         _register_python_kernels()
@@ -119,8 +171,8 @@ def load() -> None:
     _register_python_kernels()
     if load_error != "UGD_OPS_FORCE_REFERENCE is set":
         warnings.warn(
-            f"ugd_ops: the compiled kernels could not be loaded ({load_error}); every operator runs on the slow "
-            f"pure-PyTorch reference. To fix it, {BUILD_HINT}.",
+            f"ugd_ops: {load_error}; every operator runs on the slow pure-PyTorch reference. To fix it, "
+            f"{BUILD_HINT}.",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from . import _checks, chunked_ce
+from . import _checks, chunked_ce, cuda_attention, flex, layout_memo
 from ._schemas import CPU_MAX_HEAD_DIM
 
 _ops = torch.ops.ugd_ops
@@ -21,6 +21,34 @@ _REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# autocast: the public functions cast their inputs as PyTorch's own ops do under torch.autocast
+# (the dispatcher's Autocast key would see the operators only after the Python wrappers below, and
+# register_autocast casts to one fixed dtype; casting here follows the autocast dtype in force).
+# ---------------------------------------------------------------------------------------------
+
+_AUTOCASTABLE = (torch.float32, torch.bfloat16, torch.float16)  # autocast leaves fp64 alone, as torch does
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast asks for on ``t``'s device, or None when autocast is off there."""
+    device = t.device.type
+    try:
+        if not torch.is_autocast_enabled(device):
+            return None
+        return torch.get_autocast_dtype(device)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return None
+
+
+def _cast(dtype: torch.dtype | None, *tensors):
+    """Each floating tensor autocast would cast, in ``dtype`` (differentiable, as autocast's own cast)."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCASTABLE and t.dtype != dtype else t
+                 for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,10 +85,44 @@ def partitioned_attention(
     Returns:
         out ``[T, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
+    # Under autocast q, k and v run in the autocast dtype, as scaled_dot_product_attention's do (it is
+    # on autocast's lower-precision list): RoPE leaves q and k in fp32 while v comes from a bf16 matmul.
+    q, k, v = _cast(autocast_dtype(q), q, k, v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # D = 0 is rejected by the kernel
+    if q.is_cuda and _flex_serves(q, k, v):
+        _checks.check_attention_meta(q, k, v, cu_seqlens, kv_start, kv_end, CPU_MAX_HEAD_DIM)
+        layout_memo.check_layout(cu_seqlens, kv_start, kv_end, q.shape[0])
+        res = flex.try_partitioned_attention(q, k, v, cu_seqlens, kv_start, kv_end, float(softmax_scale))
+        if res is not None:
+            return res if return_lse else res[0]
     out, lse = _ops.partitioned_attention_fwd(q, k, v, cu_seqlens, kv_start, kv_end, max_seqlen, float(softmax_scale))
     return (out, lse) if return_lse else out
+
+
+def _flex_serves(q, k, v) -> bool:
+    """Route a CUDA call to FlexAttention: no compiled CUDA attention kernel serves it, flex does.
+
+    Otherwise the operator runs: its CUDA kernel (registered in ``_backend``) is the compiled kernel
+    when ``cuda_attention.serves`` the call, the pure-PyTorch reference when nothing else does.
+    """
+    return not cuda_attention.serves(q, k, v) and flex.serves(q, k, v)
+
+
+def attention_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """Which implementation ``partitioned_attention`` runs for these inputs: ``"cpu"`` (the compiled C++
+    kernel), ``"cuda-kernel"``, ``"flex"`` or ``"reference"`` (after autocast's cast, if any)."""
+    q, k, v = _cast(autocast_dtype(q), q, k, v)
+    if not q.is_cuda:
+        has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key("ugd_ops::partitioned_attention_fwd", "CPU")
+        from . import _backend
+
+        return "cpu" if _backend.compiled and has_cpu else "reference"
+    if cuda_attention.serves(q, k, v):
+        return "cuda-kernel"
+    if flex.serves(q, k, v):
+        return "flex"
+    return "reference"
 
 
 @torch.library.register_fake("ugd_ops::partitioned_attention_fwd")
@@ -136,6 +198,12 @@ def detached_kl(
     grad_on = torch.is_grad_enabled()
     want_p = grad_on and p_logits.requires_grad
     want_q = grad_on and not detach and q_logits.requires_grad
+    if autocast_dtype(p_logits) is not None and p_logits.dtype != q_logits.dtype:
+        # Under autocast mixed logits (a bf16 head beside an fp32 one) meet in the wider dtype, as
+        # torch's promoting ops do; the kernel accumulates in fp32 whatever the inputs, so a blanket
+        # cast to fp32 (F.kl_div's autocast policy) would only cost memory.
+        wide = torch.promote_types(p_logits.dtype, q_logits.dtype)
+        p_logits, q_logits = p_logits.to(wide), q_logits.to(wide)
     q_in = q_logits.detach() if detach else q_logits
     rows, _, _ = _ops.detached_kl_fwd(p_logits, q_in, temperature, want_p, want_q)
     if reduction == "none":
@@ -213,6 +281,8 @@ def linear_cross_entropy(
     """
     if reduction not in chunked_ce.REDUCTIONS:
         raise ValueError(f"ugd_ops: reduction must be one of {chunked_ce.REDUCTIONS}, got {reduction!r}")
+    # Under autocast the matmul runs in the autocast dtype, as F.linear's would; the loss is fp32 anyway.
+    hidden, weight, bias = _cast(autocast_dtype(hidden), hidden, weight, bias)
     lead = None
     if hidden.dim() > 2:
         lead = hidden.shape[:-1]

@@ -305,8 +305,14 @@ void launch_detached_kl(const at::Tensor& p, const at::Tensor& q, double tempera
 std::tuple<at::Tensor, at::Tensor, at::Tensor> detached_kl_fwd_cuda(const at::Tensor& p_logits,
                                                                     const at::Tensor& q_logits, double temperature,
                                                                     bool want_grad_p, bool want_grad_q) {
+  // Every argument check runs before anything else: no guard, no copy, no allocation and no data access
+  // happens for arguments that fail one (a CPU tensor beside a CUDA one reaches this kernel too, since
+  // the dispatcher picks CUDA for the mix).
   check_kl_args(p_logits, q_logits, temperature);
-  TORCH_CHECK_VALUE(p_logits.is_cuda(), "ugd_ops: p_logits must be a CUDA tensor here, got ", p_logits.device());
+  TORCH_CHECK_VALUE(p_logits.is_cuda() && q_logits.is_cuda(), "ugd_ops: q_logits must be on the device of p_logits (",
+                    p_logits.device(), "), got ", q_logits.device());
+  TORCH_CHECK_VALUE(p_logits.size(-1) <= std::numeric_limits<int32_t>::max(),
+                    "ugd_ops: detached_kl on CUDA takes at most 2^31 - 1 classes, got ", p_logits.size(-1));
   const c10::cuda::CUDAGuard guard(p_logits.device());
   const at::Tensor p = p_logits.contiguous(), q = q_logits.contiguous();
   // Gradients nobody asked for are returned as empty tensors (shape [0]).
@@ -314,8 +320,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> detached_kl_fwd_cuda(const at::Te
   std::tie(loss, grad_p, grad_q) = make_kl_outputs(p, q, want_grad_p, want_grad_q);
   const int64_t C = p.size(-1);
   if (C == 0 || p.numel() == 0) return {loss, grad_p, grad_q};
-  TORCH_CHECK_VALUE(C <= std::numeric_limits<int32_t>::max(), "ugd_ops: detached_kl on CUDA takes at most 2^31 - 1 "
-                    "classes, got ", C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "detached_kl_fwd_cuda", [&] {
     launch_detached_kl<scalar_t>(p, q, temperature, loss, want_grad_p ? &grad_p : nullptr,
                                  want_grad_q ? &grad_q : nullptr);

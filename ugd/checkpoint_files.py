@@ -1,0 +1,155 @@
+"""Checks of a UGD checkpoint's files before they are loaded: one clear error naming the file.
+
+A missing, empty or truncated ``model.safetensors`` (or shard) or ``ugd_heads.safetensors`` would
+otherwise surface as safetensors' ``incomplete metadata`` traceback, and a tokenizer whose
+``tokenizer.json`` is missing loads as an empty tokenizer that encodes every text as ``[]``: every
+prediction silently wrong. ``check_checkpoint_files`` is called by ``UGDModel.from_pretrained`` and
+before training resumes from a checkpoint; ``check_tokenizer`` after a saved tokenizer is loaded.
+
+The safetensors check reads only the header (8-byte length, JSON) and the file size, so it costs
+nothing next to the load: a file whose tensors end before or after the end of the file is truncated
+(or padded), a header that does not parse is damaged. Bytes overwritten inside the tensor data are
+not seen here; the non-finite outputs they cause are refused where the outputs are made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+BACKBONE_CONFIG_NAME = "config.json"
+# files a tokenizer can be rebuilt from besides tokenizer.json (slow tokenizers' vocabularies)
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
+               "sentencepiece.bpe.model")
+HEADS_NAME = "ugd_heads.safetensors"  # ugd.model's names (tests/test_reliability.py checks they agree)
+DOCUMENT_BACKBONE_DIR = "document_backbone"
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file is missing, empty, truncated or unreadable; the message names it."""
+
+
+def check_safetensors_file(path: str, what: str = "weights") -> None:
+    """Raises ``CheckpointFileError`` naming ``path`` (holding ``what``) unless it is a complete safetensors file."""
+    if not os.path.isfile(path):
+        raise CheckpointFileError(f"{path} is missing (the {what}); a UGD checkpoint holds it beside ugd_config.json")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointFileError(f"{path} is empty (0 bytes): the save that wrote it did not finish; use another "
+                                  "checkpoint or save this one again")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _truncated(path, size)
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise _truncated(path, size)
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+            raise CheckpointFileError(f"{path} is damaged: its safetensors header does not parse") from None
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        raise _truncated(path, size, expected)
+
+
+def _truncated(path: str, size: int, expected: int | None = None) -> CheckpointFileError:
+    what = f"{size} bytes, its header describes {expected}" if expected is not None else f"{size} bytes"
+    return CheckpointFileError(f"{path} is truncated or damaged ({what}): the save that wrote it did not finish, or "
+                               "the file was cut; use another checkpoint or save this one again")
+
+
+def backbone_weight_files(folder: str) -> list[str] | None:
+    """The safetensors files of a transformers model folder (single file or the shards of the index),
+    checked; None when the folder has no safetensors weights (another format: transformers reports it)."""
+    single = os.path.join(folder, WEIGHTS_NAME)
+    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
+    if os.path.exists(single):
+        check_safetensors_file(single, "backbone's weights")
+        return [single]
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointFileError(f"{index} is damaged ({e.__class__.__name__}: {e})") from None
+        files = [os.path.join(folder, s) for s in shards]
+        for file in files:
+            check_safetensors_file(file, "backbone's weights")
+        return files
+    return None
+
+
+def check_backbone_folder(folder: str) -> None:
+    if not os.path.isfile(os.path.join(folder, BACKBONE_CONFIG_NAME)):
+        raise CheckpointFileError(f"{os.path.join(folder, BACKBONE_CONFIG_NAME)} is missing (the backbone's config)")
+    if backbone_weight_files(folder) is None and not any(
+            os.path.isfile(os.path.join(folder, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise CheckpointFileError(f"{os.path.join(folder, WEIGHTS_NAME)} is missing (the backbone's weights; no "
+                                  f"{WEIGHTS_INDEX_NAME} either)")
+
+
+def check_checkpoint_files(path: str, *, document_backbone: bool = False, lora_adapter: str | None = None) -> None:
+    """Every weight file a UGD checkpoint needs is there and complete: the backbone (unless
+    ``lora_adapter`` names the adapter folder that replaces it), the heads, and with
+    ``document_backbone`` (the ``ttm`` baseline) the second backbone. Raises ``CheckpointFileError``
+    naming the first bad file."""
+    if lora_adapter is not None:
+        check_safetensors_file(os.path.join(lora_adapter, "adapter_model.safetensors"), "LoRA adapter")
+    else:
+        check_backbone_folder(path)
+        if document_backbone:
+            check_backbone_folder(os.path.join(path, DOCUMENT_BACKBONE_DIR))
+    check_safetensors_file(os.path.join(path, HEADS_NAME), "UGD heads")
+
+
+def has_tokenizer_files(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_checked_tokenizer(path: str, special_token_ids: dict | None = None):
+    """The tokenizer saved in ``path`` (``ugd.layout.load_tokenizer``), refused with a
+    ``CheckpointFileError`` naming the file when it cannot serve this checkpoint (see ``check_tokenizer``)."""
+    from .layout import load_tokenizer
+
+    if os.path.isfile(os.path.join(path, "tokenizer_config.json")) and not any(
+            os.path.isfile(os.path.join(path, f)) for f in VOCAB_FILES):
+        raise CheckpointFileError(f"{os.path.join(path, 'tokenizer.json')} is missing: the checkpoint's tokenizer "
+                                  "cannot be loaded without its vocabulary (copy it from the checkpoint it was "
+                                  "trained with)")
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # tokenizers/transformers raise many types for a damaged file
+        raise CheckpointFileError(f"the tokenizer in {path} cannot be loaded (tokenizer.json / tokenizer_config.json: "
+                                  f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    check_tokenizer(tokenizer, path, special_token_ids)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, path: str, special_token_ids: dict | None = None) -> None:
+    """The tokenizer maps UGD's special tokens to the ids the model was trained with (``ugd_config.json``'s
+    ``special_token_ids``) and encodes text to something: an empty or foreign vocabulary would make every
+    prediction silently wrong."""
+    from .layout import SPECIAL_TOKENS
+
+    file = os.path.join(path, "tokenizer.json")
+    for key, want in (special_token_ids or {}).items():
+        token = SPECIAL_TOKENS.get(key)
+        got = tokenizer.eos_token_id if key == "eos" else tokenizer.convert_tokens_to_ids(token) if token else None
+        if got is not None and int(got) != int(want):
+            raise CheckpointFileError(
+                f"{file}: the tokenizer does not belong to this checkpoint ({token or 'eos'} is id {got} in it, "
+                f"{want} in ugd_config.json); restore the tokenizer the model was trained with")
+    probe = "hello world 1 2 3"
+    if not tokenizer(probe, add_special_tokens=False)["input_ids"]:
+        raise CheckpointFileError(f"{file}: the tokenizer encodes text to no tokens at all (an empty vocabulary); "
+                                  "restore the tokenizer the model was trained with")
+
+
+__all__ = ["CheckpointFileError", "backbone_weight_files", "check_checkpoint_files", "check_safetensors_file",
+           "check_tokenizer", "has_tokenizer_files", "load_checked_tokenizer"]

@@ -1,0 +1,177 @@
+"""The five paradigms of the UGD paper (SPEC sections 5-7): ugd-ttm, ugd-stm, shared-ttm, ttm, stm.
+
+One class, five instances: they share the heads (``ugd.heads.UGDHeads``: FC_t, the shared
+classifier FC, the KL projections), the losses of ``ugd.losses`` and the forward; they differ in
+layout, loss terms and which towers exist.
+
+    ugd-ttm     Q D P G, TTM mask   L_t = a CE_t + b CE_s + g L_gen + lam KL(P||sg Q) + mu KL(T||sg S)
+    ugd-stm     Q D P G, STM mask   L_s = b CE_s + g L_gen
+    shared-ttm  Q D,     TTM mask   a CE_t                      (one shared backbone)
+    ttm         Q | D,   two packs  a CE_t                      (a second backbone for documents)
+    stm         Q D P,   STM mask   b CE_s
+
+The weights are the ``UGDConfig`` fields ``alpha``, ``beta``, ``gamma``, ``lam``, ``mu`` (their names
+and their places in checkpoints predate the registry and stay).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..heads import UGDHeads
+from ..losses import TERM_WEIGHTS, classification_loss, distillation_loss, generation_loss
+from ..packed import UGDOutput, gather_rows
+from .registry import register
+from .base import Paradigm
+
+_TWO_TOWER = frozenset({"encode_queries", "encode_documents", "score_pairs", "rank"})
+
+
+class UGDParadigm(Paradigm):
+    family = "ugd"
+    term_weights = dict(TERM_WEIGHTS)
+
+    def __init__(self, name: str, parts: str, mask: str | None, terms: tuple[str, ...], *, two_tower: bool,
+                 single_tower: bool, generative: bool, description: str):
+        self.name = name
+        self.parts = parts
+        self.mask = mask
+        self.terms = terms
+        self.description = description
+        self.two_tower = two_tower
+        self.single_tower = single_tower
+        caps = set(_TWO_TOWER) if two_tower else set()
+        if single_tower:
+            caps |= {"single_tower", "rank"}
+            self.single_tower_mask = mask
+        if generative:
+            caps.add("generate")
+            self.prefill_mask = mask
+        self.capabilities = frozenset(caps)
+        self.two_backbones = mask is None
+
+    # ------------------------------------------------------------------ model
+
+    def build_heads(self, config, hidden_size: int) -> UGDHeads:
+        return UGDHeads(hidden_size, config.num_labels, config.kl_dim, two_tower=self.two_tower,
+                        single_tower=self.single_tower, activation=config.head_activation)
+
+    def needed(self, model, compute) -> dict:
+        """Which outputs to compute: those the active loss terms need, plus ``compute``."""
+        terms = self.training_terms(model, compute)
+        want = set(compute or ())
+        need = {
+            "logits_t": bool(terms & {"cls_t", "kl"}) or "two_tower" in want,
+            "logits_s": bool(terms & {"cls_s", "kl"}) or "single_tower" in want,
+            "emb": "kl_emb" in terms,
+            "gen": "gen" in terms or "gen" in want,
+        }
+        if need["logits_t"] and not self.two_tower:
+            raise ValueError(f"paradigm {self.name!r} has no two-tower head")
+        if need["logits_s"] and not self.single_tower:
+            raise ValueError(f"paradigm {self.name!r} has no single-tower head")
+        need["v_qd"] = need["logits_t"] or need["emb"]
+        need["v_s"] = need["logits_s"] or need["emb"]
+        return need
+
+    def forward(self, model, batch: dict, compute) -> UGDOutput:
+        cfg, heads = model.config, model.heads
+        need = self.needed(model, compute)
+        out = UGDOutput()
+        labels = batch["labels"]
+        if self.two_backbones:
+            out.v_q = gather_rows(model.encode(batch["query"]), batch["query"]["cls_index"][:, 0], "query")
+            out.v_d = gather_rows(model.encode(batch["document"], backbone=model.document_backbone),
+                                  batch["document"]["cls_index"][:, 1], "document")
+            hidden = None
+        else:
+            hidden = model.encode(batch)
+            cls_index = batch["cls_index"]
+            if need["v_qd"]:
+                out.v_q = gather_rows(hidden, cls_index[:, 0], "query")
+                out.v_d = gather_rows(hidden, cls_index[:, 1], "document")
+            if need["v_s"]:
+                out.v_s = gather_rows(hidden, cls_index[:, 2], "single-tower")
+        f_t = heads.two_tower_features(out.v_q, out.v_d) if (need["logits_t"] or need["emb"]) else None
+        if need["logits_t"]:
+            out.logits_t = heads.classifier(f_t)
+        if need["logits_s"]:
+            out.logits_s = heads.classifier(out.v_s)
+
+        terms = {}
+        have_labels = labels is not None and bool((labels != -100).any())
+        active = self.training_terms(model, compute)
+        if "cls_t" in active and have_labels:
+            terms["cls_t"] = classification_loss(out.logits_t, labels)
+        if "cls_s" in active and have_labels:
+            terms["cls_s"] = classification_loss(out.logits_s, labels)
+        if "gen" in active and hidden is not None and "lm_labels" in batch:
+            terms["gen"] = generation_loss(hidden, model.backbone.get_output_embeddings(), batch["lm_labels"][0],
+                                           batch["cu_seqlens"])
+        if "kl" in active:
+            terms["kl"] = distillation_loss(out.logits_t, out.logits_s, temperature=cfg.kl_temperature,
+                                            detach=cfg.detach)
+        if "kl_emb" in active:
+            terms["kl_emb"] = distillation_loss(heads.fc_t_kl(f_t), heads.fc_s_kl(out.v_s),
+                                                temperature=cfg.kl_temperature, detach=cfg.detach)
+        out.terms = terms
+        out.loss = self.total(cfg, terms)
+        return out
+
+    def unused_parameters(self, model) -> list[str]:
+        terms = set(self.active_terms(model.config))
+        logits_t = bool(terms & {"cls_t", "kl"})
+        logits_s = bool(terms & {"cls_s", "kl"})
+        emb = "kl_emb" in terms
+        unused_modules = []
+        heads = model.heads
+        if heads.fc_t is not None and not (logits_t or emb):
+            unused_modules.append(("heads.fc_t", heads.fc_t))
+        if not (logits_t or logits_s):
+            unused_modules.append(("heads.classifier", heads.classifier))
+        if heads.fc_t_kl is not None and not emb:
+            unused_modules += [("heads.fc_t_kl", heads.fc_t_kl), ("heads.fc_s_kl", heads.fc_s_kl)]
+        for name, bb, uses_lm in (("backbone", model.backbone, "gen" in terms),
+                                  ("document_backbone", model.document_backbone, False)):
+            if bb is None or uses_lm:
+                continue
+            out, inp = bb.get_output_embeddings(), bb.get_input_embeddings()
+            if out is not None and out.weight is not inp.weight:
+                unused_modules.append((f"{name}.lm_head", out))
+        return [f"{prefix}.{n}" for prefix, mod in unused_modules for n, p in mod.named_parameters()
+                if p.requires_grad]
+
+    # ------------------------------------------------------------------ inference hooks
+
+    def side_backbone(self, model, side: str):
+        if side == "document" and model.document_backbone is not None:
+            return model.document_backbone
+        return model.backbone
+
+    def query_part(self, model, v_q: torch.Tensor) -> torch.Tensor:
+        return model.heads.query_part(v_q)
+
+    def document_part(self, model, v_d: torch.Tensor) -> torch.Tensor:
+        return model.heads.document_part(v_d)
+
+    def logits_from_parts(self, model, query_part: torch.Tensor, document_part: torch.Tensor) -> torch.Tensor:
+        return model.heads.two_tower_logits_from_parts(query_part, document_part)
+
+    def pair_logits(self, model, v_q: torch.Tensor, v_d: torch.Tensor) -> torch.Tensor:
+        return model.heads.classifier(model.heads.two_tower_features(v_q, v_d))  # exactly the training head
+
+    def single_tower_logits(self, model, hidden: torch.Tensor, pack: dict) -> torch.Tensor:
+        return model.heads.classifier(gather_rows(hidden, pack["cls_index"][:, 2], "single-tower"))
+
+
+UGD_TTM = register(UGDParadigm("ugd-ttm", "qdpg", "ttm", ("cls_t", "cls_s", "gen", "kl", "kl_emb"), two_tower=True,
+                               single_tower=True, generative=True,
+                               description="the full two-tower UGD: both towers, reasons, distillation"))
+UGD_STM = register(UGDParadigm("ugd-stm", "qdpg", "stm", ("cls_s", "gen"), two_tower=False, single_tower=True,
+                               generative=True, description="single-tower UGD (STM mask) with reasons"))
+SHARED_TTM = register(UGDParadigm("shared-ttm", "qd", "ttm", ("cls_t",), two_tower=True, single_tower=False,
+                                  generative=False, description="baseline: Q and D spans, one shared backbone"))
+TTM = register(UGDParadigm("ttm", "q|d", None, ("cls_t",), two_tower=True, single_tower=False, generative=False,
+                           description="baseline: two backbones, one for queries, one for documents"))
+STM = register(UGDParadigm("stm", "qdp", "stm", ("cls_s",), two_tower=False, single_tower=True, generative=False,
+                           description="baseline: Q D P spans, STM mask, no reason"))

@@ -1,0 +1,77 @@
+"""Whether the compiled CUDA partitioned-attention kernels serve a call.
+
+The kernels (csrc/cuda/attention/) are defined as the internal operators
+``ugd_ops::_cuda_attention_fwd`` and ``ugd_ops::_cuda_attention_bwd``, with the schemas of
+``partitioned_attention_fwd`` / ``partitioned_attention_bwd`` and a CUDA kernel only. The public
+operators route to them when this module says so, and otherwise to the FlexAttention path
+(``ugd_ops.flex``) or the pure-PyTorch reference.
+
+Until a GPU run has verified the kernels they serve calls only when ``UGD_CUDA_ATTENTION=1``
+(``VERIFIED`` below flips the default once one has). ``UGD_CUDA_ATTENTION=0`` always switches them off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV = "UGD_CUDA_ATTENTION"
+# No GPU run has checked the kernels yet: opt-in only.
+VERIFIED = False
+FWD_OP = "_cuda_attention_fwd"
+BWD_OP = "_cuda_attention_bwd"
+DTYPES = (torch.bfloat16, torch.float16)
+HEAD_DIMS = (64, 128)
+
+
+def compiled(op: str = FWD_OP) -> bool:
+    """The build holds the CUDA kernel of ``op``."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"ugd_ops::{op}", "CUDA")
+    except RuntimeError:  # the operator is not defined at all (no CUDA build)
+        return False
+
+
+def switch() -> str:
+    """'on', 'off' or 'default' as the environment sets it."""
+    v = os.environ.get(ENV, "").strip().lower()
+    if v in ("1", "on", "true", "yes"):
+        return "on"
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    return "default"
+
+
+def enabled() -> bool:
+    s = switch()
+    return s == "on" or (s == "default" and VERIFIED)
+
+
+def case_reason(dtype: torch.dtype, head_dim: int, op: str = FWD_OP) -> str | None:
+    """None when the compiled kernel ``op`` serves a CUDA call of this dtype (q, k, v alike) and head
+    dim, else why not."""
+    if not compiled(op):
+        return "this build has no CUDA attention kernel"
+    if not enabled():
+        return f"switched off (set {ENV}=1 to use the unverified kernel)"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} (the kernel serves bf16 and fp16)"
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim} (the kernel serves {HEAD_DIMS})"
+    return None
+
+
+def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = FWD_OP) -> str | None:
+    """None when the compiled kernel ``op`` serves these inputs, else why not (for ugd_ops.info)."""
+    if not q.is_cuda:
+        return "not a CUDA tensor"
+    if q.dim() != 3:
+        return "q is not [T, H, D]"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (q, k and v must be alike)"
+    return case_reason(q.dtype, q.shape[-1], op)
+
+
+def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = FWD_OP) -> bool:
+    return unserved_reason(q, k, v, op) is None
