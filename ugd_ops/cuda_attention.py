@@ -70,7 +70,47 @@ def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str =
         return "q is not [T, H, D]"
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (q, k and v must be alike)"
-    return case_reason(q.dtype, q.shape[-1], op)
+    return case_reason(q.dtype, q.shape[-1], op) or device_reason(q.device)
+
+
+def built_archs() -> list[str]:
+    """The compute capabilities the CUDA part of this build holds machine code for, e.g. ['80', '90']."""
+    global _archs
+    if _archs is None:
+        import json
+
+        try:
+            cuda = json.loads(torch.ops.ugd_ops.build_info()).get("cuda") or {}
+        except (RuntimeError, ValueError, AttributeError):
+            cuda = {}
+        _archs = [a.strip() for a in str(cuda.get("archs", "")).replace(",", ";").split(";") if a.strip()]
+    return _archs
+
+
+_archs: list[str] | None = None
+
+
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Machine code for ``arch`` ('80', '90', '90a', '100f') runs on a device of ``capability``: the
+    same major version and a minor version no higher than the device's ('a'/'f' variants: exactly
+    that chip). The build embeds no PTX, so a newer major version (sm_100, sm_120) is not served."""
+    digits = arch.rstrip("af")
+    if not digits.isdigit() or len(digits) < 2:
+        return False
+    major, minor = int(digits[:-1]), int(digits[-1])
+    if arch != digits:
+        return (major, minor) == tuple(capability)
+    return major == capability[0] and minor <= capability[1]
+
+
+def device_reason(device: torch.device) -> str | None:
+    """None when the build holds machine code for ``device``'s architecture."""
+    cap = torch.cuda.get_device_capability(device)
+    archs = built_archs()
+    if any(arch_runs_on(a, cap) for a in archs):
+        return None
+    return (f"built for sm_{', sm_'.join(archs) or '?'}, not for this device (sm_{cap[0]}{cap[1]}); rebuild with "
+            f"UGD_CUDA_ARCHS={cap[0]}{cap[1]}")
 
 
 def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = FWD_OP) -> bool:
