@@ -276,3 +276,32 @@ def test_compare_script_writes_a_table(tmp_path):
     assert "| shared-ttm |" in table and "1 steps per row" in table
     (row,) = json.loads((tmp_path / "results.json").read_text())
     assert row["steps"] == 1 and 0 <= row["acc_t"] <= 1 and row["acc_s"] is None
+
+
+def test_train_defaults_is_a_base_attribute():
+    """``ugd.train`` reads ``paradigm_impl.train_defaults`` of every paradigm: {} unless one sets it."""
+    assert paradigms.Paradigm.train_defaults == {}
+    for name in paradigms.names():
+        assert isinstance(paradigms.get(name).train_defaults, dict), name
+    assert paradigms.get("ugd-ttm").train_defaults == {}
+
+
+@pytest.mark.parametrize("record, message", [
+    (["q", "d"], "record 3: expected a mapping with 'query' and 'document', got list"),
+    ({"document": "d"}, "record 3: missing 'query' (a record is {shape})"),
+    ({"query": "q", "document": 7}, "record 3: 'document' must be a string, got int"),
+    ({"query": "q", "document": "d", "label": "x"}, "record 3: 'label' must be an int, got 'x'"),
+])
+def test_record_errors_of_collator_and_embedding_paradigms(record, message):
+    """The collator and the embedding paradigms check records with the same code (ugd.layout.record_texts,
+    record_label): the same messages, each naming what its records hold."""
+    from ugd.paradigms._embedding import pair_fields
+
+    with pytest.raises(ValueError) as e:
+        UGDCollator._fields(record, 3)
+    assert str(e.value) == message.format(shape="{'query', 'document', 'label', 'reason'?}")
+    with pytest.raises(ValueError) as e:
+        pair_fields(record, 3)
+    assert str(e.value) == message.format(shape="{'query', 'document', 'label'}")
+    assert UGDCollator._fields({"query": "q", "document": "d", "label": "2"}, 0) == ("q", "d", None, 2)
+    assert pair_fields({"query": "q", "document": "d"}, 0) == ("q", "d", -100)

@@ -9,12 +9,11 @@ import sys
 
 import pytest
 import torch
+from tiny_checkpoints import save_tiny_checkpoint
 
 import ugd.inference
 from ugd.model import UGDModel
 from ugd.predict import cli
-
-NUM_LABELS = 4  # the demo records' labels are 0..3
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,26 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _checkpoint(path, records, paradigm: str, seed: int) -> str:
-    from transformers import AutoModelForCausalLM
-
-    from ugd.demo_data import build_tokenizer, tiny_backbone_config
-    from ugd.layout import LayoutConfig
-    from ugd.model import UGDConfig
-
-    torch.manual_seed(seed)
-    tok = build_tokenizer(records)
-    layout = LayoutConfig(max_query_len=16, max_document_len=40, max_reason_len=16)
-    bb = AutoModelForCausalLM.from_config(
-        tiny_backbone_config(len(tok) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3),
-        attn_implementation="ugd")
-    model = UGDModel.from_backbone(bb, tok, UGDConfig(paradigm=paradigm, num_labels=NUM_LABELS, kl_dim=8,
-                                                      layout=layout.to_dict()))
-    model.save_pretrained(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +36,15 @@ def env(tmp_path_factory):
     records.append({"id": "dup", "query": records[0]["query"], "document": records[1]["document"], "extra": [1, 2]})
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
-    ckpt = _checkpoint(root / "ckpt", records + extra, "ugd-ttm", seed=0)
+    ckpt = save_tiny_checkpoint(root / "ckpt", records + extra, "ugd-ttm", seed=0)
     return {
         "root": root,
         "records": records,
         "extra": extra,  # documents not in pairs.jsonl
         "pairs": str(pairs),
         "ckpt": ckpt,
-        "other": _checkpoint(root / "other", records + extra, "ugd-ttm", seed=1),  # other random weights
-        "stm": _checkpoint(root / "stm", records + extra, "stm", seed=2),  # single-tower only
+        "other": save_tiny_checkpoint(root / "other", records + extra, "ugd-ttm", seed=1),  # other random weights
+        "stm": save_tiny_checkpoint(root / "stm", records + extra, "stm", seed=2),  # single-tower only
         "model": UGDModel.from_pretrained(ckpt),
     }
 

@@ -17,14 +17,12 @@ import warnings
 
 import pytest
 import torch
+from tiny_checkpoints import TINY_BACKBONE, save_tiny_checkpoint
 
 from ugd.checkpoint_files import CheckpointFileError
 from ugd.model import UGDModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_LABELS = 4
-TINY_BACKBONE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                 "num_key_value_heads": 2}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,24 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _checkpoint(path, records, seed: int) -> str:
-    from transformers import AutoModelForCausalLM
-
-    from ugd.demo_data import build_tokenizer, tiny_backbone_config
-    from ugd.layout import LayoutConfig
-    from ugd.model import UGDConfig
-
-    torch.manual_seed(seed)
-    tok = build_tokenizer(records)
-    layout = LayoutConfig(max_query_len=16, max_document_len=40, max_reason_len=16)
-    bb = AutoModelForCausalLM.from_config(tiny_backbone_config(len(tok) + 3, initializer_range=0.3, **TINY_BACKBONE),
-                                          attn_implementation="ugd")
-    model = UGDModel.from_backbone(bb, tok, UGDConfig(paradigm="ugd-ttm", num_labels=NUM_LABELS, kl_dim=8,
-                                                      layout=layout.to_dict()))
-    model.save_pretrained(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +43,8 @@ def env(tmp_path_factory):
     pairs.write_text("".join(json.dumps({"id": i, "query": r["query"], "document": r["document"]}) + "\n"
                              for i, r in enumerate(records)))
     return {"root": root, "records": records, "pairs": str(pairs),
-            "ckpt": _checkpoint(root / "ckpt", records + extra, seed=0),
-            "other": _checkpoint(root / "other", records + extra, seed=1)}
+            "ckpt": save_tiny_checkpoint(root / "ckpt", records + extra, "ugd-ttm", seed=0),
+            "other": save_tiny_checkpoint(root / "other", records + extra, "ugd-ttm", seed=1)}
 
 
 def predict(*args, stdin: str | None = None):

@@ -21,7 +21,7 @@ All tensors are on the CPU; move them with the model (``max_seqlen`` stays an in
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -34,6 +34,8 @@ from .layout import (
     check_paradigm,
     encode_sample,
     prompt_ids,
+    record_label,
+    record_texts,
     special_token_ids,
 )
 
@@ -169,7 +171,7 @@ class UGDCollator:
 
         self.paradigm_impl = paradigms.get(paradigm)
         # the model's UGDConfig, for paradigms whose batches depend on their options (ullme, flipped-kd);
-        # ugd.train sets it
+        # ugd.train passes it
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.config = config if config is not None else LayoutConfig()
@@ -188,23 +190,11 @@ class UGDCollator:
 
     @staticmethod
     def _fields(record, i: int):
-        if not isinstance(record, Mapping):
-            raise ValueError(f"record {i}: expected a mapping with 'query' and 'document', got {type(record).__name__}")
-        for key in ("query", "document"):
-            if key not in record:
-                raise ValueError(f"record {i}: missing {key!r} (a record is {{'query', 'document', 'label', 'reason'?}})")
-            if not isinstance(record[key], str):
-                raise ValueError(f"record {i}: {key!r} must be a string, got {type(record[key]).__name__}")
+        query, document = record_texts(record, i, "{'query', 'document', 'label', 'reason'?}")
         reason = record.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise ValueError(f"record {i}: 'reason' must be a string or absent, got {type(reason).__name__}")
-        label = record.get("label")
-        if label is not None:
-            try:
-                label = int(label)
-            except (TypeError, ValueError):
-                raise ValueError(f"record {i}: 'label' must be an int, got {label!r}") from None
-        return record["query"], record["document"], reason, label
+        return query, document, reason, record_label(record, i)
 
     def _encode(self, record, i: int, parts: str) -> EncodedSample:
         query, document, reason, label = self._fields(record, i)

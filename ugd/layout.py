@@ -256,6 +256,30 @@ def _check_parts(parts: str) -> str:
     return parts
 
 
+def record_texts(record, i: int, shape: str) -> tuple[str, str]:
+    """(query, document) of record ``i``; a ValueError naming the record (and ``shape``, what a record
+    holds) otherwise. Shared by ``UGDCollator`` and the embedding paradigms."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"record {i}: expected a mapping with 'query' and 'document', got {type(record).__name__}")
+    for key in ("query", "document"):
+        if key not in record:
+            raise ValueError(f"record {i}: missing {key!r} (a record is {shape})")
+        if not isinstance(record[key], str):
+            raise ValueError(f"record {i}: {key!r} must be a string, got {type(record[key]).__name__}")
+    return record["query"], record["document"]
+
+
+def record_label(record, i: int) -> int | None:
+    """The int label of record ``i`` (a mapping), None when absent; a ValueError naming the record otherwise."""
+    label = record.get("label")
+    if label is None:
+        return None
+    try:
+        return int(label)
+    except (TypeError, ValueError):
+        raise ValueError(f"record {i}: 'label' must be an int, got {label!r}") from None
+
+
 def encode_sample(
     tokenizer,
     ids: dict,
@@ -334,5 +358,7 @@ __all__ = [
     "encode_sample",
     "load_tokenizer",
     "prompt_ids",
+    "record_label",
+    "record_texts",
     "special_token_ids",
 ]

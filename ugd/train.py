@@ -357,8 +357,8 @@ def _ugd_config(run: RunArguments, num_labels: int, layout):
         raise ConfigError(str(e)) from None
 
 
-def paradigm_options(value) -> dict:
-    """``--paradigm_options``: a JSON object on the command line, a mapping in a config file, or None."""
+def _json_object(value, flag: str) -> dict:
+    """A JSON object on the command line, a mapping in a config file, or None ({}); ConfigError naming ``flag``."""
     if value is None:
         return {}
     if isinstance(value, dict):
@@ -366,24 +366,19 @@ def paradigm_options(value) -> dict:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--paradigm_options is not a JSON object ({e.msg}): {value!r}") from None
+        raise ConfigError(f"{flag} is not a JSON object ({e.msg}): {value!r}") from None
     if not isinstance(parsed, dict):
-        raise ConfigError(f"--paradigm_options must be a JSON object, got {value!r}")
+        raise ConfigError(f"{flag} must be a JSON object, got {value!r}")
     return parsed
 
 
+def paradigm_options(value) -> dict:
+    """``--paradigm_options``: a JSON object on the command line, a mapping in a config file, or None."""
+    return _json_object(value, "--paradigm_options")
+
+
 def _backbone_overrides(text) -> dict:
-    if text is None:
-        return {}
-    if isinstance(text, dict):
-        return dict(text)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--backbone_config is not a JSON object ({e.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"--backbone_config must be a JSON object, got {text!r}")
-    return value
+    return _json_object(text, "--backbone_config")
 
 
 def build_model(run: RunArguments, num_labels: int, records: list[dict]):
@@ -550,7 +545,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     check_model_positions(model, tokenizer, run.data.max_new_tokens if run.data.num_reasons > 0 else 0,
                           error=ConfigError)
     # a paradigm's own training defaults (flipped-kd: LoRA), unless the preset, config or command line set them
-    for name, value in getattr(model.config.paradigm_impl, "train_defaults", {}).items():
+    for name, value in model.config.paradigm_impl.train_defaults.items():
         if name not in run.explicit and hasattr(run.model, name):
             setattr(run.model, name, value)
     lora = run.model.lora_r > 0
@@ -568,8 +563,8 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
         targs.eval_strategy = IntervalStrategy.NO
 
     layout = LayoutConfig(**model.config.layout) if model.config.layout else LayoutConfig()
-    collator = UGDCollator(tokenizer, paradigm=model.config.paradigm, config=layout)
-    collator.model_config = model.config  # paradigms whose batches depend on their options (ullme, flipped-kd)
+    # model_config: paradigms whose batches depend on their options (ullme, flipped-kd)
+    collator = UGDCollator(tokenizer, paradigm=model.config.paradigm, config=layout, model_config=model.config)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer = UGDTrainer(model=model, args=targs, train_dataset=RecordDataset(train),

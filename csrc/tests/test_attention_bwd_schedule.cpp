@@ -38,6 +38,7 @@
 #include "../cpu/attention_tiles.h"
 #include "../cuda/attention/bwd_schedule.cuh"
 #include "../cuda/attention/bwd_tile_io.cuh"
+#include "test_expect.h"
 
 namespace {
 
@@ -45,16 +46,7 @@ namespace attn = ugd_ops::cuda::attn;
 namespace bwd = ugd_ops::cuda::attn_bwd;
 using bwd::Smem;
 
-int g_failures = 0;
-
-#define EXPECT(cond, ...)                                                                        \
-  do {                                                                                           \
-    if (!(cond)) {                                                                               \
-      if (++g_failures <= 20)                                                                    \
-        std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: %s\n", __FILE__, __LINE__, #cond,       \
-                     std::string(c10::str(__VA_ARGS__)).c_str());                                \
-    }                                                                                            \
-  } while (0)
+using ugd_ops_tests::g_failures;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -363,24 +355,14 @@ Staged stage(const Problem& p, bool strided) {
   return st;
 }
 
-// Shared memory of one block: the kernels' layout (Smem<D>), 16-byte aligned.
-struct Block {
+// Shared memory of one block: the kernels' layout (Smem<D>, carved by their smem_views), 16-byte aligned.
+struct Block : bwd::SmemViews {
   std::vector<uint64_t> raw;
-  u16 *t0, *t1, *t2, *t3;
-  float *lse2, *delta;
-  int32_t *ks, *ke;
   template <int D>
   static Block make() {
     Block b;
     b.raw.assign(Smem<D>::kBytes / 8 + 2, 0xffffffffffffffffull);  // garbage, as shared memory starts
-    b.t0 = reinterpret_cast<u16*>(b.raw.data());
-    b.t1 = b.t0 + Smem<D>::kTileElems;
-    b.t2 = b.t1 + Smem<D>::kTileElems;
-    b.t3 = b.t2 + Smem<D>::kTileElems;
-    b.lse2 = reinterpret_cast<float*>(b.t3 + Smem<D>::kTileElems);
-    b.delta = b.lse2 + bwd::kTile;
-    b.ks = reinterpret_cast<int32_t*>(b.delta + bwd::kTile);
-    b.ke = b.ks + bwd::kTile;
+    static_cast<bwd::SmemViews&>(b) = bwd::smem_views<D>(reinterpret_cast<unsigned char*>(b.raw.data()));
     return b;
   }
 };

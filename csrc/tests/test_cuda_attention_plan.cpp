@@ -37,21 +37,13 @@
 #include "../common/layout.h"
 #include "../cpu/attention_tiles.h"
 #include "../cuda/attention/attention_common.h"
+#include "test_expect.h"
 
 namespace {
 
 namespace attn = ugd_ops::cuda::attn;
 
-int g_failures = 0;
-
-#define EXPECT(cond, ...)                                                                        \
-  do {                                                                                           \
-    if (!(cond)) {                                                                               \
-      if (++g_failures <= 20)                                                                    \
-        std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: %s\n", __FILE__, __LINE__, #cond,       \
-                     std::string(c10::str(__VA_ARGS__)).c_str());                                \
-    }                                                                                            \
-  } while (0)
+using ugd_ops_tests::g_failures;
 
 // ---------------------------------------------------------------------------------------------
 // Fragments

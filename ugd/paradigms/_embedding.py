@@ -9,13 +9,13 @@ than the lone texts, ``extra`` (more samples and fields of the collated batch).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import EncodedSample, encode_sample
+from ..layout import EncodedSample, encode_sample, record_label, record_texts
 from ..packed import UGDOutput
 from ._contrastive import POOLINGS, ScoreReadout, cosine_matrix, pack_groups, pool
 from .base import Paradigm
@@ -34,20 +34,9 @@ class EmbeddingHeads(nn.Module):
 
 def pair_fields(record, i: int) -> tuple[str, str, int]:
     """(query, document, label or -100) of one record; a ValueError naming the record otherwise."""
-    if not isinstance(record, Mapping):
-        raise ValueError(f"record {i}: expected a mapping with 'query' and 'document', got {type(record).__name__}")
-    for key in ("query", "document"):
-        if key not in record:
-            raise ValueError(f"record {i}: missing {key!r} (a record is {{'query', 'document', 'label'}})")
-        if not isinstance(record[key], str):
-            raise ValueError(f"record {i}: {key!r} must be a string, got {type(record[key]).__name__}")
-    label = record.get("label")
-    if label is None:
-        return record["query"], record["document"], -100
-    try:
-        return record["query"], record["document"], int(label)
-    except (TypeError, ValueError):
-        raise ValueError(f"record {i}: 'label' must be an int, got {label!r}") from None
+    query, document = record_texts(record, i, "{'query', 'document', 'label'}")
+    label = record_label(record, i)
+    return query, document, -100 if label is None else label
 
 
 class EmbeddingParadigm(Paradigm):

@@ -49,6 +49,9 @@ What a paradigm declares (class attributes)
 ``two_backbones``      the model holds a second backbone for documents (the ``ttm`` baseline).
 ``prefill_mask``       the mask a reason is prefilled with (paradigms with ``"generate"``).
 ``single_tower_mask``  the mask single-tower inference packs Q D P with (paradigms with ``"single_tower"``).
+``train_defaults``     ``ugd.train`` argument name -> value the paradigm trains with unless the preset,
+                       config file or command line sets that argument (``flipped-kd``: ``{"lora_r": 8}``);
+                       default ``{}``.
 
 What a paradigm implements (methods; each gets the model, never imports ``ugd.model``)
 -------------------------------------------------------------------------------------
@@ -143,6 +146,7 @@ class Paradigm:
     two_backbones: bool = False
     prefill_mask: str | None = None
     single_tower_mask: str | None = None
+    train_defaults: dict = {}
 
     # ------------------------------------------------------------------ configuration
 

@@ -79,14 +79,10 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
   const int j = blockIdx.x, g = blockIdx.y;
   if (j >= *p.num_tiles) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* v_s = k_s + Smem<D>::kTileElems;
-  uint16_t* q_s = v_s + Smem<D>::kTileElems;
-  uint16_t* do_s = q_s + Smem<D>::kTileElems;
-  float* lse2_s = reinterpret_cast<float*>(do_s + Smem<D>::kTileElems);
-  float* delta_s = lse2_s + kTile;
-  int32_t* ks_s = reinterpret_cast<int32_t*>(delta_s + kTile);
-  int32_t* ke_s = ks_s + kTile;
+  const SmemViews sm = smem_views<D>(smem_raw);
+  uint16_t *k_s = sm.t0, *v_s = sm.t1, *q_s = sm.t2, *do_s = sm.t3;
+  float *lse2_s = sm.lse2, *delta_s = sm.delta;
+  int32_t *ks_s = sm.ks, *ke_s = sm.ke;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wrow = warp * kWarpRows;
   const Tile kt = p.tiles[j];
@@ -132,14 +128,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
   const int i = blockIdx.x, h = blockIdx.y;
   if (i >= *p.num_tiles) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* q_s = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* do_s = q_s + Smem<D>::kTileElems;
-  uint16_t* k_s = do_s + Smem<D>::kTileElems;
-  uint16_t* v_s = k_s + Smem<D>::kTileElems;
-  float* lse2_s = reinterpret_cast<float*>(v_s + Smem<D>::kTileElems);
-  float* delta_s = lse2_s + kTile;
-  int32_t* ks_s = reinterpret_cast<int32_t*>(delta_s + kTile);
-  int32_t* ke_s = ks_s + kTile;
+  const SmemViews sm = smem_views<D>(smem_raw);
+  uint16_t *q_s = sm.t0, *do_s = sm.t1, *k_s = sm.t2, *v_s = sm.t3;
+  float *lse2_s = sm.lse2, *delta_s = sm.delta;
+  int32_t *ks_s = sm.ks, *ke_s = sm.ke;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wrow = warp * kWarpRows;
   const int g = h / p.group;

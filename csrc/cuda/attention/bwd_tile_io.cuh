@@ -25,6 +25,29 @@ struct Smem {
   static constexpr int kBytes = 4 * kTileElems * 2 + 4 * kTile * 4;
 };
 
+// A block's shared memory (kBytes from `raw`, 16-byte aligned) carved as Smem<D> lays it out. Which
+// tile holds what is the kernel's choice (dkdv_kernel: K V Q dO; dq_kernel: Q dO K V); the test
+// carves its emulated blocks with this too.
+struct SmemViews {
+  uint16_t *t0, *t1, *t2, *t3;
+  float *lse2, *delta;
+  int32_t *ks, *ke;
+};
+
+template <int D>
+UGD_BWD_HD SmemViews smem_views(unsigned char* raw) {
+  SmemViews v;
+  v.t0 = reinterpret_cast<uint16_t*>(raw);
+  v.t1 = v.t0 + Smem<D>::kTileElems;
+  v.t2 = v.t1 + Smem<D>::kTileElems;
+  v.t3 = v.t2 + Smem<D>::kTileElems;
+  v.lse2 = reinterpret_cast<float*>(v.t3 + Smem<D>::kTileElems);
+  v.delta = v.lse2 + kTile;
+  v.ks = reinterpret_cast<int32_t*>(v.delta + kTile);
+  v.ke = v.ks + kTile;
+  return v;
+}
+
 // 16 bytes from src to dst, both 16-byte aligned (one vector access on the device).
 UGD_BWD_HD void copy16(uint16_t* dst, const uint16_t* src) {
 #if defined(__CUDA_ARCH__)
