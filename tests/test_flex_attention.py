@@ -167,6 +167,27 @@ def test_routing_decisions_on_the_cpu(monkeypatch):
         assert cuda_attention.case_reason(torch.bfloat16, 128) == "this build has no CUDA attention kernel"
 
 
+def test_a_new_layout_does_not_recompile(monkeypatch):
+    """Every batch brings a new block mask (a new ``mask_mod`` closure over new tensors) and a new T:
+    after dynamo's one automatic-dynamic recompile, further layouts reuse the compiled graph. The
+    guards are dynamo's, whatever the backend, so ``aot_eager`` checks on the CPU what the CUDA path
+    relies on (inductor on CPU has no lse)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(flex, "_compiled_fn", torch.compile(flex.flex_attention, backend="aot_eager"))
+    flex.clear_cache()
+    graphs = []
+    for seed in range(5):
+        (cu, ks, ke), _ = _layout("ttm", seed, n=6, max_len=60)
+        q, k, v = _inputs((cu, ks, ke), "gqa6", torch.float32, "cpu", seed)
+        with torch.no_grad():
+            flex.partitioned_attention(q, k, v, cu, ks, ke, 0.125)
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert graphs[-1] - graphs[0] <= 1 and graphs[-1] == graphs[2], graphs
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not _backend.compiled, reason="the router exists in the compiled build")
 def test_cuda_router_falls_back_to_the_reference_with_one_warning():
     (cu, ks, ke), mask = _layout("stm", 0)

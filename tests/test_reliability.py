@@ -318,6 +318,20 @@ def test_store_and_outputs_follow_the_umask(env, tmp_path, mask):
         assert os.stat(f).st_mode & 0o777 == 0o666 & ~mask, f
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_checkpoint_weight_files_follow_the_umask(env, tmp_path, mask):
+    model = UGDModel.from_pretrained(env["ckpt"])
+    old = os.umask(mask)
+    try:
+        model.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    weights = sorted((tmp_path / "ckpt").rglob("*.safetensors"))
+    assert weights
+    for f in weights:
+        assert os.stat(f).st_mode & 0o777 == 0o666 & ~mask, f
+
+
 def test_encode_queries_warning_is_spelled_right(env):
     model = UGDModel.from_pretrained(env["ckpt"]).eval()
     with pytest.warns(UserWarning, match="encode_queries"):

@@ -448,6 +448,18 @@ def new_file_mode(path) -> int:
     return 0o666 & ~mask
 
 
+def give_ordinary_modes(folder) -> None:
+    """Gives the ``.safetensors`` files under ``folder`` that safetensors created private (0600) the mode
+    an ordinary new file gets (:func:`new_file_mode`): checkpoints are outputs like any other, readable by
+    whoever the umask allows (a serving account, a colleague)."""
+    mode = new_file_mode(os.path.join(os.fspath(folder), ".no-such-file"))
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            if name.endswith(".safetensors") and os.stat(p).st_mode & 0o777 == 0o600 and mode != 0o600:
+                os.chmod(p, mode)
+
+
 def write_jsonl(records: Iterable[Mapping], path) -> int:
     """Writes records as UTF-8 JSON Lines, atomically (a temp file in the same folder, then
     ``os.replace``): a reader never sees a half-written file. Creates the folder if needed.

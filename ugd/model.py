@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import paradigms as _paradigms
+from .data import give_ordinary_modes
 from .packed import UGDOutput, encode_packed, gather_rows, move_batch, packed_inputs
 
 CONFIG_NAME = "ugd_config.json"
@@ -181,6 +182,7 @@ class UGDModel(nn.Module):
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+        give_ordinary_modes(path)  # safetensors creates its files 0600
 
     def _heads_state(self) -> dict:
         return {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}

@@ -41,6 +41,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .data import give_ordinary_modes
 from .metrics import head_metrics
 from .model import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, UGDModel
 
@@ -149,6 +150,7 @@ def save_ugd_checkpoint(model: UGDModel, path: str, tokenizer=None, state_dict: 
         _write_heads_and_config(model, path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    give_ordinary_modes(path)
 
 
 def _read_weights(path: str) -> dict | None:
