@@ -169,15 +169,6 @@ def fit_and_score(xt, yt, xe, ye, steps=200):
         return (lin(xe).argmax(1) == ye).float().mean().item()
 
 
-@pytest.fixture
-def one_thread():
-    """Small CPU models run fastest on one thread, and far slower on oversubscribed shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_labels_are_learnable_from_word_overlap(one_thread):
     """A bag-of-words logistic regression on query/page overlap beats chance (25%) by far on held-out
     data: the label is in the text, so a tiny two-tower model can learn it too. The query alone or
