@@ -217,12 +217,14 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_mask_mod(x: AttentionInputs):
-    """The partition as a FlexAttention mask_mod over the packed batch: per-token tensors only."""
-    cu = x.cu_seqlens.to(torch.int64)
-    seq_id = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1])
+def flex_mask_mod(cu_seqlens: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor):
+    """The partition as a FlexAttention mask_mod over the packed batch: per-token tensors only (built
+    without a host sync: the training-step peer builds one every batch)."""
+    cu = cu_seqlens.to(torch.int64)
+    seq_id = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1],
+                                     output_size=kv_start.shape[0])
     seq_start = cu[:-1][seq_id]
-    kv_start, kv_end = x.kv_start.to(torch.int64), x.kv_end.to(torch.int64)
+    kv_start, kv_end = kv_start.to(torch.int64), kv_end.to(torch.int64)
 
     def mask_mod(b, h, q_idx, kv_idx):
         rel = kv_idx - seq_start[q_idx]  # key position inside the query's sequence
@@ -235,7 +237,8 @@ def build_block_mask(x: AttentionInputs, compiled: bool = True):
     from torch.nn.attention.flex_attention import create_block_mask
 
     T = x.q.shape[0]
-    return create_block_mask(flex_mask_mod(x), None, None, T, T, device=x.q.device, _compile=compiled)
+    return create_block_mask(flex_mask_mod(x.cu_seqlens, x.kv_start, x.kv_end), None, None, T, T, device=x.q.device,
+                             _compile=compiled)
 
 
 class FlexPeer(Peer):

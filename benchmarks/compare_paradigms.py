@@ -50,8 +50,8 @@ def run_row(label: str, paradigm: str, options: str | None, args) -> dict:
             "versions": summary.get("versions"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def fmt(x) -> str:
-    return "–" if x is None else f"{x:.3f}"
+def fmt(x, spec: str = ".3f") -> str:
+    return "–" if x is None else format(x, spec)
 
 
 def table(rows: list[dict]) -> str:
@@ -62,7 +62,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['label']} | failed: see results.json | | | | |")
             continue
         lines.append(f"| {r['label']} | {fmt(r['acc_t'])} | {fmt(r['auc_t'])} | {fmt(r['acc_s'])} | "
-                     f"{fmt(r['auc_s'])} | {r['train_seconds']:.0f} |")
+                     f"{fmt(r['auc_s'])} | {fmt(r['train_seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         results[label] = r
         print(f"[compare] {label}: " + ("FAILED" if "error" in r else
               f"ACC_t {fmt(r['acc_t'])} AUC_t {fmt(r['auc_t'])} ACC_s {fmt(r['acc_s'])} AUC_s {fmt(r['auc_s'])} "
-              f"train {r['train_seconds']:.0f} s"), flush=True)
+              f"train {fmt(r['train_seconds'], '.0f')} s"), flush=True)
         with open(results_file, "w") as f:
             json.dump(list(results.values()), f, indent=2)
     text = table(list(results.values()))

@@ -66,12 +66,30 @@ def _driver_cuda_version():
         return None
 
 
-def ugd_backend(op: str, device: str | torch.device) -> str:
-    """'compiled' or 'reference' for a ugd_ops operator on a device type (see ``python -m ugd_ops.info``)."""
+def ugd_backend(op: str, device: str | torch.device, shape: dict | None = None) -> str:
+    """'compiled' or 'reference' for a ugd_ops operator on a device type (see ``python -m ugd_ops.info``).
+
+    With a model ``shape`` (``config``, ``device``, ``dtype``), partitioned attention is answered with the path
+    ``ugd_ops.partitioned_attention`` takes for that model: 'ugd_ops (cpu|cuda-kernel|flex|reference)'. On CUDA
+    the operator routes by dtype and head dim, so the operator's registration alone cannot say.
+    """
+    if shape is not None and op in _backend.ATTENTION_OPS:
+        return f"ugd_ops ({_model_attention_path(shape)})"
     key = torch.device(device).type.upper()
     if not _backend.compiled or (op, key) in _backend.reference_fallbacks:
         return "reference"
     return "compiled"
+
+
+def _model_attention_path(shape: dict) -> str:
+    """``ugd_ops.ops.attention_path`` for the attention of a model shape (probe tensors of one token)."""
+    from ugd_ops.ops import attention_path
+
+    cfg = shape["config"]
+    D = cfg["hidden_size"] // cfg["num_attention_heads"]
+    q = torch.empty((1, cfg["num_attention_heads"], D), device=shape["device"], dtype=shape["dtype"])
+    k = torch.empty((1, cfg["num_key_value_heads"], D), device=shape["device"], dtype=shape["dtype"])
+    return attention_path(q, k, k)
 
 
 def attention_info(workload: str, paradigm: str, spans: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
@@ -119,7 +137,7 @@ def attention_info_fixture():
 
 @pytest.fixture(name="ugd_backend")
 def ugd_backend_fixture():
-    """The ``ugd_backend`` helper: ``ugd_backend(op, device)`` -> 'compiled' or 'reference'."""
+    """The ``ugd_backend`` helper: ``ugd_backend(op, device[, shape])`` -> 'compiled' or 'reference' (see there)."""
     return ugd_backend
 
 

@@ -122,7 +122,7 @@ def flush():
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 @pytest.mark.parametrize("shape", list(ATTENTION_SHAPES))
 @pytest.mark.parametrize("peer_name", list(ap.PEERS))
-def test_attention_gpu(benchmark, bench_record, bench_finish, attention_info, ugd_backend, flush, peer_name, shape,
+def test_attention_gpu(benchmark, bench_record, bench_finish, attention_info, flush, peer_name, shape,
                        workload, mode):
     peer = ap.PEERS[peer_name]
     reason = peer.unavailable(torch.device("cuda"))
@@ -141,7 +141,7 @@ def test_attention_gpu(benchmark, bench_record, bench_finish, attention_info, ug
         forward_grad_mode="enabled (training forward)",
         **attention_info(workload, PARADIGM, spans, x0.kv_start, x0.kv_end, heads, DTYPE, mode, shape_name=shape),
     )
-    if peer_name == "ugd" and benchmark.extra_info["backend"] == "ugd_ops reference":
+    if peer_name == "ugd" and benchmark.extra_info["backend"] == "ugd_ops (reference)":
         benchmark.extra_info["warning"] = "no compiled CUDA kernel: this times the pure-PyTorch reference"
     prepared = [peer.prepare(x, spans, dout) for x, dout in sets]
     torch.cuda.synchronize()
@@ -150,10 +150,11 @@ def test_attention_gpu(benchmark, bench_record, bench_finish, attention_info, ug
 
 
 def _ugd_path(x) -> str:
-    """Which path serves ugd_ops.partitioned_attention here: compiled kernel, flex or reference."""
+    """Which path serves ugd_ops.partitioned_attention here: compiled kernel, flex or reference (named as
+    ``ugd_backend`` names it for the model benchmarks)."""
     from ugd_ops.ops import attention_path
 
-    return f"ugd_ops {attention_path(x.q, x.k, x.v)}"
+    return f"ugd_ops ({attention_path(x.q, x.k, x.v)})"
 
 
 @pytest.mark.parametrize("builder", ["create_block_mask", "ugd_ops.flex"])

@@ -370,7 +370,8 @@ def _models(shape_name: str):
 
 def _common(bench_record, ugd_backend, model, impl, shape_name, workload, **fields):
     shape = SHAPES[shape_name]
-    backend = ugd_backend("partitioned_attention_fwd", shape["device"]) if impl == "ugd" else "sdpa (dense mask)"
+    backend = (ugd_backend("partitioned_attention_fwd", shape["device"], shape=shape) if impl == "ugd"
+               else "sdpa (dense mask)")
     return bench_record(shape["device"], impl=impl, peer=PEER, shape=shape_name, workload=workload,
                         dtype=str(shape["dtype"]).removeprefix("torch."), attention_backend=backend,
                         batch_tokens=shape["batch_tokens"], parameters=sum(p.numel() for p in model.parameters()),

@@ -249,13 +249,14 @@ def test_save_and_load_round_trip(tmp_path, search):
     torch.testing.assert_close(loaded.predict(PAIRS, mode="single_tower"), before[1])
 
 
-def test_a_separately_loaded_teacher(tmp_path):
+@pytest.mark.parametrize("teacher_paradigm", ["stm", "ugd-ttm"])  # its own mask (stm) or the student's (ttm)
+def test_a_separately_loaded_teacher(tmp_path, teacher_paradigm):
     tok = make_test_tokenizer([r["query"] + " " + r["document"] for r in RECORDS])
     torch.manual_seed(5)
     cfg = Qwen2Config(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=len(tok) + 3, max_position_embeddings=128)
     teacher = UGDModel.from_backbone(AutoModelForCausalLM.from_config(cfg, attn_implementation="ugd"), tok,
-                                     UGDConfig(paradigm="stm", num_labels=2, layout=LAYOUT.to_dict()))
+                                     UGDConfig(paradigm=teacher_paradigm, num_labels=2, layout=LAYOUT.to_dict()))
     teacher.save_pretrained(str(tmp_path / "teacher"))
     model, _ = make_model(seed=3, tok=tok, teacher=str(tmp_path / "teacher"))
     assert model.heads.teacher_classifier is None
@@ -263,7 +264,7 @@ def test_a_separately_loaded_teacher(tmp_path):
     batch = batch_of(tok)
     out = model(batch)
     assert set(out.terms) == {"ci", "ri", "fi", "kl"}
-    # the teacher's logits are those of the stm checkpoint on the same pairs
+    # the teacher's logits are those of the teacher checkpoint on the same pairs
     teacher = UGDModel.from_pretrained(str(tmp_path / "teacher")).eval()
     probs = teacher.predict(PAIRS, mode="single_tower")
     torch.testing.assert_close(out.logits_s.softmax(-1), probs, atol=1e-5, rtol=1e-5)

@@ -89,11 +89,43 @@ def test_teacher_scores_computed_once_and_cached_on_disk(tmp_path):
         assert json.loads(f.readline()) == {"teacher": "counting"}
 
 
+def _append_scores_in_a_process(path, worker):
+    scores = TeacherScores(CountingTeacher(), cache_path=path)
+    for batch in range(20):  # many small appends, like DataLoader workers scoring batch by batch
+        scores.get([(f"q{worker}-{batch}-{i}" + "x" * 3000, "d" * (i + 1)) for i in range(4)])
+
+
+def test_concurrent_writers_keep_every_line_whole(tmp_path):
+    """Several processes append to one cache: every line stays whole JSON, the teacher line is
+    written once, and a later run reads back every score."""
+    import multiprocessing as mp
+
+    path = str(tmp_path / "scores.jsonl")
+    procs = [mp.get_context("spawn").Process(target=_append_scores_in_a_process, args=(path, w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    with open(path) as f:
+        lines = [json.loads(line) for line in f]
+    assert sum("teacher" in obj for obj in lines) == 1 and "teacher" in lines[0]
+    assert len(TeacherScores(CountingTeacher(), cache_path=path)) == 3 * 20 * 4
+
+
 def test_teacher_cache_of_another_teacher_is_refused(tmp_path):
     path = str(tmp_path / "scores.jsonl")
     TeacherScores(CountingTeacher(), cache_path=path).get([("a", "b")])
     with pytest.raises(TeacherError, match="another cache_path"):
         TeacherScores(CountingTeacher(), cache_path=path, teacher_name="other")
+
+
+@pytest.mark.parametrize("line", ['{"key": "k"}', '[1, 2]', '{"key": "k", "score": NaN}', '{"key": 3, "score": 0.5}'])
+def test_damaged_teacher_cache_line_is_one_error_naming_it(tmp_path, line):
+    path = tmp_path / "scores.jsonl"
+    path.write_text('{"teacher": "counting"}\n' + line + "\n")
+    with pytest.raises(TeacherError, match=r"scores.jsonl:2: not a teacher-score cache line"):
+        TeacherScores(CountingTeacher(), cache_path=str(path))
 
 
 def test_record_teacher_scores_prefers_the_data():

@@ -327,6 +327,20 @@ def test_checkpoint_weight_files_follow_the_umask(env, tmp_path, mask):
         assert os.stat(f).st_mode & 0o777 == 0o666 & ~mask, f
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="reads the umask from Linux /proc")
+def test_reading_the_umask_leaves_it_alone(tmp_path, monkeypatch):
+    # os.umask(0) to read it would give files other threads create meanwhile mode 0666
+    from ugd import data
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask was called"))
+        assert data.new_file_mode(tmp_path / "new.jsonl") == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
 def test_encode_queries_warning_is_spelled_right(env):
     model = UGDModel.from_pretrained(env["ckpt"]).eval()
     with pytest.warns(UserWarning, match="encode_queries"):

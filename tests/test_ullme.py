@@ -255,6 +255,14 @@ def test_collated_batch_layout():
     assert tgt[tgt != -100][:-1].tolist() == doc0.tolist() and tgt[-1] == tok.eos_token_id
 
 
+def test_collator_reports_truncated_texts_once():
+    model, tok = make_model()
+    records = [dict(r, document=r["document"] + " red shoes" * 20) for r in RECORDS]
+    with pytest.warns(UserWarning, match="documents longer than max_document_len=24") as caught:
+        make_batch(model, tok, records)
+    assert len([w for w in caught if "truncated" in str(w.message)]) == 1
+
+
 def test_collator_needs_the_model_config():
     from ugd.collator import UGDCollator
 

@@ -99,7 +99,8 @@ run_pytest() {
 
 do_tests() {
   if [ "$DRY" != "0" ]; then
-    run_pytest tests/test_flex_attention.py -k "routing or info or cache" tests/test_autocast.py -k "cpu"
+    # two runs: pytest keeps only the last -k of one command line
+    run_pytest tests/test_flex_attention.py -k "routing or info or cache" && run_pytest tests/test_autocast.py -k "cpu"
     return
   fi
   # every test that touches CUDA, with the compiled attention kernels switched off: the flex path serves

@@ -24,7 +24,7 @@ BACKBONE_CONFIG_NAME = "config.json"
 # files a tokenizer can be rebuilt from besides tokenizer.json (slow tokenizers' vocabularies)
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
                "sentencepiece.bpe.model")
-HEADS_NAME = "ugd_heads.safetensors"  # ugd.model's names (tests/test_reliability.py checks they agree)
+HEADS_NAME = "ugd_heads.safetensors"  # ugd.model imports these two names from here
 DOCUMENT_BACKBONE_DIR = "document_backbone"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 

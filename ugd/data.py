@@ -443,9 +443,22 @@ def new_file_mode(path) -> int:
         return os.stat(path).st_mode & 0o7777
     except OSError:
         pass
-    mask = os.umask(0)  # the only portable way to read the umask; set back at once
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # Linux reports it in /proc: reading it there does not change it. os.umask can only read it by
+    # setting it, and for that instant a file another thread creates would get mode 0666.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)  # the portable way; set back at once
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def give_ordinary_modes(folder) -> None:

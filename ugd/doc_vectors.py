@@ -32,6 +32,8 @@ import os
 
 import torch
 
+from .data import new_file_mode
+
 FORMAT = "ugd-document-vectors/1"
 
 
@@ -45,12 +47,6 @@ def _layout_json(model) -> str:
 
     d = layout_of(model).to_dict()
     return json.dumps({k: d[k] for k in ("max_document_len", "position_mode")}, sort_keys=True)
-
-
-def _new_file_mode(path: str) -> int:
-    from .data import new_file_mode
-
-    return new_file_mode(path)
 
 
 class DocumentVectors:
@@ -155,7 +151,7 @@ class DocumentVectors:
         when the file now holds vectors of another model (with ``model``: checked against it)."""
         from filelock import FileLock, Timeout
 
-        lock = FileLock(path + ".lock", mode=_new_file_mode(path + ".lock"))
+        lock = FileLock(path + ".lock", mode=new_file_mode(path + ".lock"))
         try:
             lock.acquire(timeout=timeout)
         except Timeout:
@@ -200,7 +196,7 @@ class DocumentVectors:
         tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
         try:
             save_file({"vectors": self.vectors.contiguous().cpu(), "text_sha1": keys}, tmp, metadata=meta)
-            os.chmod(tmp, _new_file_mode(path))  # safetensors writes 0600; a store is an ordinary output file
+            os.chmod(tmp, new_file_mode(path))  # safetensors writes 0600; a store is an ordinary output file
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

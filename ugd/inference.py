@@ -156,10 +156,6 @@ def require(model, capability: str) -> None:
                      f"it serves: {', '.join(repr(m) for m in modes) or 'nothing'}")
 
 
-def _check_two_tower(model, capability: str = "score_pairs") -> None:
-    require(model, capability)
-
-
 def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Index batches of at most ``batch_tokens`` tokens, longest texts first (similar lengths together)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -232,7 +228,7 @@ def _as_vectors(model, vectors, what: str) -> torch.Tensor:
 @torch.no_grad()
 def score_pairs(model, query_vectors, document_vectors) -> torch.Tensor:
     """Two-tower class probabilities ``[N, C]`` (float32, CPU) of aligned pairs of stored vectors."""
-    _check_two_tower(model)
+    require(model, "score_pairs")
     v_q, v_d = _as_vectors(model, query_vectors, "query_vectors"), _as_vectors(model, document_vectors, "document_vectors")
     if v_q.shape[0] != v_d.shape[0]:
         raise ValueError(f"query_vectors and document_vectors must pair up: {v_q.shape[0]} vs {v_d.shape[0]} rows")
@@ -247,7 +243,7 @@ def score_documents(model, query_vectors, documents, *, max_elements: int = 1 <<
     ``documents``: a ``DocumentVectors`` (its projection is computed once and kept) or V_D ``[M, H]``.
     Work goes in chunks of at most ``max_elements`` pair-by-hidden values.
     """
-    _check_two_tower(model)
+    require(model, "score_pairs")
     paradigm = model.paradigm
     pq = paradigm.query_part(model, _as_vectors(model, query_vectors, "query_vectors"))
     if is_store(documents):
@@ -326,7 +322,7 @@ def predict(model, pairs, mode: str = "two_tower", *, batch_tokens: int = DEFAUL
     pairs = as_pairs(pairs)
     if mode == "single_tower":
         return single_tower_probs(model, pairs, batch_tokens=batch_tokens, show_progress=show_progress)
-    _check_two_tower(model)
+    require(model, "score_pairs")
     if not pairs:
         return torch.empty((0, model.config.num_labels))
     queries, qi = unique_texts([q for q, _ in pairs])

@@ -17,12 +17,11 @@ import torch
 from torch import nn
 
 from . import paradigms as _paradigms
+from .checkpoint_files import DOCUMENT_BACKBONE_DIR, HEADS_NAME
 from .data import give_ordinary_modes
-from .packed import UGDOutput, encode_packed, gather_rows, move_batch, packed_inputs
+from .packed import UGDOutput, encode_packed, move_batch, packed_inputs  # noqa: F401  (packed_inputs: its old home)
 
 CONFIG_NAME = "ugd_config.json"
-HEADS_NAME = "ugd_heads.safetensors"
-DOCUMENT_BACKBONE_DIR = "document_backbone"
 
 # Compatibility views of the registry for code written before it (``ugd.paradigms`` is the source):
 # the loss terms of each paradigm and which paradigms have a two-tower / single-tower head / reasons,
@@ -31,7 +30,6 @@ PARADIGM_TERMS = {p.name: p.terms for p in _paradigms.all_paradigms()}
 TWO_TOWER = set(_paradigms.names(capability="score_pairs"))
 SINGLE_TOWER = set(_paradigms.names(capability="single_tower"))
 GENERATIVE = set(_paradigms.names(capability="generate"))
-_gather = gather_rows  # the name it had here
 
 
 @dataclass
@@ -226,7 +224,7 @@ class UGDModel(nn.Module):
                                     "(to start from a plain causal LM, use UGDModel.from_backbone)")
         with open(cfg_file) as f:
             config = UGDConfig.from_dict(json.load(f))
-        from .checkpoint_files import check_checkpoint_files, load_checked_tokenizer
+        from .checkpoint_files import check_checkpoint_files, has_tokenizer_files, load_checked_tokenizer
         from .fingerprint import note_checkpoint_files
 
         # one error naming a missing/empty/truncated weight file, instead of safetensors' traceback
@@ -246,8 +244,7 @@ class UGDModel(nn.Module):
         model.heads.to(first.device)  # with device_map the backbone is already placed; the heads follow it
         model._heads_digest = (hashlib.sha256(heads_bytes).hexdigest(), model._heads_versions())
         note_checkpoint_files(model, path)  # the fingerprint hashes the backbone's files, lazily
-        if tokenizer is None and any(os.path.isfile(os.path.join(path, f))
-                                     for f in ("tokenizer.json", "tokenizer_config.json")):
+        if tokenizer is None and has_tokenizer_files(path):
             # refused (naming the file) when it cannot serve the checkpoint, e.g. tokenizer.json missing
             tokenizer = load_checked_tokenizer(path, config.special_token_ids)
         model.tokenizer = tokenizer

@@ -319,14 +319,14 @@ def _extend_store(model, store, path: str, documents: list[str], args) -> tuple:
     added (or it does not exist yet), merging in under a lock what other processes stored meanwhile.
     Returns (row of each document, number of new documents)."""
     before = len(store)
-    store.add(model, documents, batch_tokens=args.batch_tokens, show_progress=args.progress)
+    rows = store.add(model, documents, batch_tokens=args.batch_tokens, show_progress=args.progress)
     added = len(store) - before
     if added or not os.path.exists(path):
         try:
-            store.merge_into_file(path, model)
+            store.merge_into_file(path, model)  # only appends: ``rows`` stay valid
         except ValueError as e:
             raise ValueError(f"--doc_vectors {path}: {e}") from None
-    return store.rows(documents), added
+    return rows, added
 
 
 def score_with_store(model, records: list[dict], args) -> tuple:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Callable, Iterable, Sequence
 
@@ -119,23 +120,33 @@ class TeacherScores:
                     obj = json.loads(line)
                 except json.JSONDecodeError:
                     raise TeacherError(f"{path}:{n}: not a teacher-score cache line (bad JSON)") from None
-                if "teacher" in obj:
+                if isinstance(obj, dict) and "teacher" in obj:
                     if obj["teacher"] != self.teacher_name:
                         raise TeacherError(f"{path} caches the scores of teacher {obj['teacher']!r}, not "
                                            f"{self.teacher_name!r}; delete it or use another cache_path")
                     continue
-                self._scores[obj["key"]] = float(obj["score"])
+                key, score = (obj.get("key"), obj.get("score")) if isinstance(obj, dict) else (None, None)
+                # a damaged line is one error naming it (ugd.train: one line), not a KeyError / TypeError traceback
+                if (not isinstance(key, str) or isinstance(score, bool) or not isinstance(score, (int, float))
+                        or not math.isfinite(score)):
+                    raise TeacherError(f"{path}:{n}: not a teacher-score cache line (expected "
+                                       '{"key": str, "score": a finite number}); delete the file to score again')
+                self._scores[key] = float(score)
 
     def _append(self, items: dict[str, float]) -> None:
         if not self.cache_path or not items:
             return
+        from filelock import FileLock
+
         os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
-        new = not os.path.isfile(self.cache_path)
-        with open(self.cache_path, "a") as f:
-            if new:
-                f.write(json.dumps({"teacher": self.teacher_name}) + "\n")
-            for k, v in items.items():
-                f.write(json.dumps({"key": k, "score": v}) + "\n")
+        text = "".join(json.dumps({"key": k, "score": v}) + "\n" for k, v in items.items())
+        # DataLoader workers (and concurrent runs) append to one file: whole lines under an OS file lock,
+        # so no line is interleaved with another writer's and the teacher line is written once.
+        with FileLock(self.cache_path + ".lock"):
+            if not os.path.isfile(self.cache_path) or os.path.getsize(self.cache_path) == 0:
+                text = json.dumps({"teacher": self.teacher_name}) + "\n" + text
+            with open(self.cache_path, "a") as f:
+                f.write(text)
 
     def __len__(self) -> int:
         return len(self._scores)

@@ -26,11 +26,17 @@ HEAD_DIMS = (64, 128)
 
 
 def compiled(op: str = FWD_OP) -> bool:
-    """The build holds the CUDA kernel of ``op``."""
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"ugd_ops::{op}", "CUDA")
-    except RuntimeError:  # the operator is not defined at all (no CUDA build)
-        return False
+    """The build holds the CUDA kernel of ``op``. Looked up once per op: every CUDA attention call asks,
+    and the answer is fixed once ugd_ops has loaded (importing this module loads it first)."""
+    if op not in _compiled_ops:
+        try:
+            _compiled_ops[op] = torch._C._dispatch_has_kernel_for_dispatch_key(f"ugd_ops::{op}", "CUDA")
+        except RuntimeError:  # the operator is not defined at all (no CUDA build)
+            _compiled_ops[op] = False
+    return _compiled_ops[op]
+
+
+_compiled_ops: dict[str, bool] = {}
 
 
 def switch() -> str:

@@ -131,6 +131,8 @@ class EmbeddingParadigm(Paradigm):
         fields = [pair_fields(r, i) for i, r in enumerate(records)]
         queries = [encode_sample(tok, ids, q, d, None, y, config=layout, parts="q") for q, d, y in fields]
         documents = [encode_sample(tok, ids, q, d, None, y, config=layout, parts="d") for q, d, y in fields]
+        for sample in queries + documents:  # texts cut to the layout's limits: warned once, as for every paradigm
+            collator._truncation(sample.truncated)
         config = self.collate_config(collator)
         extra, fields_out = self.extra(collator, records, fields, queries, documents, config)
         groups = [(queries + documents, "bidirectional")]

@@ -34,6 +34,7 @@ import ugd_ops
 
 from ..losses import classification_loss
 from ..packed import UGDOutput, gather_rows, padded_span
+from ._contrastive import cosine_matrix
 from .base import SIDE_SPAN, Paradigm
 from .registry import register
 
@@ -192,16 +193,12 @@ def rank_imitation(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
     return corr + bpr_weight * bpr
 
 
-def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
-    x = F.normalize(x.float(), dim=-1)
-    return x @ x.T
-
-
 def feature_imitation(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """Feature Imitation: the student's pair representations (IEM) should relate to each other as the
     teacher's pair embeddings do: ``mean_{i,j} (cos(f^T_i, f^T_j) - cos(f^S_i, f^S_j))^2`` over the
     batch's pairs (teacher detached). The sizes of the two features may differ."""
-    return (cosine_matrix(teacher_features.detach()) - cosine_matrix(student_features)).pow(2).mean()
+    t, s = teacher_features.detach(), student_features
+    return (cosine_matrix(t, t) - cosine_matrix(s, s)).pow(2).mean()
 
 
 def imitation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -331,8 +328,11 @@ class D2LLMParadigm(Paradigm):
             return model.heads.teacher_classifier(v_s), v_s
         teacher = self.teacher_model(model)
         tp = teacher.paradigm
-        cu, ks, ke = ugd_ops.row_intervals(batch["spans"].cpu(), tp.single_tower_mask)
-        pack = dict(batch, cu_seqlens=cu.to(hidden.device), kv_start=ks.to(hidden.device), kv_end=ke.to(hidden.device))
+        pack = batch  # a teacher with the ttm mask (ugd-ttm) reads the batch's own intervals
+        if tp.single_tower_mask != self.mask:
+            cu, ks, ke = ugd_ops.row_intervals(batch["spans"].cpu(), tp.single_tower_mask)
+            pack = dict(batch, cu_seqlens=cu.to(hidden.device), kv_start=ks.to(hidden.device),
+                        kv_end=ke.to(hidden.device))
         with torch.no_grad():
             h = teacher.encode(pack)
             logits = tp.single_tower_logits(teacher, h, pack)
