@@ -100,3 +100,16 @@ def test_memo_most_recent_first_and_bounded():
     assert len(built) == 3  # the repeated last layout was a hit
     memo.get(layouts[0], lambda: built.append("again"))  # evicted (size 2): built again
     assert built[-1] == "again"
+
+
+def test_max_seqlen_below_the_longest_sequence_raises_without_another_read(monkeypatch):
+    monkeypatch.delenv(layout_memo.CHECK_ENV, raising=False)
+    cu, ks, ke = _valid(5)
+    T, longest = int(cu[-1]), int((cu[1:] - cu[:-1]).max())
+    layout_memo._checked.clear()
+    layout_memo.check_layout(cu, ks, ke, T, longest)  # reads the values once
+    layout_memo.check_layout(cu, ks, ke, T, None)
+    monkeypatch.setattr(layout_memo, "layout_broken", lambda *a: pytest.fail("read the layout again"))
+    with pytest.raises(ValueError, match="max_seqlen"):  # as the reference says it
+        layout_memo.check_layout(cu, ks, ke, T, longest - 1)
+    layout_memo.check_layout(cu, ks, ke, T, longest + 7)

@@ -73,16 +73,22 @@ def layout_broken(cu_seqlens: torch.Tensor, kv_start: torch.Tensor, kv_end: torc
 _checked = LayoutMemo(size=8)
 
 
-def check_layout(cu_seqlens: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, T: int) -> None:
-    """Raise ``ValueError`` (naming the argument) for a broken layout; once per layout (see module doc)."""
+def check_layout(cu_seqlens: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, T: int,
+                 max_seqlen: int | None = None) -> None:
+    """Raise ``ValueError`` (naming the argument) for a broken layout, or for a ``max_seqlen`` below its
+    longest sequence (as the reference does); the values are read once per layout (see module doc)."""
     if os.environ.get(CHECK_ENV, "1").strip() in ("0", "off", "false", "no"):
         return
     if torch.compiler.is_compiling() or (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
 
-    def check() -> bool:
-        if bool(layout_broken(cu_seqlens, kv_start, kv_end, T)):  # the one host sync
+    def check() -> int:
+        cu = cu_seqlens.long()
+        longest = (cu[1:] - cu[:-1]).max() if cu.numel() > 1 else cu.new_zeros(())
+        broken, longest = torch.stack([layout_broken(cu_seqlens, kv_start, kv_end, T).long(), longest]).tolist()
+        if broken:  # ^ the one host sync
             _checks.check_layout_values(cu_seqlens, kv_start, kv_end, T)  # raises with the details
-        return True
+        return longest
 
-    _checked.get((cu_seqlens, kv_start, kv_end), check)
+    longest = _checked.get((cu_seqlens, kv_start, kv_end), check)
+    _checks.check_max_seqlen(max_seqlen, longest)

@@ -92,7 +92,7 @@ def partitioned_attention(
         softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # D = 0 is rejected by the kernel
     if q.is_cuda and _flex_serves(q, k, v):
         _checks.check_attention_meta(q, k, v, cu_seqlens, kv_start, kv_end, CPU_MAX_HEAD_DIM)
-        layout_memo.check_layout(cu_seqlens, kv_start, kv_end, q.shape[0])
+        layout_memo.check_layout(cu_seqlens, kv_start, kv_end, q.shape[0], max_seqlen)
         res = flex.try_partitioned_attention(q, k, v, cu_seqlens, kv_start, kv_end, float(softmax_scale))
         if res is not None:
             return res if return_lse else res[0]
