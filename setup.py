@@ -101,6 +101,13 @@ def ext_modules():
         )
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # The CPU kernels split work with at::parallel_for, whose OpenMP pragmas are compiled into
+        # *our* object files: without -fopenmp they are ignored and every kernel runs on one thread.
+        # torch links libgomp itself, so this adds no new runtime.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     macros = [("UGD_PYTHON_MODULE", None)]
     if build_cuda:
         archs = os.environ.get("UGD_CUDA_ARCHS", "80;90")
@@ -109,12 +116,13 @@ def ext_modules():
         nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo", *cuda_arch_flags(archs)]
         _log(f"building CPU and CUDA kernels (CUDA_HOME={cuda_home}, archs {archs})")
         ext = CUDAExtension("ugd_ops._C", sources, define_macros=macros,
-                            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     else:
         why = ("UGD_BUILD_CUDA=0" if want_cuda == "0" else
                "torch has no CUDA" if not has_cuda_torch else "no CUDA toolkit (nvcc) found; set CUDA_HOME")
         _log(f"building CPU kernels only ({why})")
-        ext = CppExtension("ugd_ops._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("ugd_ops._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -6,6 +6,12 @@ Attention runs the SPEC section 9 workloads ``bq`` and ``nli`` cut to 8 samples,
 Hq 4, Hkv 2, D 64, float32: forward (with autograd recording, as in training) and forward+backward.
 detached_kl runs forward+backward on [8192, 4] and [1024, 256]; row_intervals the full ``qlq`` spans.
 Rounds are few and fixed (``benchmark.pedantic``) so the whole file takes seconds, not minutes.
+
+``test_attention_cpu_esnli`` is the CPU kernel's yardstick: SmolLM2-135M's attention shape (Hq 9, Hkv 3,
+D 64, float32) on e-SNLI-like ugd-ttm layouts (16 samples, span lengths drawn from the ranges seen
+on real e-SNLI records), ugd_ops against torch SDPA over the padded batch with a dense mask (the
+``sdpa`` peer of ``attention_peers``). Run it with a fixed thread count, e.g. ``OMP_NUM_THREADS=1``;
+``cpu_threads`` is recorded with each figure.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attention_peers as ap
 import ugd_ops
 from ugd_ops import reference
 from ugd_ops.workloads import make_attention_inputs, make_spans
@@ -28,6 +35,11 @@ ATTENTION = {
                                                             max_seqlen=x.max_seqlen),
     "reference": lambda q, k, v, x: reference.partitioned_attention(q, k, v, x.cu_seqlens, x.kv_start, x.kv_end),
 }
+
+# (lowest, highest) of Lq, Ld, Lp, Lg on ugd-ttm layouts of e-SNLI records with SmolLM2's tokenizer.
+ESNLI_SPAN_RANGES = ((20, 30), (10, 15), (9, 9), (15, 25))
+SMOLLM2_HEADS = (9, 3, 64)  # SmolLM2-135M: Hq, Hkv, D
+ESNLI_BATCH = 16
 
 KL = {"ugd": ugd_ops.detached_kl, "reference": reference.detached_kl}
 ROW_INTERVALS = {"ugd": ugd_ops.row_intervals, "reference": reference.row_intervals}
@@ -61,6 +73,40 @@ def test_attention_cpu(benchmark, bench_record, bench_finish, attention_info, ug
             fn(x.q, x.k, x.v, x).backward(dout)
 
     benchmark.pedantic(target, setup=clear, rounds=8, warmup_rounds=1, iterations=1)
+    bench_finish()
+
+
+def esnli_like_spans(batch: int, seed: int) -> torch.Tensor:
+    """Span lengths int32 [batch, 4], each drawn uniformly from ESNLI_SPAN_RANGES (deterministic for a seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    spans = torch.empty((batch, 4), dtype=torch.int32)
+    for col, (lo, hi) in enumerate(ESNLI_SPAN_RANGES):
+        spans[:, col] = torch.randint(lo, hi + 1, (batch,), generator=gen, dtype=torch.int32)
+    return spans
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("peer", ["ugd", "sdpa"])
+def test_attention_cpu_esnli(benchmark, bench_record, bench_finish, attention_info, ugd_backend, peer, mode):
+    spans = esnli_like_spans(ESNLI_BATCH, seed=0)
+    x = make_attention_inputs(spans, PARADIGM, heads=SMOLLM2_HEADS, dtype=DTYPE, device=DEVICE, seed=0)
+    dout = torch.randn(x.q.shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    p = ap.PEERS[peer].prepare(x, spans, dout)
+    lengths = spans.sum(1)
+    benchmark.group = f"attention-cpu-esnli-{mode}"
+    backend = (_backend("ugd", "partitioned_attention_fwd", ugd_backend) if peer == "ugd"
+               else "torch sdpa, padded batch, dense mask")
+    bench_record(DEVICE, impl=peer, backend=backend, padded_rows=int(lengths.numel() * lengths.max()),
+                 **attention_info("esnli-like", PARADIGM, spans, x.kv_start, x.kv_end, SMOLLM2_HEADS, DTYPE, mode,
+                                  shape_name="smollm2-135m"))
+
+    if mode == "fwd":  # with autograd recording, as in training
+        target = p.run
+    else:
+        def target():
+            p.run().backward(p.dout)
+
+    benchmark.pedantic(target, setup=p.clear_grads, rounds=10, warmup_rounds=1, iterations=1)
     bench_finish()
 
 

@@ -7,17 +7,19 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <vector>
 
+#include "tile_gemm.h"
+
 namespace ugd_ops::cpu {
 
 constexpr int kBlockM = 64;  // query rows per tile
 constexpr int kBlockN = 64;  // key columns per tile
+static_assert(kBlockN % kGemmNR == 0, "tile_gemm rounds S's columns up to kGemmNR inside the tile");
 
 struct QueryTile {
   int32_t seq_start;   // absolute index of the sequence's first token
@@ -75,34 +77,25 @@ inline bool tile_inside(const QueryTile& t, int32_t c0, int32_t c1) {
   return t.full_lo <= c0 && c1 <= t.full_hi;
 }
 
-// Copies rows [0, n) of one head of a [T, H, D] tensor (last dim contiguous) into a dense
-// acc_t buffer, optionally scaled.
+// Copies rows [0, n) of one head of a [T, H, D] tensor (last dim contiguous) into a dense acc_t
+// buffer with row stride ld_dst, optionally scaled; columns [D, ld_dst) are left as they are.
 template <typename scalar_t, typename acc_t>
-inline void load_rows(const scalar_t* base, int64_t stride_t, int64_t n, int64_t D, acc_t* dst,
+inline void load_rows(const scalar_t* base, int64_t stride_t, int64_t n, int64_t D, acc_t* dst, int64_t ld_dst,
                       acc_t scale = acc_t(1)) {
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* src = base + r * stride_t;
-    acc_t* d = dst + r * D;
+    acc_t* d = dst + r * ld_dst;
     for (int64_t x = 0; x < D; ++x) d[x] = static_cast<acc_t>(src[x]) * scale;
   }
 }
 
-// Row-major C[M x N] = alpha * op(A) * op(B) + beta * C on dense buffers, through ATen's addmm (and
-// so the CPU BLAS torch was built with; the typed at::native::cpublas::gemm is not exported by every
-// torch build). trans_a / trans_b say whether op transposes A / B. The wrappers cost a few
-// microseconds against tens for a 64 x 64 x D tile product.
-template <typename acc_t>
-inline void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, acc_t alpha, const acc_t* A,
-                    int64_t lda, const acc_t* B, int64_t ldb, acc_t beta, acc_t* C, int64_t ldc) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  auto view = [&](const acc_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    // op(X) is rows x cols; X itself is stored row-major as (trans ? cols x rows : rows x cols).
-    at::Tensor x = trans ? at::from_blob(const_cast<acc_t*>(p), {cols, rows}, {ld, 1}, opts)
-                         : at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {ld, 1}, opts);
-    return trans ? x.t() : x;
-  };
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  c.addmm_(view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b), beta, alpha);
+// The same rows transposed: dst[x * ld_dst + r] (D rows of n columns), the B operand of Q K^T.
+template <typename scalar_t, typename acc_t>
+inline void load_rows_t(const scalar_t* base, int64_t stride_t, int64_t n, int64_t D, acc_t* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* src = base + r * stride_t;
+    for (int64_t x = 0; x < D; ++x) dst[x * ld_dst + r] = static_cast<acc_t>(src[x]);
+  }
 }
 
 // Columns [lo, hi) of key tile [c0, c1) that row `i` may read (empty when lo >= hi).

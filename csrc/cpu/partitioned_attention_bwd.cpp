@@ -6,8 +6,14 @@
 //      the query tiles whose rows reach them (for a Q-span column: the Q rows, then the P/G rows).
 //   3. row view: one item per (query tile, query head) owns dq of its rows and visits only the key
 //      tiles they reach.
+// Sequences of at most kFusedMaxLen tokens (most text-matching samples) skip 2 and 3: one item per
+// (sequence, kv head) owns dk, dv of the whole sequence and dq of its group's heads, so P and dS are
+// computed once, not twice. It sums in the same order as passes 2 and 3; long sequences keep the
+// split passes for their parallelism and bounded buffers.
 // With P = exp(scale * q.k - lse): dv = P^T dout, dS = P * (dout.v - delta), dq = scale * dS k,
 // dk = scale * dS^T q. A dlse term enters through delta since d lse_i / d s_ij = P_ij.
+// The tile products are tile_gemm's register-blocked loops (K and V loaded transposed for the
+// Q K^T and dout V^T products; D-wide rows padded to gemm_padded(D) with zeros).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,6 +25,7 @@
 
 #include "../common/checks.h"
 #include "attention_tiles.h"
+#include "tile_gemm.h"
 
 namespace ugd_ops::cpu {
 namespace {
@@ -38,6 +45,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const int32_t* ks = kv_start.data_ptr<int32_t>();
   const int32_t* ke = kv_end.data_ptr<int32_t>();
   const acc_t scale = static_cast<acc_t>(softmax_scale);
+  const int64_t Dp = gemm_padded(D);  // row stride of the D-wide buffers
 
   // Pass 1: delta.
   std::vector<acc_t> delta(Hq * T);
@@ -59,18 +67,29 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     }
   });
 
-  // Key tiles of every sequence, as (sequence, first column) pairs.
+  // Short sequences (the fused pass); key tiles, as (sequence, first column) pairs, and query tiles
+  // of the others (passes 2 and 3).
+  constexpr int32_t kFusedMaxLen = 4 * kBlockN;
+  std::vector<int64_t> fused_seqs, row_tiles;
   std::vector<std::pair<int64_t, int32_t>> key_tiles;
-  for (int64_t b = 0; b < static_cast<int64_t>(plan.seqs.size()); ++b)
-    for (int32_t c0 = 0; c0 < plan.seqs[b].seq_len; c0 += kBlockN) key_tiles.emplace_back(b, c0);
+  for (int64_t b = 0; b < static_cast<int64_t>(plan.seqs.size()); ++b) {
+    const SequenceTiles& sq = plan.seqs[b];
+    if (sq.seq_len <= kFusedMaxLen) {
+      fused_seqs.push_back(b);
+      continue;
+    }
+    for (int32_t c0 = 0; c0 < sq.seq_len; c0 += kBlockN) key_tiles.emplace_back(b, c0);
+    for (int64_t ti = sq.first_tile; ti < sq.first_tile + sq.num_tiles; ++ti) row_tiles.push_back(ti);
+  }
 
   // P and dS of one (query tile, key tile) pair: p = exp(scale q k^T - lse) on allowed pairs, else 0;
-  // ds = p * (dout v^T - delta). qf, dof: [rows, D]; kf, vf: [cols, D]; p, ds: [rows, kBlockN].
+  // ds = p * (dout v^T - delta). qf, dof: [rows, Dp]; kt, vt: [D, ldk] (transposed, from the tile's first
+  // column); p, ds: [rows, kBlockN].
   auto tile_p_ds = [&](const QueryTile& t, int64_t h, bool inside, int32_t c0, int32_t c1, const acc_t* qf,
-                       const acc_t* dof, const acc_t* kf, const acc_t* vf, acc_t* p, acc_t* ds) {
+                       const acc_t* dof, const acc_t* kt, const acc_t* vt, int64_t ldk, acc_t* p, acc_t* ds) {
     const int64_t rows = t.row1 - t.row0, cols = c1 - c0, r_abs0 = t.seq_start + t.row0;
-    gemm_rm<acc_t>(false, true, rows, cols, D, scale, qf, D, kf, D, 0, p, kBlockN);
-    gemm_rm<acc_t>(false, true, rows, cols, D, 1, dof, D, vf, D, 0, ds, kBlockN);
+    tile_gemm(false, rows, cols, D, scale, qf, Dp, kt, ldk, acc_t(0), p, kBlockN);
+    tile_gemm(false, rows, cols, D, acc_t(1), dof, Dp, vt, ldk, acc_t(0), ds, kBlockN);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = r_abs0 + r;
       int32_t lo, hi;
@@ -86,17 +105,68 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     }
   };
 
-  // Pass 2: dk, dv (column view).
+  // Fused pass: dq, dk, dv of short sequences.
+  at::parallel_for(0, static_cast<int64_t>(fused_seqs.size()) * Hkv, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t ldk = kFusedMaxLen;  // kt, vt: the whole sequence transposed, [D, ldk]
+    std::vector<acc_t> kt(D * ldk), vt(D * ldk), kf(ldk * Dp), dkf(ldk * Dp), dvf(ldk * Dp);
+    std::vector<acc_t> qf(kBlockM * Dp), dof(kBlockM * Dp), dqf(kBlockM * Dp), p(kBlockM * kBlockN),
+        ds(kBlockM * kBlockN);
+    for (int64_t item = begin; item < end; ++item) {
+      const SequenceTiles& sq = plan.seqs[fused_seqs[item / Hkv]];
+      const int64_t g = item % Hkv, n = sq.seq_len;
+      load_rows_t(K.row(sq.seq_start, g), K.st, n, D, kt.data(), ldk);
+      load_rows_t(V.row(sq.seq_start, g), V.st, n, D, vt.data(), ldk);
+      load_rows(K.row(sq.seq_start, g), K.st, n, D, kf.data(), Dp);
+      std::fill(dkf.begin(), dkf.begin() + n * Dp, acc_t(0));
+      std::fill(dvf.begin(), dvf.begin() + n * Dp, acc_t(0));
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        for (int64_t ti = sq.first_tile; ti < sq.first_tile + sq.num_tiles; ++ti) {
+          const QueryTile& t = plan.tiles[ti];
+          const int64_t rows = t.row1 - t.row0, r_abs0 = t.seq_start + t.row0;
+          load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data(), Dp);
+          load_rows(dO.row(r_abs0, h), dO.st, rows, D, dof.data(), Dp);
+          std::fill(dqf.begin(), dqf.end(), acc_t(0));
+          for (int32_t c0 = first_key_tile(t); c0 < t.k_hi; c0 += kBlockN) {
+            const int32_t c1 = std::min<int32_t>(c0 + kBlockN, n), cols = c1 - c0;
+            if (!tile_meets(t, c0, c1)) continue;
+            tile_p_ds(t, h, tile_inside(t, c0, c1), c0, c1, qf.data(), dof.data(), kt.data() + c0, vt.data() + c0,
+                      ldk, p.data(), ds.data());
+            // dv += P^T dout;  dk += scale dS^T q;  dq += scale dS k
+            tile_gemm(true, cols, D, rows, acc_t(1), p.data(), kBlockN, dof.data(), Dp, acc_t(1),
+                      dvf.data() + c0 * Dp, Dp);
+            tile_gemm(true, cols, D, rows, scale, ds.data(), kBlockN, qf.data(), Dp, acc_t(1), dkf.data() + c0 * Dp,
+                      Dp);
+            tile_gemm(false, rows, D, cols, scale, ds.data(), kBlockN, kf.data() + c0 * Dp, Dp, acc_t(1), dqf.data(),
+                      Dp);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            scalar_t* o = dQ.row(r_abs0 + r, h);
+            for (int64_t x = 0; x < D; ++x) o[x] = static_cast<scalar_t>(dqf[r * Dp + x]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        scalar_t* dkr = dK.row(sq.seq_start + j, g);
+        scalar_t* dvr = dV.row(sq.seq_start + j, g);
+        for (int64_t x = 0; x < D; ++x) {
+          dkr[x] = static_cast<scalar_t>(dkf[j * Dp + x]);
+          dvr[x] = static_cast<scalar_t>(dvf[j * Dp + x]);
+        }
+      }
+    }
+  });
+
+  // Pass 2: dk, dv (column view) of the long sequences.
   at::parallel_for(0, static_cast<int64_t>(key_tiles.size()) * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kf(kBlockN * D), vf(kBlockN * D), dkf(kBlockN * D), dvf(kBlockN * D);
-    std::vector<acc_t> qf(kBlockM * D), dof(kBlockM * D), p(kBlockM * kBlockN), ds(kBlockM * kBlockN);
+    std::vector<acc_t> kt(D * kBlockN), vt(D * kBlockN), dkf(kBlockN * Dp), dvf(kBlockN * Dp);
+    std::vector<acc_t> qf(kBlockM * Dp), dof(kBlockM * Dp), p(kBlockM * kBlockN), ds(kBlockM * kBlockN);
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, c0] = key_tiles[item / Hkv];
       const int64_t g = item % Hkv;
       const SequenceTiles& sq = plan.seqs[b];
       const int32_t c1 = std::min(c0 + kBlockN, sq.seq_len), cols = c1 - c0;
-      load_rows(K.row(sq.seq_start + c0, g), K.st, cols, D, kf.data());
-      load_rows(V.row(sq.seq_start + c0, g), V.st, cols, D, vf.data());
+      load_rows_t(K.row(sq.seq_start + c0, g), K.st, cols, D, kt.data(), kBlockN);
+      load_rows_t(V.row(sq.seq_start + c0, g), V.st, cols, D, vt.data(), kBlockN);
       std::fill(dkf.begin(), dkf.end(), acc_t(0));
       std::fill(dvf.begin(), dvf.end(), acc_t(0));
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
@@ -104,50 +174,52 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           const QueryTile& t = plan.tiles[ti];
           if (!tile_meets(t, c0, c1)) continue;
           const int64_t rows = t.row1 - t.row0, r_abs0 = t.seq_start + t.row0;
-          load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data());
-          load_rows(dO.row(r_abs0, h), dO.st, rows, D, dof.data());
-          tile_p_ds(t, h, tile_inside(t, c0, c1), c0, c1, qf.data(), dof.data(), kf.data(), vf.data(), p.data(),
-                    ds.data());
+          load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data(), Dp);
+          load_rows(dO.row(r_abs0, h), dO.st, rows, D, dof.data(), Dp);
+          tile_p_ds(t, h, tile_inside(t, c0, c1), c0, c1, qf.data(), dof.data(), kt.data(), vt.data(), kBlockN,
+                    p.data(), ds.data());
           // dv += P^T dout;  dk += scale dS^T q
-          gemm_rm<acc_t>(true, false, cols, D, rows, 1, p.data(), kBlockN, dof.data(), D, 1, dvf.data(), D);
-          gemm_rm<acc_t>(true, false, cols, D, rows, scale, ds.data(), kBlockN, qf.data(), D, 1, dkf.data(), D);
+          tile_gemm(true, cols, D, rows, acc_t(1), p.data(), kBlockN, dof.data(), Dp, acc_t(1), dvf.data(), Dp);
+          tile_gemm(true, cols, D, rows, scale, ds.data(), kBlockN, qf.data(), Dp, acc_t(1), dkf.data(), Dp);
         }
       }
       for (int32_t j = c0; j < c1; ++j) {
         scalar_t* dkr = dK.row(sq.seq_start + j, g);
         scalar_t* dvr = dV.row(sq.seq_start + j, g);
         for (int64_t x = 0; x < D; ++x) {
-          dkr[x] = static_cast<scalar_t>(dkf[(j - c0) * D + x]);
-          dvr[x] = static_cast<scalar_t>(dvf[(j - c0) * D + x]);
+          dkr[x] = static_cast<scalar_t>(dkf[(j - c0) * Dp + x]);
+          dvr[x] = static_cast<scalar_t>(dvf[(j - c0) * Dp + x]);
         }
       }
     }
   });
 
-  // Pass 3: dq (row view).
-  at::parallel_for(0, static_cast<int64_t>(plan.tiles.size()) * Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qf(kBlockM * D), dof(kBlockM * D), dqf(kBlockM * D), kf(kBlockN * D), vf(kBlockN * D);
+  // Pass 3: dq (row view) of the long sequences.
+  at::parallel_for(0, static_cast<int64_t>(row_tiles.size()) * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qf(kBlockM * Dp), dof(kBlockM * Dp), dqf(kBlockM * Dp), kf(kBlockN * Dp);
+    std::vector<acc_t> kt(D * kBlockN), vt(D * kBlockN);
     std::vector<acc_t> p(kBlockM * kBlockN), ds(kBlockM * kBlockN);
     for (int64_t item = begin; item < end; ++item) {
-      const QueryTile& t = plan.tiles[item / Hq];
+      const QueryTile& t = plan.tiles[row_tiles[item / Hq]];
       const int64_t h = item % Hq, g = h / group;
       const int64_t rows = t.row1 - t.row0, r_abs0 = t.seq_start + t.row0;
-      load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data());
-      load_rows(dO.row(r_abs0, h), dO.st, rows, D, dof.data());
+      load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data(), Dp);
+      load_rows(dO.row(r_abs0, h), dO.st, rows, D, dof.data(), Dp);
       std::fill(dqf.begin(), dqf.end(), acc_t(0));
       for (int32_t c0 = first_key_tile(t); c0 < t.k_hi; c0 += kBlockN) {
         const int32_t c1 = std::min(c0 + kBlockN, t.seq_len), cols = c1 - c0;
         if (!tile_meets(t, c0, c1)) continue;
-        load_rows(K.row(t.seq_start + c0, g), K.st, cols, D, kf.data());
-        load_rows(V.row(t.seq_start + c0, g), V.st, cols, D, vf.data());
-        tile_p_ds(t, h, tile_inside(t, c0, c1), c0, c1, qf.data(), dof.data(), kf.data(), vf.data(), p.data(),
-                  ds.data());
+        load_rows(K.row(t.seq_start + c0, g), K.st, cols, D, kf.data(), Dp);
+        load_rows_t(K.row(t.seq_start + c0, g), K.st, cols, D, kt.data(), kBlockN);
+        load_rows_t(V.row(t.seq_start + c0, g), V.st, cols, D, vt.data(), kBlockN);
+        tile_p_ds(t, h, tile_inside(t, c0, c1), c0, c1, qf.data(), dof.data(), kt.data(), vt.data(), kBlockN,
+                  p.data(), ds.data());
         // dq += scale dS k
-        gemm_rm<acc_t>(false, false, rows, D, cols, scale, ds.data(), kBlockN, kf.data(), D, 1, dqf.data(), D);
+        tile_gemm(false, rows, D, cols, scale, ds.data(), kBlockN, kf.data(), Dp, acc_t(1), dqf.data(), Dp);
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* o = dQ.row(r_abs0 + r, h);
-        for (int64_t x = 0; x < D; ++x) o[x] = static_cast<scalar_t>(dqf[r * D + x]);
+        for (int64_t x = 0; x < D; ++x) o[x] = static_cast<scalar_t>(dqf[r * Dp + x]);
       }
     }
   });

@@ -3,7 +3,8 @@
 // Flash-style: each work item is one (query tile, query head); it streams the key tiles its rows
 // can reach with an online softmax in acc_t (fp32, fp64 for fp64 inputs). Key tiles no row of the
 // tile reaches are skipped; tiles inside every row's interval skip the per-row bounds. The two
-// tile products (S = Q K^T, O += P V) go through the CPU BLAS.
+// tile products (S = Q K^T, O += P V) are tile_gemm's register-blocked loops on dense buffers: K is
+// loaded transposed, rows of D values are padded to gemm_padded(D) with zeros.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,6 +17,7 @@
 
 #include "../common/checks.h"
 #include "attention_tiles.h"
+#include "tile_gemm.h"
 
 namespace ugd_ops::cpu {
 namespace {
@@ -37,13 +39,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qf(kBlockM * D), kf(kBlockN * D), vf(kBlockN * D), acc(kBlockM * D), s(kBlockM * kBlockN);
+    // Dp: the padded row stride of the D-wide buffers (tile_gemm's column rounding).
+    const int64_t Dp = gemm_padded(D);
+    std::vector<acc_t> qf(kBlockM * Dp), kt(D * kBlockN), vf(kBlockN * Dp), acc(kBlockM * Dp), s(kBlockM * kBlockN);
     std::vector<acc_t> m(kBlockM), l(kBlockM);
     for (int64_t item = begin; item < end; ++item) {
       const QueryTile& t = plan.tiles[item / Hq];
       const int64_t h = item % Hq, g = h / group;
       const int64_t rows = t.row1 - t.row0, r_abs0 = t.seq_start + t.row0;
-      load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data(), scale);
+      load_rows(Q.row(r_abs0, h), Q.st, rows, D, qf.data(), Dp, scale);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), acc_t(0));
@@ -51,10 +55,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int32_t c1 = std::min(c0 + kBlockN, t.seq_len), cols = c1 - c0;
         if (!tile_meets(t, c0, c1)) continue;
         const bool inside = tile_inside(t, c0, c1);
-        load_rows(K.row(t.seq_start + c0, g), K.st, cols, D, kf.data());
-        load_rows(V.row(t.seq_start + c0, g), V.st, cols, D, vf.data());
+        load_rows_t(K.row(t.seq_start + c0, g), K.st, cols, D, kt.data(), kBlockN);
+        load_rows(V.row(t.seq_start + c0, g), V.st, cols, D, vf.data(), Dp);
         // S = (scale Q) K^T, then P = exp(S - m_new) in place on the row's allowed columns.
-        gemm_rm<acc_t>(false, true, rows, cols, D, 1, qf.data(), D, kf.data(), D, 0, s.data(), kBlockN);
+        tile_gemm(false, rows, cols, D, acc_t(1), qf.data(), Dp, kt.data(), kBlockN, acc_t(0), s.data(), kBlockN);
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* sr = s.data() + r * kBlockN;
           int32_t lo, hi;
@@ -73,18 +77,18 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           }
           // m[r] is -inf before the row's first tile; exp(-inf) = 0 clears the empty state.
           const acc_t alpha = std::exp(m[r] - m_new);
-          acc_t* ar = acc.data() + r * D;
+          acc_t* ar = acc.data() + r * Dp;
           for (int64_t x = 0; x < D; ++x) ar[x] *= alpha;
           l[r] = l[r] * alpha + row_sum;
           m[r] = m_new;
         }
-        gemm_rm<acc_t>(false, false, rows, D, cols, 1, s.data(), kBlockN, vf.data(), D, 1, acc.data(), D);
+        tile_gemm(false, rows, D, cols, acc_t(1), s.data(), kBlockN, vf.data(), Dp, acc_t(1), acc.data(), Dp);
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* o = O.row(r_abs0 + r, h);
         const bool empty = l[r] == acc_t(0);  // an empty interval: output 0, lse -inf
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
-        const acc_t* ar = acc.data() + r * D;
+        const acc_t* ar = acc.data() + r * Dp;
         for (int64_t x = 0; x < D; ++x) o[x] = static_cast<scalar_t>(ar[x] * inv);
         lse_p[h * T + r_abs0 + r] = empty ? neg_inf : m[r] + std::log(l[r]);
       }
