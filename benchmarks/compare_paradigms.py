@@ -13,6 +13,10 @@ its old result); the markdown table is printed and written to ``<out>/table.md``
 
 ``--row LABEL=PARADIGM[:OPTIONS]`` adds a row with ``--paradigm_options OPTIONS`` (JSON; ``{out}``
 is replaced by the output folder, so a row can use an earlier row's model, e.g. as a teacher).
+
+This is the quick demo table of docs/paradigms.md. The study on real data (a real backbone, fixed
+data subsets, several seeds, test-set evaluation with bootstrap intervals, resumable) is
+``python -m ugd.study`` (docs/results.md).
 """
 
 from __future__ import annotations

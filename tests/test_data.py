@@ -1,12 +1,15 @@
 """ugd.data: the readers of SPEC section 8 on small hand-written files."""
 
+import csv
+import io
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 
-from ugd.data import DataError, ReadStats, RecordDataset, read_records, write_jsonl
+from ugd.data import NLI_LABELS, DataError, ReadStats, RecordDataset, read_records, write_jsonl
 
 
 def write(tmp_path, name, text):
@@ -294,3 +297,119 @@ def test_nan_constants_are_malformed_and_the_hint_names_the_callers_flag(tmp_pat
         read_records(f, skip_hint="--skip_bad_records")
     records, stats = read_records(f, skip_bad=True)
     assert len(records) == 1 and stats.skipped_malformed == 1
+
+
+# ------------------------------------------------------------------------------ e-SNLI CSV
+
+ESNLI_DATA = Path(os.environ.get("UGD_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data") \
+    / "esnli"
+TRAIN_HEADER = ["pairID", "gold_label", "Sentence1", "Sentence2", "Explanation_1", "Sentence1_marked_1",
+                "Sentence2_marked_1", "Sentence1_Highlighted_1", "Sentence2_Highlighted_1"]
+DEV_HEADER = TRAIN_HEADER + [f"{c}_{k}" for k in (2, 3) for c in ("Explanation", "Sentence1_marked", "Sentence2_marked",
+                                                                     "Sentence1_Highlighted", "Sentence2_Highlighted")]
+
+
+def esnli_csv(header, rows) -> str:
+    """CSV text as e-SNLI's files have it (the csv module quotes fields with commas, quotes, newlines)."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:  # r: pairID, gold, s1, s2, explanations...; marked/highlighted columns filled in
+        row = dict(zip(["pairID", "gold_label", "Sentence1", "Sentence2"], r[:4]))
+        for k, e in enumerate(r[4:], 1):
+            row[f"Explanation_{k}"] = e
+        w.writerow([row.get(c, "*x*" if "marked" in c else "{}") for c in header])
+    return out.getvalue()
+
+
+def test_esnli_csv(tmp_path):
+    text = esnli_csv(DEV_HEADER, [
+        ("3416050480.jpg#4r1n", "neutral", 'A person, on a "horse", jumps.', "A person is\ntraining.",
+         "Not all jumps, are training.", "", "The horse could be, anything."),
+        ("1r", "-", "no", "majority", "x", "", ""),
+        ("2r", "contradiction", "A man sleeps.", "A man runs.", "Sleeping is not running.", "Both can't be.", "  "),
+        ("3r", "maybe", "a", "b", "c", "", ""),
+        ("4r", "entailment", "A dog runs.", "An animal moves.", "", "", ""),
+    ])
+    p = write(tmp_path, "esnli_dev.csv", text)
+    records, stats = read_records(p, num_labels=3)  # auto: a .csv whose header names pairID, gold_label
+    assert stats.fmt == "esnli"
+    assert records[0] == {"query": 'A person, on a "horse", jumps.', "document": "A person is\ntraining.",
+                          "label": 1, "reason": "Not all jumps, are training.", "id": "3416050480.jpg#4r1n",
+                          "references": ["Not all jumps, are training.", "The horse could be, anything."]}
+    assert records[1]["references"] == ["Sleeping is not running.", "Both can't be."] and records[1]["label"] == 2
+    assert records[2]["reason"] is None and "references" not in records[2] and records[2]["label"] == 0
+    # '-' and an unknown gold label: dropped and counted, the values named
+    assert (stats.read, stats.kept, stats.dropped_no_label, stats.skipped_malformed) == (5, 3, 2, 0)
+    assert "dropped 2 without a gold label (gold_label " in str(stats) and "'maybe' x1" in str(stats)
+    assert stats.label_lines == {1: 2, 2: 5, 0: 7}  # a row spans lines 2-3; its line is its first
+    # the train file's header (Explanation_1 only), a BOM and CRLF line ends; aliases
+    train = write(tmp_path, "esnli_train_1.csv", ("\ufeff" + esnli_csv(TRAIN_HEADER, [
+        ("9r", "entailment", "Two, kids.", "Kids.", "Two kids are kids."),
+    ])).replace("\n", "\r\n"))
+    records, stats = read_records(train, fmt="e-snli")
+    assert records == [{"query": "Two, kids.", "document": "Kids.", "label": 0, "reason": "Two kids are kids.",
+                        "id": "9r", "references": ["Two kids are kids."]}]
+
+
+def test_esnli_errors_name_file_line_and_column(tmp_path):
+    no_col = write(tmp_path, "esnli_test.csv", "pairID,gold_label,Sentence1,Sentence2\n1r,neutral,a,b\n")
+    with pytest.raises(DataError) as e:
+        read_records(no_col)
+    assert str(e.value).startswith(f"{no_col}:1: the e-SNLI header lacks the column(s) ['Explanation_1']")
+    no_s2 = write(tmp_path, "renamed.csv", "pairID,gold_label,Sentence1,Hypothesis,Explanation_1\n")
+    with pytest.raises(DataError, match=r"renamed\.csv:1: .*lacks the column\(s\) \['Sentence2'\]"):
+        read_records(no_s2)
+    header = ",".join(TRAIN_HEADER) + "\n"
+    bad = write(tmp_path, "bad.csv", header + "1r,neutral,a,b,c,,,{},{}\n"
+                                              '2r,neutral,"a\nb",b,c,,{},{}\n'  # a field short, over 2 lines
+                                              '3r,neutral,"a"x,b,c,,,{},{}\n'  # text after a closing quote
+                                              "4r,entailment,a,b,c,,,{},{}\n")
+    with pytest.raises(DataError, match=r"bad\.csv:3: expected 9 comma-separated fields as in the header, got 8 "
+                                        r"\(pass skip_bad=True"):
+        read_records(bad)
+    records, stats = read_records(bad, skip_bad=True)
+    assert [r["id"] for r in records] == ["1r", "4r"] and stats.skipped_malformed == 2
+    assert [x.split(": ")[0] for x in stats.errors] == [f"{bad}:3", f"{bad}:5"] and "bad CSV quoting" in stats.errors[1]
+    unclosed = write(tmp_path, "open.csv", header + '1r,neutral,"a,b,c,,,{},{}\n2r,neutral,a,b,c,,,{},{}\n')
+    with pytest.raises(DataError, match=r"open\.csv:2: bad CSV quoting"):
+        read_records(unclosed)
+    utf8 = write(tmp_path, "u.csv", header.encode() + b"1r,neutral,\xff,b,c,,,{},{}\n2r,neutral,a,b,c,,,{},{}\n")
+    with pytest.raises(DataError, match=r"u\.csv:2: not valid UTF-8"):
+        read_records(utf8)
+    assert len(read_records(utf8, skip_bad=True)[0]) == 1
+    with pytest.raises(DataError, match=r"label 2 is out of range for num_labels=2"):
+        read_records(write(tmp_path, "c.csv", header + "1r,contradiction,a,b,c,,,{},{}\n"), num_labels=2)
+
+
+def test_esnli_records_pass_the_collator_and_jsonl(tmp_path):
+    from ugd.collator import UGDCollator
+    from ugd.demo_data import build_tokenizer
+    from ugd.layout import LayoutConfig, add_special_tokens
+
+    p = write(tmp_path, "esnli_dev.csv", esnli_csv(DEV_HEADER, [
+        ("1r", "neutral", "a man sleeps", "a man runs", "one can not sleep and run", "two", "three"),
+        ("2r", "entailment", "a dog runs", "an animal moves", "a dog is an animal", "", "")]))
+    records, _ = read_records(p)
+    tok = build_tokenizer(records)
+    add_special_tokens(tok)
+    batch = UGDCollator(tok, config=LayoutConfig(max_query_len=16, max_document_len=16, max_reason_len=16))(records)
+    assert batch["labels"].tolist() == [1, 0]
+    # written as jsonl and read back, the references stay (the id, like any other key, does not)
+    write_jsonl(records, tmp_path / "esnli.jsonl")
+    back, _ = read_records(tmp_path / "esnli.jsonl")
+    assert [r.get("references") for r in back] == [r["references"] for r in records]
+    assert all("id" not in r for r in back)
+
+
+@pytest.mark.skipif(not (ESNLI_DATA / "dev.jsonl").is_file(), reason="needs shared/data/esnli (UGD_DATA_DIR)")
+def test_esnli_csv_of_the_shared_dev_rows_reads_back(tmp_path):
+    with open(ESNLI_DATA / "dev.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for _, line in zip(range(200), f)]
+    names = {v: k for k, v in NLI_LABELS.items()}
+    text = esnli_csv(DEV_HEADER, [(f"{i}r", names[r["label"]], r["query"], r["document"], r["reason"], "", "")
+                                  for i, r in enumerate(rows)])
+    records, stats = read_records(write(tmp_path, "esnli_dev.csv", text), num_labels=3)
+    assert stats.kept == len(rows) == 200
+    assert [(r["query"], r["document"], r["label"], r["reason"]) for r in records] == \
+        [(r["query"], r["document"], r["label"], r["reason"]) for r in rows]

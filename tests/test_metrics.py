@@ -1,4 +1,5 @@
-"""ugd.metrics: accuracy and AUC checked against hand computations (no scikit-learn)."""
+"""ugd.metrics: accuracy, AUC, macro-F1 and the confusion matrix checked against hand computations
+(and against scikit-learn where it is installed)."""
 
 import itertools
 import math
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ugd.metrics import accuracy, binary_auc, head_metrics, roc_auc, softmax
+from ugd.metrics import accuracy, binary_auc, confusion_matrix, head_metrics, macro_f1, roc_auc, softmax
 
 
 def pairwise_auc(scores, positives):
@@ -99,3 +100,45 @@ def test_accuracy_and_head_metrics():
 def test_softmax_rows_sum_to_one_and_are_stable():
     p = softmax(np.array([[1000.0, 1000.0], [-5.0, 5.0]]))
     assert np.allclose(p.sum(1), 1.0) and np.allclose(p[0], 0.5)
+
+
+def _one_hot_logits(preds, num_classes):
+    return np.eye(num_classes)[np.asarray(preds)]
+
+
+def test_confusion_matrix_by_hand():
+    # true 0 0 1 2 2 (and one unlabelled), predicted 0 1 1 2 0
+    logits = _one_hot_logits([0, 1, 1, 2, 0, 2], 3)
+    labels = [0, 0, 1, 2, 2, -100]
+    m = confusion_matrix(logits, labels, 3)
+    assert m.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert m.dtype == np.int64 and m.sum() == 5  # the unlabelled sample is left out
+    assert confusion_matrix(logits, labels, 4).shape == (4, 4)  # wider than the logits is fine
+    with pytest.raises(ValueError, match="num_classes"):
+        confusion_matrix(logits, labels, 2)
+    with pytest.raises(ValueError, match="labels must lie"):
+        confusion_matrix(logits, [0, 0, 1, 2, 3, 0], 3)
+
+
+def test_macro_f1_by_hand():
+    logits = _one_hot_logits([0, 1, 1, 2, 0], 3)
+    labels = [0, 0, 1, 2, 2]
+    # class 0: TP 1, FP 1, FN 1 -> 1/2; class 1: TP 1, FP 1, FN 0 -> 2/3; class 2: TP 1, FP 0, FN 1 -> 2/3
+    assert macro_f1(logits, labels) == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
+    assert macro_f1(_one_hot_logits([0, 1], 4), [0, 1]) == 1.0  # classes 2, 3 occur nowhere: not averaged
+    assert macro_f1(_one_hot_logits([1, 1], 2), [0, 0]) == 0.0  # a predicted-only class counts with F1 0
+    assert math.isnan(macro_f1(_one_hot_logits([1], 2), [-100]))
+
+
+def test_macro_f1_and_confusion_match_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    for c in (2, 3, 5):
+        for _ in range(10):
+            n = int(rng.integers(1, 30))
+            logits = rng.normal(size=(n, c))
+            labels = rng.integers(0, c, n)
+            preds = logits.argmax(1)
+            assert macro_f1(logits, labels) == pytest.approx(
+                metrics.f1_score(labels, preds, average="macro", zero_division=0), abs=1e-12)
+            assert (confusion_matrix(logits, labels, c) == metrics.confusion_matrix(labels, preds, labels=range(c))).all()

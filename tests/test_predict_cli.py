@@ -39,6 +39,7 @@ def env(tmp_path_factory):
         "ckpt": ckpt,
         "other": save_tiny_checkpoint(root / "other", records + extra, "ugd-ttm", seed=1),  # other random weights
         "stm": save_tiny_checkpoint(root / "stm", records + extra, "stm", seed=2),  # single-tower only
+        "shared": save_tiny_checkpoint(root / "shared", records + extra, "shared-ttm", seed=3),  # two-tower only
         "model": UGDModel.from_pretrained(ckpt),
     }
 
@@ -318,6 +319,103 @@ def test_documents_mode_needs_only_documents(env):
     assert not (env["root"] / "unused.safetensors").exists()
 
 
+@pytest.mark.parametrize("mode", ["two-tower", "single-tower", "reason", "two-tower+store"])
+def test_query_only_records_name_the_missing_document(env, tmp_path, mode):
+    path = tmp_path / "queries.jsonl"
+    path.write_text(json.dumps(env["records"][0]) + "\n" + json.dumps({"query": "red shoes", "id": 7}) + "\n")
+    store = tmp_path / "docs.safetensors"
+    extra = ["--doc_vectors", store] if mode.endswith("+store") else []
+    code, stdout, stderr = run("--model", env["ckpt"], "--input", path, "--mode", mode.split("+")[0], *extra)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith(f"ugd.predict: error: {path}:2: missing field 'document'") and stderr.count("\n") == 1
+    assert not store.exists()
+
+
+@pytest.mark.parametrize("mode", ["two-tower", "single-tower", "reason", "documents"])
+def test_an_empty_input_file_gives_an_empty_output_and_a_warning(env, tmp_path, mode):
+    # zero records is an answer, not an error (a filter upstream may keep none), but a warning says so
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    out, store = tmp_path / "out.jsonl", tmp_path / "docs.safetensors"
+    dest = ["--doc_vectors", store] if mode == "documents" else ["--output", out]
+    code, stdout, stderr = run("--model", env["ckpt"], "--input", path, "--mode", mode, *dest)
+    assert code == 0, stderr
+    assert "0 records" in stderr and f"warning: {path} holds no records" in stderr
+    if mode == "documents":
+        from ugd.doc_vectors import DocumentVectors
+
+        assert len(DocumentVectors.load(str(store), env["model"])) == 0
+    else:
+        assert out.read_text() == ""
+
+
+@pytest.mark.parametrize("mode", ["two-tower", "documents"])
+def test_a_store_cut_at_half_its_size_is_one_line(env, tmp_path, mode):
+    store = tmp_path / "docs.safetensors"
+    code, _, stderr = run("--model", env["ckpt"], "--input", env["pairs"], "--mode", "documents",
+                          "--doc_vectors", store)
+    assert code == 0, stderr
+    data = store.read_bytes()
+    store.write_bytes(data[: len(data) // 2])
+    code, stdout, stderr = run("--model", env["ckpt"], "--input", env["pairs"], "--mode", mode, "--doc_vectors", store)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith(f"ugd.predict: error: --doc_vectors {store}: {store} could not be read: it is "
+                              "truncated or damaged")
+    assert stderr.count("\n") == 1 and "delete" in stderr
+    assert store.read_bytes() == data[: len(data) // 2]  # refused, not overwritten
+
+
+# a ugd.predict that is killed (SIGKILL) in the middle of writing the store: safetensors' writer is
+# wrapped to write half of the temporary file and kill the process before the rename
+KILLED_IN_WRITE = """
+import os, signal, sys
+import safetensors.torch
+
+def write_half_then_die(tensors, filename, metadata=None):
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+safetensors.torch.save_file = write_half_then_die
+from ugd.predict import cli
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("existing", [False, True])
+def test_kill_9_during_a_store_write_then_a_rerun(env, tmp_path, existing):
+    store = tmp_path / "docs.safetensors"
+    first = env["records"][:3]
+    if existing:
+        code, _, stderr = run("--model", env["ckpt"], "--input", "-", "--mode", "documents", "--doc_vectors", store,
+                              stdin="".join(json.dumps(r) + "\n" for r in first))
+        assert code == 0, stderr
+        before = store.read_bytes()
+    args = ["--model", env["ckpt"], "--input", env["pairs"], "--mode", "documents", "--doc_vectors", str(store),
+            "--threads", "1", "--no_progress"]
+    p = subprocess.run([sys.executable, "-c", KILLED_IN_WRITE, *args], capture_output=True, timeout=300)
+    assert p.returncode == -9, p.stderr.decode()
+    leftovers = [f.name for f in tmp_path.iterdir() if f.name.startswith(".docs.safetensors.tmp-")]
+    assert len(leftovers) == 1  # the half-written temporary file; the store itself is untouched
+    if existing:
+        assert store.read_bytes() == before
+    else:
+        assert not store.exists()
+
+    code, _, stderr = run(*args)
+    assert code == 0, stderr
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".docs.safetensors.tmp-")]  # cleaned up
+    from ugd.doc_vectors import DocumentVectors
+
+    docs = [r["document"] for r in env["records"]]
+    stored = DocumentVectors.load(str(store), env["model"])
+    assert len(stored) == len(set(docs))
+    torch.testing.assert_close(stored.vectors[stored.rows(docs)], env["model"].encode_documents(docs),
+                               atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad arguments
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +427,10 @@ def test_documents_mode_needs_only_documents(env):
     (["--model", "{root}"], "ugd_config.json is missing"),
     (["--model", "{stm}", "--mode", "reason"], "paradigm 'stm' has no head for --mode reason; use --mode single-tower"),
     (["--model", "{stm}"], "paradigm 'stm' has no head for --mode two-tower"),
+    (["--model", "{stm}", "--mode", "documents", "--doc_vectors", "{root}/d.safetensors"],
+     "paradigm 'stm' has no head for --mode documents; use --mode single-tower"),
+    (["--model", "{shared}", "--mode", "single-tower"],
+     "paradigm 'shared-ttm' has no head for --mode single-tower; use --mode two-tower or documents"),
     (["--device", "banana"], "--device 'banana' is not a device"),
     (["--device", "cuda:99"], "--device cuda:99"),
     (["--dtype", "int8"], "--dtype must be one of"),
@@ -341,7 +443,7 @@ def test_documents_mode_needs_only_documents(env):
 ])
 def test_bad_arguments_exit_2_with_one_line(env, args, message):
     argv = ["--model", env["ckpt"], "--input", env["pairs"]]
-    argv += [a.format(root=env["root"], stm=env["stm"]) for a in args]  # later flags win
+    argv += [a.format(root=env["root"], stm=env["stm"], shared=env["shared"]) for a in args]  # later flags win
     code, stdout, stderr = run(*argv)
     assert code == 2
     assert stdout == ""
@@ -358,4 +460,4 @@ def test_console_scripts_point_at_the_clis():
     from importlib.metadata import entry_points
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("ugd-")}
-    assert scripts == {"ugd-predict": "ugd.predict:cli", "ugd-train": "ugd.train:cli"}
+    assert scripts == {"ugd-predict": "ugd.predict:cli", "ugd-train": "ugd.train:cli", "ugd-evaluate": "ugd.evaluate:cli"}

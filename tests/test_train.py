@@ -375,8 +375,8 @@ def test_no_arguments_selects_the_demo():
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     # sum of two half-batch means / 2 = the full-batch mean (every sample has a label and a reason), so
-    # with SGD the two runs take the same steps. mu=0 leaves the embedding-KL heads unused: DDP must
-    # be told (find_unused_parameters), which ugd.train works out itself.
+    # with SGD the two runs take the same steps. mu=0 leaves the embedding-KL heads unused: ugd.train
+    # freezes them (freeze_unused_parameters), so DDP needs no find_unused_parameters.
     common = ("--max_steps", "3", "--optim", "sgd", "--learning_rate", "0.05", "--train_sampling_strategy",
               "sequential", "--mu", "0", "--lr_scheduler_type", "constant", "--per_device_eval_batch_size", "16")
     main(run_args(tmp_path, "one", *common, "--per_device_train_batch_size", "8"))

@@ -33,35 +33,38 @@ class CheckpointFileError(ValueError):
     """A checkpoint file is missing, empty, truncated or unreadable; the message names it."""
 
 
-def check_safetensors_file(path: str, what: str = "weights") -> None:
-    """Raises ``CheckpointFileError`` naming ``path`` (holding ``what``) unless it is a complete safetensors file."""
+REMEDY = "use another checkpoint or save this one again"
+
+
+def check_safetensors_file(path: str, what: str = "weights", remedy: str = REMEDY) -> None:
+    """Raises ``CheckpointFileError`` naming ``path`` (holding ``what``) unless it is a complete safetensors file;
+    ``remedy`` ends the message (what to do about it)."""
     if not os.path.isfile(path):
         raise CheckpointFileError(f"{path} is missing (the {what}); a UGD checkpoint holds it beside ugd_config.json")
     size = os.path.getsize(path)
     if size == 0:
-        raise CheckpointFileError(f"{path} is empty (0 bytes): the save that wrote it did not finish; use another "
-                                  "checkpoint or save this one again")
+        raise CheckpointFileError(f"{path} is empty (0 bytes): the save that wrote it did not finish; {remedy}")
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise _truncated(path, size)
+            raise _truncated(path, size, remedy=remedy)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
-            raise _truncated(path, size)
+            raise _truncated(path, size, remedy=remedy)
         try:
             header = json.loads(f.read(n))
             ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
-            raise CheckpointFileError(f"{path} is damaged: its safetensors header does not parse") from None
+            raise CheckpointFileError(f"{path} is damaged: its safetensors header does not parse; {remedy}") from None
     expected = 8 + n + max(ends, default=0)
     if expected != size:
-        raise _truncated(path, size, expected)
+        raise _truncated(path, size, expected, remedy=remedy)
 
 
-def _truncated(path: str, size: int, expected: int | None = None) -> CheckpointFileError:
+def _truncated(path: str, size: int, expected: int | None = None, *, remedy: str = REMEDY) -> CheckpointFileError:
     what = f"{size} bytes, its header describes {expected}" if expected is not None else f"{size} bytes"
     return CheckpointFileError(f"{path} is truncated or damaged ({what}): the save that wrote it did not finish, or "
-                               "the file was cut; use another checkpoint or save this one again")
+                               f"the file was cut; {remedy}")
 
 
 def backbone_weight_files(folder: str) -> list[str] | None:

@@ -11,8 +11,9 @@ Formats (``fmt``):
 
     "jsonl"  UGD records, one JSON object a line: "query", "document", "label" (an int or an int
              string), "reason" optional (a string or null; "" is stored as None), "teacher_score"
-             optional (a finite number: a small model's score of the pair, for flipped-kd). Other keys are
-             ignored.
+             optional (a finite number: a small model's score of the pair, for flipped-kd), "references"
+             optional (a list of strings: all gold reasons, for multi-reference reason scores; empty
+             ones dropped). Other keys are ignored.
     "lcqmc"  tab-separated ``text_a<TAB>text_b<TAB>label``, no header (LCQMC, BQ, ATEC). A first line
              whose label column reads "label" is taken as a header and skipped; a leading integer id
              column (ATEC's raw files: ``id<TAB>text_a<TAB>text_b<TAB>label``) is accepted.
@@ -21,16 +22,27 @@ Formats (``fmt``):
     "nli"    SNLI / MultiNLI JSONL: "sentence1", "sentence2", "gold_label" with entailment=0,
              neutral=1, contradiction=2. Rows whose gold_label is "-" (no annotator majority) are
              dropped and counted in ``ReadStats.dropped_no_label``.
+    "esnli"  e-SNLI's official CSVs (esnli_train_1.csv, esnli_dev.csv, esnli_test.csv): a header row,
+             then comma-separated rows read with the ``csv`` module (quoted fields may hold commas,
+             quotes and newlines; line numbers are those of a row's first line). The columns pairID,
+             gold_label, Sentence1, Sentence2, Explanation_1 (and Explanation_2/_3 in dev/test) are found
+             by name. Record: query=Sentence1, document=Sentence2, label as for "nli", reason=
+             Explanation_1, plus "references" (the non-empty Explanation_1..3, for multi-reference
+             reason scores; absent when all are empty) and "id" (the pairID). Rows whose gold_label is
+             not entailment/neutral/contradiction (SNLI's "-") are dropped and counted in
+             ``ReadStats.dropped_no_label``, the values in ``ReadStats.dropped_values``.
     "auto"   by extension and content: .jsonl/.json/.ndjson -> "jsonl" when the first record has
              "query", "nli" when it has "sentence1"; .tsv/.txt/.tab -> "qqp" when the first line is a
-             header naming question1, else "lcqmc". Other extensions are sniffed the same way from the
-             first line ("{" -> JSON, a tab -> TSV).
+             header naming question1, else "lcqmc"; .csv (or a first line with commas and no tab) ->
+             "esnli" when the header names pairID or gold_label. Other extensions are sniffed the same
+             way from the first line ("{" -> JSON, a tab -> TSV).
 
-Aliases: "ugd" = "jsonl"; "bq", "atec" = "lcqmc"; "snli", "mnli", "multinli" = "nli".
+Aliases: "ugd" = "jsonl"; "bq", "atec" = "lcqmc"; "snli", "mnli", "multinli" = "nli"; "e-snli" = "esnli".
 
 Errors. Every problem of a record raises ``DataError`` with ``path:line: problem`` (1-based line
-numbers, counting blank lines). With ``skip_bad=True`` a malformed line (bad JSON or UTF-8, a missing
-or non-string field, a wrong column count, a label that is not an integer or not in ``label_map``) is
+numbers, counting blank lines). With ``skip_bad=True`` a malformed line (bad JSON or UTF-8, a key twice
+in one JSON object, a missing or non-string field, a wrong column count, bad CSV quoting, a label that
+is not an integer or not in ``label_map``) is
 skipped and counted in ``ReadStats.skipped_malformed`` (its message kept in ``ReadStats.errors``, the
 first ``MAX_KEPT_ERRORS`` of them) -- never silently dropped. A label outside ``[0, num_labels)``, or a
 negative label, is an error even with ``skip_bad``: it means the data and the model disagree on the
@@ -40,6 +52,7 @@ missing fields are not.
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -49,17 +62,23 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-FORMATS = ("jsonl", "lcqmc", "qqp", "nli")
-FORMAT_ALIASES = {"ugd": "jsonl", "bq": "lcqmc", "atec": "lcqmc", "snli": "nli", "mnli": "nli", "multinli": "nli"}
+FORMATS = ("jsonl", "lcqmc", "qqp", "nli", "esnli")
+FORMAT_ALIASES = {"ugd": "jsonl", "bq": "lcqmc", "atec": "lcqmc", "snli": "nli", "mnli": "nli", "multinli": "nli",
+                  "e-snli": "esnli"}
 FORMAT_HELP = (
     "'jsonl' (UGD records: query, document, label, reason?), 'lcqmc' (text_a<TAB>text_b<TAB>label, also BQ "
     "and ATEC), 'qqp' (Quora TSV with a header: question1, question2, is_duplicate), 'nli' (SNLI/MultiNLI "
-    "JSONL: sentence1, sentence2, gold_label)"
+    "JSONL: sentence1, sentence2, gold_label), 'esnli' (e-SNLI's CSV: pairID, gold_label, Sentence1, Sentence2, "
+    "Explanation_1..3)"
 )
 NLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
 NLI_NO_LABEL = "-"
 QQP_COLUMNS = ("question1", "question2", "is_duplicate")
+#: e-SNLI CSV columns read (the *_marked_* / *_Highlighted_* columns are not used)
+ESNLI_COLUMNS = ("pairID", "gold_label", "Sentence1", "Sentence2", "Explanation_1")
+ESNLI_EXTRA_EXPLANATIONS = ("Explanation_2", "Explanation_3")  # dev and test only
 JSON_EXTENSIONS = (".jsonl", ".json", ".ndjson")
+CSV_EXTENSIONS = (".csv",)
 TSV_EXTENSIONS = (".tsv", ".txt", ".tab")
 MAX_KEPT_ERRORS = 10
 
@@ -81,8 +100,10 @@ class DataError(ValueError):
 
 @dataclass
 class ReadStats:
-    """What ``read_records`` did with a file: ``read`` data lines (blank lines and a header not
-    counted) = ``kept`` + ``skipped_malformed`` + ``dropped_no_label``."""
+    """What ``read_records`` did with a file: ``read`` data lines (CSV: rows; blank lines and a header
+    not counted) = ``kept`` + ``skipped_malformed`` + ``dropped_no_label``. ``dropped_values`` counts the
+    gold_label values of the dropped rows; ``label_lines`` maps each kept label to the line of its first
+    record (for messages such as ugd.train's warning about labels missing from 0..max)."""
 
     read: int = 0
     kept: int = 0
@@ -91,6 +112,8 @@ class ReadStats:
     path: str | None = None
     fmt: str | None = None
     errors: list = field(default_factory=list)  # messages of the first skipped lines
+    dropped_values: dict = field(default_factory=dict)  # gold_label value -> rows dropped
+    label_lines: dict = field(default_factory=dict)  # label -> line of its first kept record
 
     def __str__(self) -> str:
         head = f"{self.path} ({self.fmt})" if self.path else (self.fmt or "data")
@@ -100,6 +123,10 @@ class ReadStats:
                 f", skipped {self.skipped_malformed} malformed"
         if self.dropped_no_label:
             s += f", dropped {self.dropped_no_label} without a gold label"
+            if set(self.dropped_values) - {NLI_NO_LABEL}:  # say which values, unless it is only SNLI's '-'
+                shown = sorted(self.dropped_values.items(), key=lambda kv: -kv[1])[:5]
+                s += " (gold_label " + ", ".join(f"{v!r} x{c}" for v, c in shown) + \
+                     (", ..." if len(self.dropped_values) > 5 else "") + ")"
         return s
 
 
@@ -112,7 +139,7 @@ class _LabelOutOfRange(Exception):
 
 
 class _NoLabel(Exception):
-    """An NLI row without a gold label (dropped and counted)."""
+    """An NLI row without a gold label (dropped and counted); ``args[0]`` is the gold_label value."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +166,8 @@ def _lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
         yield from decode_lines(f)
 
 
-def _check_format(fmt: str) -> str:
+def check_format(fmt: str) -> str:
+    """The canonical name of a format name or alias (``"auto"`` too); ValueError naming the formats."""
     if not isinstance(fmt, str):
         raise ValueError(f"fmt must be a string, got {type(fmt).__name__}")
     f = fmt.lower()
@@ -183,6 +211,14 @@ def _detect_format(path: str) -> str | None:
                                          f"pass fmt= one of {FORMAT_HELP}")
         raise DataError(path, None, "cannot detect the data format: no line parses as a JSON object (JSON Lines "
                                     f"hold one object a line); pass fmt= one of {FORMAT_HELP}")
+    if ext in CSV_EXTENSIONS or (ext not in TSV_EXTENSIONS and "\t" not in text and "," in text):
+        header = {c.strip().lower() for c in next(csv.reader([text]), [])}
+        if "pairid" in header or "gold_label" in header:  # the reader names any missing column
+            return "esnli"
+        if ext in CSV_EXTENSIONS:
+            raise DataError(path, None, "cannot detect the data format from the extension '.csv' or the first line "
+                                        "(an e-SNLI CSV starts with a header naming pairID, gold_label, Sentence1, "
+                                        f"Sentence2); pass fmt= one of {FORMAT_HELP}")
     if ext in TSV_EXTENSIONS or "\t" in text:
         cols = [c.strip().lower() for c in text.split("\t")]
         if "gold_label" in cols and "sentence1" in cols:
@@ -229,10 +265,21 @@ def _no_constant(name: str):
     raise BadRecord(f"bad JSON ({name} is not a JSON value; write a number or null)")
 
 
+def _unique_keys(pairs: list) -> dict:
+    # Python's json keeps the last of repeated keys; a record naming "label" twice is ambiguous, not data
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise BadRecord(f"bad JSON (the key {key!r} appears twice in one object; keep one)")
+        obj[key] = value
+    return obj
+
+
 def json_object(text: str) -> dict:
-    """The JSON object on one line of a JSONL file, or ``BadRecord`` saying what is wrong with it."""
+    """The JSON object on one line of a JSONL file, or ``BadRecord`` saying what is wrong with it (bad
+    JSON, NaN/Infinity, a key twice in one object, not an object)."""
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
+        obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise BadRecord(f"bad JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
@@ -251,6 +298,13 @@ def _parse_jsonl(text: str, label_map) -> dict:
     if reason is not None and not isinstance(reason, str):
         raise BadRecord(f"field 'reason' must be a string or null, got {json.dumps(reason, ensure_ascii=False)[:60]}")
     record = {"query": query, "document": document, "label": label, "reason": reason or None}
+    references = obj.get("references")  # several gold reasons (an e-SNLI CSV written as jsonl keeps them)
+    if references is not None:
+        if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+            raise BadRecord(f"field 'references' must be a list of strings or null, got "
+                            f"{json.dumps(references, ensure_ascii=False)[:60]}")
+        if any(r.strip() for r in references):
+            record["references"] = [r for r in references if r.strip()]
     score = obj.get("teacher_score")  # a small model's score of the pair (flipped-kd), kept when present
     if score is not None:
         if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score or abs(score) == float("inf"):
@@ -267,7 +321,7 @@ def _parse_nli(text: str, label_map) -> dict:
         raise BadRecord(f"missing field 'gold_label' (nli records need {_required('nli')})")
     gold = obj["gold_label"]
     if gold == NLI_NO_LABEL:
-        raise _NoLabel()
+        raise _NoLabel(gold)
     mapping = label_map if label_map is not None else NLI_LABELS
     if isinstance(gold, str) and gold in mapping:
         label = mapping[gold]
@@ -276,6 +330,73 @@ def _parse_nli(text: str, label_map) -> dict:
     else:
         label = _parse_label(gold, mapping, "gold_label")
     return {"query": s1, "document": s2, "label": label, "reason": None}
+
+
+def _csv_rows(path: str) -> Iterator[tuple[int, list | None, str | None]]:
+    """(line of the row's first line, the row's fields or None, problem or None) for each CSV row of a
+    file; a row over several lines (a quoted newline) has the number of its first. A line that is not
+    UTF-8, or bad quoting, makes that row's problem; the rows after it are still read."""
+    bad_utf8: dict = {}
+
+    def lines():  # keep the line ends: the csv module needs them inside quoted fields
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad_utf8[n] = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                    yield raw.decode("utf-8", "replace")
+
+    # strict: text after a closing quote, or a quote never closed, is an error, not a silently merged
+    # or truncated row
+    reader = csv.reader(lines(), strict=True)
+    end = 0
+    while True:
+        start = end + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if reader.line_num == end:  # nothing consumed: give up rather than loop
+                return
+            end = reader.line_num
+            yield start, None, f"bad CSV quoting ({e}); a field with commas, quotes or newlines is written in " \
+                               "double quotes, a quote inside it doubled"
+            continue
+        end = reader.line_num
+        problem = next((bad_utf8[k] for k in range(start, end + 1) if k in bad_utf8), None)
+        yield start, (None if problem else row), problem
+
+
+def _esnli_header(path: str, n: int, row: list) -> tuple:
+    """(column count, {official name: index}) of an e-SNLI header row; DataError naming a missing column."""
+    names = [c.strip().lower() for c in row]
+    missing = [c for c in ESNLI_COLUMNS if c.lower() not in names]
+    if missing:
+        raise DataError(path, n, f"the e-SNLI header lacks the column(s) {missing}; an e-SNLI CSV starts with a "
+                                 f"header row naming {list(ESNLI_COLUMNS)} (Explanation_2, Explanation_3 optional)")
+    index = {c: names.index(c.lower()) for c in ESNLI_COLUMNS + ESNLI_EXTRA_EXPLANATIONS if c.lower() in names}
+    return len(names), index
+
+
+def _parse_esnli(row: list, header: tuple, label_map) -> dict:
+    width, index = header
+    if len(row) != width:
+        raise BadRecord(f"expected {width} comma-separated fields as in the header, got {len(row)}")
+    gold = row[index["gold_label"]].strip()
+    mapping = label_map if label_map is not None else NLI_LABELS
+    if gold not in mapping:
+        raise _NoLabel(gold)
+    explanations = [row[index[c]].strip() for c in ("Explanation_1",) + ESNLI_EXTRA_EXPLANATIONS if c in index]
+    record = {"query": row[index["Sentence1"]], "document": row[index["Sentence2"]], "label": mapping[gold],
+              "reason": explanations[0] or None, "id": row[index["pairID"]]}
+    references = [e for e in explanations if e]
+    if references:  # all gold explanations, for multi-reference reason scores (ugd.reason_scores)
+        record["references"] = references
+    return record
 
 
 def _parse_lcqmc(text: str, label_map) -> dict:
@@ -294,16 +415,19 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
 
     Args:
         path: the file (UTF-8; a BOM is ignored).
-        fmt: "auto", "jsonl", "lcqmc", "qqp" or "nli" (or an alias: ugd, bq, atec, snli, mnli, multinli).
+        fmt: "auto", "jsonl", "lcqmc", "qqp", "nli" or "esnli" (or an alias: ugd, bq, atec, snli, mnli,
+            multinli, e-snli).
         num_labels: when given, a label outside ``[0, num_labels)`` raises DataError (even with skip_bad).
         skip_bad: skip malformed lines (counted in ``stats.skipped_malformed``) instead of raising.
         label_map: string label -> int (e.g. ``{"bad": 0, "good": 1}``); integer strings still parse as
-            integers. For "nli" it replaces the default ``{"entailment": 0, "neutral": 1, "contradiction": 2}``.
+            integers. For "nli" and "esnli" it replaces the default ``{"entailment": 0, "neutral": 1,
+            "contradiction": 2}``.
         skip_hint: how the caller's user switches ``skip_bad`` on, named in the error of a malformed line
             (``python -m ugd.train`` passes ``--skip_bad_records``).
 
     Returns:
-        ``(records, stats)``; each record is ``{"query", "document", "label", "reason"}``.
+        ``(records, stats)``; each record is ``{"query", "document", "label", "reason"}`` (plus
+        "teacher_score" from jsonl when present, "references" and "id" from esnli).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -313,7 +437,7 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
     if isinstance(path, (bytes, bytearray)):
         path = os.fsdecode(path)
     path = os.fspath(path)
-    f = _check_format(fmt)
+    f = check_format(fmt)
     if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
         raise ValueError(f"num_labels must be None or an int >= 1, got {num_labels!r}")
     if label_map is not None:
@@ -335,9 +459,16 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
         return records, stats
 
     qqp_cols = None
+    esnli_header = None
     header_checked = False
-    for n, text, decode_error in _lines(path):
-        if text is not None and not text.strip():
+    # a CSV row (esnli) is a list of fields and may span lines; every other format is one line of text
+    for n, text, decode_error in (_csv_rows(path) if f == "esnli" else _lines(path)):
+        if text is not None and (not text if f == "esnli" else not text.strip()):
+            continue
+        if f == "esnli" and esnli_header is None:
+            if decode_error:
+                raise DataError(path, n, f"the e-SNLI header row: {decode_error}")
+            esnli_header = _esnli_header(path, n, text)
             continue
         if f == "qqp" and qqp_cols is None:  # the header row
             if decode_error:
@@ -364,6 +495,8 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
                 rec = _parse_nli(text, label_map)
             elif f == "lcqmc":
                 rec = _parse_lcqmc(text, label_map)
+            elif f == "esnli":
+                rec = _parse_esnli(text, esnli_header, label_map)
             else:
                 width, (i1, i2, il) = qqp_cols
                 cols = text.split("\t")
@@ -374,8 +507,9 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
             label = rec["label"]
             if label < 0 or (num_labels is not None and label >= num_labels):
                 raise _LabelOutOfRange(label)
-        except _NoLabel:
+        except _NoLabel as e:
             stats.dropped_no_label += 1
+            stats.dropped_values[e.args[0]] = stats.dropped_values.get(e.args[0], 0) + 1
             continue
         except BadRecord as e:
             if not skip_bad:
@@ -393,6 +527,7 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
             raise DataError(path, n, problem) from None
         records.append(rec)
         stats.kept += 1
+        stats.label_lines.setdefault(rec["label"], n)
     return records, stats
 
 

@@ -14,6 +14,9 @@ File format (safetensors; ``FORMAT`` in the metadata):
                 layout (the JSON of the prompt/length settings: max_document_len decides truncation),
                 paradigm
 
+A shard of a sharded build (``ugd.doc_shards``) is the same file with format ``SHARD_FORMAT`` and the
+shard's metadata; ``load`` refuses it (merge the shards first), ``read`` reads either.
+
 A document is found by its exact text. Loading checks the fingerprint and the layout against the
 model: vectors of another checkpoint would give wrong scores without any error, so they are refused.
 The fingerprint (``ugd.fingerprint``) covers the backbone weights, the heads and both configs.
@@ -21,20 +24,24 @@ The fingerprint (``ugd.fingerprint``) covers the backbone weights, the heads and
 Several processes may extend one file at once: ``merge_into_file`` takes a lock (``PATH.lock``, an
 OS file lock from the ``filelock`` package, released when a process dies) around reading the file
 again, adding what it lacks and writing it, so no writer drops another's documents. The encoding
-itself happens outside the lock.
+itself happens outside the lock. Every write is atomic (``write_atomically``): a killed writer leaves
+the old file and a temporary that the next write removes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 
 import torch
 
 from .data import new_file_mode
 
 FORMAT = "ugd-document-vectors/1"
+SHARD_FORMAT = "ugd-document-vector-shard/1"  # one part of a sharded build (ugd.doc_shards)
 
 
 def text_key(text: str) -> bytes:
@@ -47,6 +54,77 @@ def _layout_json(model) -> str:
 
     d = layout_of(model).to_dict()
     return json.dumps({k: d[k] for k in ("max_document_len", "position_mode")}, sort_keys=True)
+
+
+@contextlib.contextmanager
+def locked(path: str, timeout: float = 600.0):
+    """Holds ``PATH.lock`` (an OS file lock, released when its process dies) for the block."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path + ".lock", mode=new_file_mode(path + ".lock"))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise ValueError(f"{path}: another process has held {path}.lock for {timeout:.0f} s; wait for it to "
+                         "finish (the lock is released when that process ends)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _tmp_name(path: str, pid: int) -> str:
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{base}.tmp-{socket.gethostname()}-{pid}")
+
+
+def remove_stale_temporaries(path: str) -> int:
+    """Deletes the temporary files of writes to ``path`` whose process (on this host) is gone: a writer
+    killed before its rename leaves one behind. Returns how many were removed."""
+    prefix = os.path.basename(_tmp_name(path, 0))[:-1]  # ".NAME.tmp-HOST-"
+    folder = os.path.dirname(os.path.abspath(path))
+    removed = 0
+    for name in os.listdir(folder):
+        pid = name[len(prefix):]
+        if not name.startswith(prefix) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running: its write may be in progress
+        except ProcessLookupError:
+            pass
+        except OSError:  # alive, owned by someone else
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+            removed += 1
+    return removed
+
+
+def write_atomically(tensors: dict, path: str, metadata: dict) -> None:
+    """A safetensors file at ``path``, all or nothing: written to a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``. Temporaries left by killed writers are removed first."""
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = _tmp_name(path, os.getpid())
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, new_file_mode(path))  # safetensors writes 0600; a store is an ordinary output file
+        with open(tmp, "rb+") as f:  # the data reaches the disk before the rename makes it the store
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # the rename itself (not every file system lets a folder be fsynced)
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class DocumentVectors:
@@ -149,15 +227,7 @@ class DocumentVectors:
         under a file lock the file is read again, its documents this store lacks are merged in, and the
         union is written (atomically). Returns how many documents came from the file. Raises ValueError
         when the file now holds vectors of another model (with ``model``: checked against it)."""
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(path + ".lock", mode=new_file_mode(path + ".lock"))
-        try:
-            lock.acquire(timeout=timeout)
-        except Timeout:
-            raise ValueError(f"{path}: another process has held {path}.lock for {timeout:.0f} s; wait for it to "
-                             "finish (the lock is released when that process ends)") from None
-        try:
+        with locked(path, timeout):
             merged = 0
             if os.path.exists(path):
                 on_disk = DocumentVectors.load(path, model)
@@ -166,8 +236,6 @@ class DocumentVectors:
                 merged = self.merge(on_disk)
             self.save(path)
             return merged
-        finally:
-            lock.release()
 
     def projected(self, model) -> torch.Tensor:
         """W_d V_D ``[M, H]`` on the model's device (FC_t's document half), computed once per model."""
@@ -183,53 +251,69 @@ class DocumentVectors:
 
     # ---------------------------------------------------------------- storage
 
-    def save(self, path: str) -> None:
-        """Writes the safetensors file atomically (a temporary file in the same folder, then a rename)."""
-        from safetensors.torch import save_file
-
+    def save(self, path: str, *, shard: dict | None = None) -> None:
+        """Writes the safetensors file atomically (a temporary file in the same folder, flushed to disk, then
+        a rename): a reader sees the old file or the new one, never a part, even when the writer is killed.
+        ``shard`` (``ugd.doc_shards``): the file is one shard of a sharded build, with this metadata."""
         keys = torch.frombuffer(bytearray(b"".join(self.keys)), dtype=torch.uint8).reshape(len(self.keys), 20) \
             if self.keys else torch.empty((0, 20), dtype=torch.uint8)
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "layout": self.layout, "paradigm": self.paradigm,
                 "hidden_size": str(self.vectors.shape[1])}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-        try:
-            save_file({"vectors": self.vectors.contiguous().cpu(), "text_sha1": keys}, tmp, metadata=meta)
-            os.chmod(tmp, new_file_mode(path))  # safetensors writes 0600; a store is an ordinary output file
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        if shard is not None:
+            meta.update({k: str(v) for k, v in shard.items()}, format=SHARD_FORMAT)
+        write_atomically({"vectors": self.vectors.contiguous().cpu(), "text_sha1": keys}, path, meta)
 
     @classmethod
     def load(cls, path: str, model=None) -> "DocumentVectors":
         """Reads a file written by ``save``; with ``model``, also checks that it made them (``check``)."""
+        store, meta = cls.read(path)
+        if meta.get("format") == SHARD_FORMAT:
+            raise ValueError(f"{path} is shard {meta.get('shard')} of a sharded build, not a whole store: merge the "
+                             "shards first (python -m ugd.predict merge-shards --doc_vectors STORE PARTS...)")
+        if model is not None:
+            store.check(model)
+        return store
+
+    @classmethod
+    def read(cls, path: str) -> tuple["DocumentVectors", dict]:
+        """A store or shard file and its metadata, unchecked against any model. A missing file raises
+        FileNotFoundError; a truncated, damaged or foreign one ValueError naming it."""
         from safetensors import safe_open
+
+        from .checkpoint_files import CheckpointFileError, check_safetensors_file
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no document vectors at {path}")
+        # size against header first: a cut file gets a message that says so, not safetensors' own
+        try:
+            # ugd writes stores atomically, so a cut store was cut after its write: there is nothing to resume
+            check_safetensors_file(path, "document vectors", "delete it and build it again")
+        except CheckpointFileError as e:  # "PATH is truncated ..." -> "PATH could not be read: it is truncated ..."
+            raise ValueError(f"{path} could not be read: it {str(e).removeprefix(path).lstrip()}") from None
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
+                if meta.get("format") not in (FORMAT, SHARD_FORMAT):
                     raise ValueError(f"{path} is not a UGD document-vector file (metadata format "
                                      f"{meta.get('format')!r}, expected {FORMAT!r})")
                 vectors, keys = f.get_tensor("vectors"), f.get_tensor("text_sha1")
         except ValueError:
             raise
         except Exception as e:  # safetensors' own errors for a damaged or foreign file
-            raise ValueError(f"{path} could not be read as safetensors: {e}") from None
+            raise ValueError(f"{path} could not be read as safetensors: {str(e).splitlines()[0]}") from None
+        if keys.dtype != torch.uint8 or keys.dim() != 2 or keys.shape[1] != 20 or vectors.dim() != 2 \
+                or vectors.shape[0] != keys.shape[0]:
+            raise ValueError(f"{path} is damaged: vectors {list(vectors.shape)} and text_sha1 {list(keys.shape)} "
+                             "do not pair up as [M, H] and uint8 [M, 20]")
         raw = keys.contiguous().numpy().tobytes()
         store = cls(vectors, [raw[i: i + 20] for i in range(0, len(raw), 20)], fingerprint=meta.get("fingerprint", ""),
                     layout=meta.get("layout", ""), paradigm=meta.get("paradigm", ""))
-        if model is not None:
-            store.check(model)
-        return store
+        return store, meta
 
     def __repr__(self) -> str:
         return (f"DocumentVectors({len(self)} documents, hidden {self.vectors.shape[1]}, {self.vectors.dtype}, "
                 f"model {self.fingerprint[:12]})")
 
 
-__all__ = ["FORMAT", "DocumentVectors", "text_key"]
+__all__ = ["FORMAT", "SHARD_FORMAT", "DocumentVectors", "locked", "remove_stale_temporaries", "text_key",
+           "write_atomically"]

@@ -1,6 +1,11 @@
-"""Classification metrics of the matching heads: accuracy and ROC AUC, without scikit-learn.
+"""Classification metrics of the matching heads: accuracy, ROC AUC, macro-F1 and the confusion
+matrix, without scikit-learn.
 
     accuracy(logits, labels)            fraction of samples whose argmax is the label
+    confusion_matrix(logits, labels, C) [C, C] counts: row = true label, column = argmax prediction
+    macro_f1(logits, labels)            unweighted mean of the per-class F1 (as scikit-learn's
+                                        f1_score(average="macro"): over the classes that occur as a
+                                        label or a prediction; a class never predicted correctly has F1 0)
     binary_auc(scores, positives)       ROC AUC of one score against a 0/1 truth (ties count 1/2)
     roc_auc(logits, labels)             two classes: binary AUC of class 1's probability;
                                         more: macro one-vs-rest AUC over the classes
@@ -102,9 +107,33 @@ def roc_auc(logits, labels) -> float:
     return float(np.mean(aucs)) if aucs else math.nan
 
 
+def confusion_matrix(logits, labels, num_classes: int | None = None) -> np.ndarray:
+    """``[C, C]`` int64 counts of the labelled samples: ``m[true, predicted]`` (predicted = arg-max
+    logit). ``num_classes`` defaults to the logits' width and may not be smaller."""
+    logits, labels = _labelled(logits, labels)
+    c = logits.shape[1] if num_classes is None else num_classes
+    if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < logits.shape[1]:
+        raise ValueError(f"num_classes must be an int >= the logits' width {logits.shape[1]}, got {num_classes!r}")
+    preds = logits.argmax(axis=-1)
+    return np.bincount(labels * c + preds, minlength=c * c).reshape(c, c).astype(np.int64)
+
+
+def macro_f1(logits, labels) -> float:
+    """Unweighted mean F1 over the classes present among the labels or the predictions (NaN when no
+    sample is labelled). Per class F1 = 2 TP / (2 TP + FP + FN), 0 for a class predicted but absent."""
+    m = confusion_matrix(logits, labels)
+    if m.sum() == 0:
+        return math.nan
+    tp = np.diag(m).astype(np.float64)
+    support, predicted = m.sum(axis=1), m.sum(axis=0)
+    present = (support + predicted) > 0
+    f1 = 2 * tp[present] / (support[present] + predicted[present])  # 2TP + FP + FN = support + predicted
+    return float(f1.mean())
+
+
 def head_metrics(logits, labels) -> dict:
     """``{"acc": accuracy, "auc": roc_auc}`` of one head."""
     return {"acc": accuracy(logits, labels), "auc": roc_auc(logits, labels)}
 
 
-__all__ = ["accuracy", "binary_auc", "head_metrics", "roc_auc", "softmax"]
+__all__ = ["accuracy", "binary_auc", "confusion_matrix", "head_metrics", "macro_f1", "roc_auc", "softmax"]

@@ -125,6 +125,17 @@ class UGDModel(nn.Module):
         return self.config.paradigm_impl
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        # The backbones' own (e.g. ["Qwen2DecoderLayer"]): FSDP's transformer auto-wrap (accelerate, Trainer's
+        # --fsdp "full_shard auto_wrap") reads it to shard decoder layer by decoder layer; device_map too
+        names = []
+        for bb in (self.backbone, self.document_backbone):
+            for name in getattr(bb, "_no_split_modules", None) or ():
+                if name not in names:
+                    names.append(name)
+        return names
+
+    @property
     def head_device(self) -> torch.device:
         """Where the heads (and the batches they take) live."""
         return next(self.heads.parameters()).device
@@ -137,7 +148,7 @@ class UGDModel(nn.Module):
 
     @classmethod
     def from_backbone(cls, backbone, tokenizer, config: UGDConfig | None = None, **overrides) -> "UGDModel":
-        """Wraps a causal LM (a model, or a local path for AutoModelForCausalLM) for UGD: adds the
+        """Wraps a causal LM (a model; or a local folder, a .gguf file or a name of ``ugd.backbones``) for UGD: adds the
         special tokens to ``tokenizer`` and resizes the embeddings."""
         from transformers import AutoModelForCausalLM
 
@@ -146,7 +157,9 @@ class UGDModel(nn.Module):
 
         config = dataclasses.replace(config or UGDConfig(), **overrides)
         if isinstance(backbone, (str, os.PathLike)):
-            path = backbone
+            from .backbones import resolve_backbone
+
+            path = resolve_backbone(backbone)  # a folder as it is; a .gguf file or a registered name dequantised once
             backbone = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ugd")
             document = (AutoModelForCausalLM.from_pretrained(path, attn_implementation="ugd")
                         if config.paradigm_impl.two_backbones else None)

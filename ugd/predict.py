@@ -9,6 +9,13 @@
     python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents --doc_vectors docs.safetensors
     python -m ugd.predict --model out/demo --input pairs.jsonl --doc_vectors docs.safetensors
 
+    # the documents of a large corpus encoded by n processes or machines, then merged (ugd.doc_shards):
+    python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents \\
+        --doc_vectors docs.safetensors --shard 0/2
+    python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents \\
+        --doc_vectors docs.safetensors --shard 1/2
+    python -m ugd.predict merge-shards --doc_vectors docs.safetensors docs.part-*-of-00002.safetensors
+
 Input: JSON Lines, one object a line with the strings "query" and "document" (mode ``documents``
 needs only "document"). Other keys ("id", "label", ...) pass through to the output unchanged. Blank
 lines are skipped. A malformed line (bad JSON, not an object, a missing, non-string or empty text)
@@ -30,7 +37,13 @@ When it exists it is loaded and checked against the model (vectors of another ch
 refused); documents not in it yet are encoded, added and the file is saved back (atomically). Stored
 documents never go through the backbone again: only the queries are encoded. Several processes may
 extend one file at once: the write takes a lock (``PATH.lock``) and merges in what other processes
-stored meanwhile, so no documents are lost.
+stored meanwhile, so no documents are lost. A write is atomic (all or nothing, even under kill -9).
+
+``--shard i/n`` (mode documents): this process encodes only shard i of the input's distinct documents
+(n contiguous slices in first-seen order) into ``STORE.part-IIIII-of-NNNNN.safetensors``; ``--shard
+auto`` takes i/n from RANK/WORLD_SIZE (torchrun, accelerate launch). ``merge-shards --doc_vectors STORE
+PARTS...`` checks that the parts are all n shards of one checkpoint and one corpus and writes the store
+an unsharded run would have written (docs/inference.md, "Sharded document encoding").
 
 ``--threads N``: CPU threads of this process (torch.set_num_threads). Default: ``OMP_NUM_THREADS``
 when set, else half the usable cores, at most 4 (``default_threads``): a thread per core in each of
@@ -73,6 +86,10 @@ class PredictArguments:
                 "and write nothing else). Underscores work too (two_tower)."})
     doc_vectors: str | None = field(default=None, metadata={
         "help": "A document-vector file (safetensors) to reuse and extend: two-tower and documents modes."})
+    shard: str | None = field(default=None, metadata={
+        "help": "i/n: encode only shard i (from 0) of n of the documents into a part file beside --doc_vectors "
+                "(mode documents; merge the parts with: python -m ugd.predict merge-shards). auto: i/n from "
+                "RANK/WORLD_SIZE (torchrun, accelerate launch)."})
     batch_tokens: int = field(default=DEFAULT_BATCH_TOKENS, metadata={
         "help": "Token budget of a packed batch (two-tower, single-tower, documents)."})
     batch_size: int = field(default=16, metadata={"help": "Pairs decoded together (reason mode)."})
@@ -129,6 +146,13 @@ def parse_args(argv: list[str] | None = None) -> PredictArguments:
             raise ValueError("--mode documents needs --doc_vectors PATH: the file the document vectors are stored in")
         if args.output != STDIO:
             raise ValueError("--mode documents writes only --doc_vectors; drop --output")
+    if args.shard is not None:
+        from .doc_shards import parse_shard
+
+        if args.mode != "documents":
+            raise ValueError(f"--shard serves --mode documents only (it splits the encoding of a corpus's documents); "
+                             f"drop it for --mode {_show(args.mode)}")
+        args.shard = parse_shard(args.shard)
     return args
 
 
@@ -310,8 +334,9 @@ def _open_store(model, path: str):
     try:
         return DocumentVectors.load(path, model)
     except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"--doc_vectors {path}: {e}. To rebuild it for this model, delete the file (or name a "
-                         "new one) and run again") from None
+        advice = "" if "delete it" in str(e) else \
+            ". To rebuild it for this model, delete the file (or name a new one) and run again"
+        raise ValueError(f"--doc_vectors {path}: {e}{advice}") from None
 
 
 def _extend_store(model, store, path: str, documents: list[str], args) -> tuple:
@@ -413,6 +438,10 @@ def main(argv: list[str] | None = None) -> dict:
     check_paradigm(cfg.paradigm, args.mode, cfg)
     if args.mode in ("two_tower", "single_tower") and not 0 <= args.positive_label < cfg.num_labels:
         raise ValueError(f"--positive_label must be a class index in [0, {cfg.num_labels}), got {args.positive_label}")
+    if args.shard is not None and args.device is None:
+        from .doc_shards import launcher_device
+
+        args.device = launcher_device()  # torchrun on a GPU machine: one GPU per local process
     device = resolve_device(args.device)
     set_threads(args.threads)
     fields = ("document",) if args.mode == "documents" else ("query", "document")
@@ -423,7 +452,12 @@ def main(argv: list[str] | None = None) -> dict:
     t1 = time.time()
     t_load = t1 - t0
     summary = {"mode": _show(args.mode), "records": len(records), "skipped": stats.skipped_malformed}
-    if args.mode == "documents":
+    if args.shard is not None:
+        from .doc_shards import build_part
+
+        part = build_part(model, args.doc_vectors, [r["document"] for r in records], *args.shard,
+                          batch_tokens=args.batch_tokens, show_progress=args.progress)
+    elif args.mode == "documents":
         store = _open_store(model, args.doc_vectors)
         _, added = _extend_store(model, store, args.doc_vectors, [r["document"] for r in records], args)
     elif args.mode == "reason":
@@ -454,18 +488,51 @@ def main(argv: list[str] | None = None) -> dict:
              f"({len(records) / max(seconds, 1e-9):.1f} {unit}/s; model loaded in {t_load:.1f} s on {device})"]
     if stats.skipped_malformed:
         lines.append(f"ugd.predict: {stats}")
-    if args.doc_vectors is not None:
+    if not records:  # not an error (an empty result is one), but often a sign that the input is not the one meant
+        done = "stored" if args.mode == "documents" else "scored"
+        lines.append(f"ugd.predict: warning: {stats.path} holds no records; nothing was {done}")
+    if args.shard is not None:
+        summary.update(part)
+        done = "kept as it was (built before)" if part.get("kept") else f"{part['encoded']} encoded"
+        lines.append(f"ugd.predict: shard {part['shard']}: {part['documents']} of {part['corpus']} documents "
+                     f"({done}) in {part['part']}")
+    elif args.doc_vectors is not None:
         summary.update(stored=len(store), added=added)
         lines.append(f"ugd.predict: stored {len(store)} documents ({added} new) in {args.doc_vectors}")
     print("\n".join(lines), file=sys.stderr, flush=True)
     return summary
 
 
+def merge_main(argv: list[str] | None = None) -> dict:
+    """``python -m ugd.predict merge-shards --doc_vectors STORE PARTS...``; returns its summary."""
+    import argparse
+
+    from .doc_shards import merge_parts
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ugd.predict merge-shards",
+        description="Merges the part files of python -m ugd.predict --mode documents --shard i/n into one store, "
+                    "after checking that they are all n shards of one checkpoint and one corpus. The store equals "
+                    "what one unsharded run writes; an existing store of the same checkpoint is extended.")
+    parser.add_argument("parts", nargs="+", help="The part files (STORE.part-IIIII-of-NNNNN.safetensors), any order.")
+    parser.add_argument("--doc_vectors", "--doc-vectors", required=True, help="The store to write (or extend).")
+    args = parser.parse_args(argv)
+    summary = merge_parts(args.parts, args.doc_vectors)
+    print(f"ugd.predict: merged {summary['parts']} shards ({summary['documents']} documents) into "
+          f"{summary['store']}: stored {summary['stored']} documents ({summary['added']} new)", file=sys.stderr,
+          flush=True)
+    return summary
+
+
 def cli(argv: list[str] | None = None) -> int:
     """The console entry: a problem with the arguments, the checkpoint or the input is one line on stderr
     and exit status 2."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main(argv)
+        if argv[:1] == ["merge-shards"]:
+            merge_main(argv[1:])
+        else:
+            main(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError

@@ -52,9 +52,10 @@ class ConfigError(ValueError):
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A local folder: a causal-LM checkpoint (AutoModelForCausalLM + AutoTokenizer; the UGD special "
-                "tokens are added) or a UGD checkpoint (with ugd_config.json: UGDModel.from_pretrained). Default: a "
-                "tiny random-init backbone (ugd.demo_data.tiny_backbone_config) with a word-level tokenizer built "
-                "offline from the data."})
+                "tokens are added) or a UGD checkpoint (with ugd_config.json: UGDModel.from_pretrained); a .gguf file "
+                "or a registered name (smollm2-135m), dequantised once into $UGD_CACHE_DIR (docs/backbones.md). "
+                "Default: a tiny random-init backbone (ugd.demo_data.tiny_backbone_config) with a word-level "
+                "tokenizer built offline from the data."})
     backbone_family: str = field(default="qwen2", metadata={
         "help": "Random-init backbone only: qwen2 or llama."})
     backbone_config: str | None = field(default=None, metadata={
@@ -80,10 +81,19 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={
-        "help": "Training data (ugd.data.read_records: UGD jsonl, LCQMC/BQ/ATEC tsv, QQP tsv, SNLI/MultiNLI jsonl). "
+        "help": "Training data (ugd.data.read_records: UGD jsonl, LCQMC/BQ/ATEC tsv, QQP tsv, SNLI/MultiNLI jsonl, "
+                "e-SNLI csv). "
                 "Default: the built-in generated demo data (ugd.demo_data.demo_splits)."})
     eval_file: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
-    data_format: str = field(default="auto", metadata={"help": "auto, jsonl, lcqmc, qqp or nli (see ugd.data)."})
+    data_format: str = field(default="auto", metadata={
+        "help": "auto (by extension and header), jsonl (UGD records), lcqmc (text_a<TAB>text_b<TAB>label; also BQ, "
+                "ATEC), qqp (Quora TSV), nli (SNLI/MultiNLI jsonl) or esnli (e-SNLI's esnli_*.csv: Sentence1, "
+                "Sentence2, gold_label, Explanation_1 as the reason, all explanations as references); see ugd.data "
+                "and docs/training.md."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Train on the first N records of --train_file only (a quick run on a large file)."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Evaluate on the first N records of --eval_file only."})
     skip_bad_records: bool = field(default=False, metadata={
         "help": "Skip malformed lines (counted and reported) instead of stopping at the first one."})
     demo_train_size: int = field(default=2000, metadata={"help": "Demo data: training pairs."})
@@ -152,6 +162,11 @@ def _make_parser():
         if action.dest == "paradigm":
             action.choices = paradigms.names()
             action.help = f"The training paradigm, one of: {', '.join(paradigms.names())} (docs/paradigms.md)."
+
+    def error(message):  # argparse's way prints the whole usage (~130 lines) above the one line that matters
+        raise ConfigError(f"{message} (python -m ugd.train --help lists the arguments)")
+
+    parser.error = error
     return parser
 
 
@@ -222,7 +237,17 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
     pre.add_argument("--preset")
     pre.add_argument("--config")
     pre.add_argument("--train_file", "--train-file")
+    pre.add_argument("--paradigm")
+    pre.error = parser.error  # one line (ConfigError), not this helper parser's usage
     known, _ = pre.parse_known_args(argv)
+    from . import paradigms
+
+    def check_paradigm(name, where):
+        if name is not None and name not in paradigms.names():
+            raise ConfigError(f"{where}paradigm {name!r} is not registered; the registered paradigms are "
+                              f"{', '.join(paradigms.names())} (docs/paradigms.md)")
+
+    check_paradigm(known.paradigm, "--")
 
     sources: dict = {}
     config_values: dict = {}
@@ -259,6 +284,13 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
     except ValueError as e:  # TrainingArguments.__post_init__ checks
         raise ConfigError(str(e)) from e
     ugd_args.preset = preset
+    check_paradigm(ugd_args.paradigm, f"{sources.get('paradigm', 'the default')}: ")  # a config file's value
+    from .train_checks import output_dir_problem, training_numbers_problem
+
+    # before any data is read or model built: these would otherwise train silently or fail deep inside
+    problem = training_numbers_problem(training_args) or output_dir_problem(training_args.output_dir)
+    if problem:
+        raise ConfigError(problem)
     explicit = set(preset_values) | set(config_values) | cli
     return RunArguments(model_args, data_args, ugd_args, training_args, explicit, preset, sources)
 
@@ -298,6 +330,15 @@ def load_data(run: RunArguments, num_labels: int | None):
         if file and not os.path.isfile(file):  # one line, not read_records' FileNotFoundError traceback
             problem = "a folder, not a data file" if os.path.isdir(file) else "no such file"
             raise ConfigError(f"{flag} {file}: {problem}")
+    from .data import check_format
+
+    try:
+        check_format(d.data_format)
+    except ValueError as e:
+        raise ConfigError(f"--data_format: {e}") from None
+    for flag, value in (("--max_train_samples", d.max_train_samples), ("--max_eval_samples", d.max_eval_samples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: expected a count of at least 1 (leave it out for the whole file)")
     kw = dict(fmt=d.data_format, skip_bad=d.skip_bad_records, skip_hint="--skip_bad_records")
     train, stats = read_records(d.train_file, num_labels=num_labels, **kw)
     if not train:
@@ -305,11 +346,25 @@ def load_data(run: RunArguments, num_labels: int | None):
     if num_labels is None:
         num_labels = max(2, max(int(r["label"]) for r in train) + 1)
         logger.warning("num_labels not given: %d, from the largest label of %s", num_labels, d.train_file)
+        from .train_checks import label_gaps_warning
+
+        gaps = label_gaps_warning(stats, num_labels)  # a stray label 7 in a 0..2 file: 8 classes, 5 never seen
+        if gaps:
+            if logger.hasHandlers():  # without a handler logging itself writes the bare message to stderr
+                logger.warning(gaps)
+            print(f"ugd.train: warning: {gaps}", file=sys.stderr, flush=True)
     info = {"train": str(stats)}
+    # after num_labels: the classes come from the whole file, as they would without the limit
+    if d.max_train_samples is not None and d.max_train_samples < len(train):
+        train = train[: d.max_train_samples]
+        info["train"] += f"; the first {len(train)} used (--max_train_samples)"
     dev = None
     if d.eval_file:
         dev, eval_stats = read_records(d.eval_file, num_labels=num_labels, **kw)
         info["eval"] = str(eval_stats)
+        if d.max_eval_samples is not None and d.max_eval_samples < len(dev):
+            dev = dev[: d.max_eval_samples]
+            info["eval"] += f"; the first {len(dev)} used (--max_eval_samples)"
     return train, dev, info, num_labels
 
 
@@ -390,6 +445,13 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
 
     m = run.model
     path = m.model_name_or_path
+    if path is not None:  # a .gguf file or a registered name becomes a plain HF folder (ugd.backbones)
+        from .backbones import BackboneError, resolve_backbone
+
+        try:
+            path = resolve_backbone(path)
+        except BackboneError as e:
+            raise ConfigError(f"--model_name_or_path: {e}") from None
     dtype = _dtype(m.torch_dtype)
     saved = _peek_ugd_config(path)
     if path is None:
@@ -520,9 +582,14 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     from .data import RecordDataset
     from .generate import generate_reason
     from .layout import LayoutConfig
-    from .trainer import CURVES_NAME, CurvesCallback, UGDTrainer, unused_parameters
+    from .trainer import (CURVES_NAME, CurvesCallback, UGDTrainer, freeze_unused_parameters,
+                          fsdp_unsupported_reason)
+    from .training_signals import StopOnSignal  # SIGTERM: checkpoint, then exit 143 (docs/training.md)
 
     targs = run.training
+    fsdp_refusal = fsdp_unsupported_reason(targs)
+    if fsdp_refusal:  # before any model is built (UGDTrainer refuses too)
+        raise ConfigError(fsdp_refusal)
     if run.model.cpu_threads:
         torch.set_num_threads(run.model.cpu_threads)
     set_seed(targs.seed)
@@ -554,8 +621,10 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     # transformers >= 5.23 calls it activation_checkpointing; older 5.x (the GPU image's 5.17) gradient_checkpointing
     if getattr(targs, "activation_checkpointing", None) or getattr(targs, "gradient_checkpointing", False):
         _enable_activation_checkpointing(model)
-    if targs.ddp_find_unused_parameters is None and targs.world_size > 1:
-        targs.ddp_find_unused_parameters = bool(unused_parameters(model))
+    # parameters no step of this config trains are frozen (FC_s^kl behind the stop-gradient, a head whose
+    # loss weight is 0, ...: ugd.trainer.freeze_unused_parameters), so DDP needs no unused-parameter search;
+    # UGDTrainer does it too, this is for the count printed below
+    freeze_unused_parameters(model)
     if dev is None and str(getattr(targs.eval_strategy, "value", targs.eval_strategy)) != "no":
         from transformers.trainer_utils import IntervalStrategy
 
@@ -569,7 +638,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer = UGDTrainer(model=model, args=targs, train_dataset=RecordDataset(train),
                          eval_dataset=RecordDataset(dev) if dev else None, data_collator=collator,
-                         tokenizer=tokenizer, callbacks=[CurvesCallback(), *callbacks])
+                         tokenizer=tokenizer, callbacks=[CurvesCallback(), StopOnSignal(), *callbacks])
     main_process = trainer.is_world_process_zero()
     if main_process:
         print(f"[ugd.train] paradigm {model.config.paradigm}, {num_labels} labels, {n_params / 1e6:.2f}M parameters "
@@ -577,7 +646,10 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
               f"{targs.device}, {targs.world_size} process(es), preset {run.preset or 'none'}, output {targs.output_dir}",
               flush=True)
     t_train = time.time()
-    result = trainer.train(resume_from_checkpoint=_resume_value(targs.resume_from_checkpoint))
+    from .resume_check import resolve_resume  # another paradigm's/backbone's checkpoint: one line, exit 2
+
+    resume = resolve_resume(trainer, _resume_value(targs.resume_from_checkpoint), ConfigError)
+    result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - t_train
 
     if lora:  # the final model is a plain UGD checkpoint with the adapters merged
@@ -601,10 +673,31 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     }
     reasons = []
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if main_process and run.data.num_reasons > 0 and "generate" in unwrapped.paradigm.serves(unwrapped.config):
+    generates = "generate" in unwrapped.paradigm.serves(unwrapped.config)
+    eval_preds = []
+    if main_process and dev:
+        # the final evaluation in every mode the model serves (ugd.evaluate: macro-F1, confusion matrix, and
+        # ROUGE-L / BLEU of the first --num_reasons reasons, when rouge-score and sacrebleu are installed)
+        from .evaluate import evaluate_model, served_modes
+        from .reason_scores import available
+
+        modes = served_modes(unwrapped.paradigm, unwrapped.config)
+        if "reason" in modes and (run.data.num_reasons == 0 or not available()):
+            modes.remove("reason")  # the reasons below are still generated and shown, unscored
+        try:
+            summary["evaluation"], eval_preds = evaluate_model(
+                unwrapped, tokenizer, dev, modes, reason_samples=run.data.num_reasons,
+                max_new_tokens=run.data.max_new_tokens, batch_size=targs.per_device_eval_batch_size,
+                layout=layout, show_progress=False)
+        except ValueError as e:  # the trained model is saved: report the problem rather than lose the run
+            logger.warning("final evaluation failed: %s", e)
+            summary["evaluation"] = {"error": str(e)}
+    if main_process and run.data.num_reasons > 0 and generates:
         shown = (dev or train)[: run.data.num_reasons]
-        texts = generate_reason(unwrapped, tokenizer, shown, max_new_tokens=run.data.max_new_tokens, layout=layout,
-                                show_progress=False)
+        texts = [p["generated_reason"] for p in eval_preds if "generated_reason" in p]
+        if len(texts) != len(shown):  # not generated by the evaluation (no eval file, or no score packages)
+            texts = generate_reason(unwrapped, tokenizer, shown, max_new_tokens=run.data.max_new_tokens,
+                                    layout=layout, show_progress=False)
         for record, text in zip(shown, texts):
             reasons.append({"query": record["query"], "document": record["document"], "label": record.get("label"),
                             "gold_reason": record.get("reason"), "generated_reason": text})
@@ -636,10 +729,18 @@ def _print_report(summary, metrics, reasons, curves_path) -> None:
     if metrics:
         n = summary["data"].get("eval", "")
         lines.append(f"evaluation ({n}):")
+        modes = summary.get("evaluation", {}).get("modes", {})  # ugd.evaluate's report
         for head, name in (("t", "two-tower   "), ("s", "single-tower")):
             if f"eval_acc_{head}" in metrics:
-                lines.append(f"  {name}  ACC {_fmt(metrics[f'eval_acc_{head}'])}   AUC {_fmt(metrics[f'eval_auc_{head}'])}")
+                f1 = modes.get(name.strip(), {}).get("macro_f1")
+                lines.append(f"  {name}  ACC {_fmt(metrics[f'eval_acc_{head}'])}   AUC {_fmt(metrics[f'eval_auc_{head}'])}"
+                             + (f"   macro-F1 {_fmt(f1)}" if f1 is not None else ""))
         lines.append(f"  eval loss {_fmt(metrics.get('eval_loss'))}  (chance ACC = 1/{summary['num_labels']})")
+        if "reason" in modes:
+            r = modes["reason"]
+            lines.append(f"  reasons       ROUGE-L {_fmt(r['rouge_l'])}   BLEU {_fmt(r['bleu'])}  on {r['samples']} "
+                         f"samples" + (f" ({r['without_gold_reason']} without a gold reason)"
+                                       if r["without_gold_reason"] else ""))
     for i, r in enumerate(reasons, 1):
         doc = r["document"] if len(r["document"]) <= 90 else r["document"][:87] + "..."
         lines += [f"reason {i}: query: {r['query']!r}", f"          document: {doc!r}",

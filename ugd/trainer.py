@@ -27,11 +27,17 @@ What it changes in Trainer:
   A run killed while saving leaves no ``checkpoint-N`` behind, so ``resume_from_checkpoint=True``
   (the newest ``checkpoint-N``) never picks up a half-written one.
 * Resuming loads a UGD checkpoint's weights into the model (``_load_from_checkpoint``).
+* Parameters no training step of the model's config uses (``unused_parameters``: FC_s^kl behind the
+  stop-gradient, heads of zero-weight terms, an untied LM head without L_gen) are frozen at
+  construction, so DDP runs with ``find_unused_parameters=False`` (docs/scaling.md); at the end of a
+  distributed run the processes compare parameter checksums (``ReplicaCheckCallback``). ``--fsdp`` on
+  the CPU is refused (``fsdp_unsupported_reason``): accelerate would silently not shard.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -44,6 +50,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .data import give_ordinary_modes
 from .metrics import head_metrics
 from .model import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, UGDModel
+
+logger = logging.getLogger("ugd.trainer")
 
 STAGING_DIR = ".ugd-staging"
 LORA_ADAPTER_DIR = "lora_adapter"
@@ -227,6 +235,50 @@ def unused_parameters(model: UGDModel) -> list[str]:
     return model.paradigm.unused_parameters(model)
 
 
+def freeze_unused_parameters(model) -> list[str]:
+    """Sets ``requires_grad=False`` on the parameters ``unused_parameters`` names and returns their names.
+
+    They get no gradient in any step of this config (their loss weight is 0, FC_s^kl sits behind the
+    stop-gradient of KL(T || sg(S)), an untied LM head without L_gen), so the optimizer would skip them
+    anyway; frozen, they hold no optimizer state and no DDP gradient bucket, and DDP runs without
+    ``find_unused_parameters`` (a walk of the autograd graph every step). They are still saved.
+    """
+    if not hasattr(model, "paradigm"):  # not a UGDModel (Trainer also takes plain models)
+        return []
+    names = set(unused_parameters(model))
+    for name, param in model.named_parameters():
+        if name in names:
+            param.requires_grad_(False)
+    return sorted(names)
+
+
+def fsdp_unsupported_reason(args) -> str | None:
+    """Why ``args`` (TrainingArguments) asks for FSDP where it cannot run, or None.
+
+    accelerate applies its FSDP plugin only to accelerator process groups (CUDA/NCCL, XPU, NPU, ...):
+    for CPU processes (gloo) it drops the plugin without a word, and every process would train the
+    whole model unsharded, which is DDP at best. Refused instead of pretending.
+    """
+    if not getattr(args, "fsdp", None) or args.device.type != "cpu":
+        return None
+    import accelerate
+
+    return (f"--fsdp needs GPUs: accelerate {accelerate.__version__} shards only GPU process groups and on the CPU "
+            "(gloo) would train every process on the whole, unsharded model; on CPUs use DDP (torchrun without "
+            "--fsdp), on GPUs see docs/scaling.md")
+
+
+def parameter_checksum(model) -> str:
+    """A short hex digest of every parameter's values (float64 sum and sum of squares per tensor, in
+    ``named_parameters`` order): equal for bit-identical replicas; what the ranks of a DDP run compare."""
+    import hashlib
+
+    with torch.no_grad():
+        stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                             for _, p in model.named_parameters()]).cpu()
+    return hashlib.sha256(stats.numpy().tobytes()).hexdigest()[:16]
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -256,7 +308,18 @@ class UGDTrainer(Trainer):
         if config is not None and not hasattr(config, "to_json_string"):
             # Trainer's TensorBoard callback writes model.config.to_json_string() (a transformers config API)
             config.to_json_string = lambda: json.dumps(config.to_dict(), indent=2)
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        why = fsdp_unsupported_reason(targs) if targs is not None else None
+        if why:
+            raise ValueError(why)
+        # before Trainer builds the accelerator, which reads ddp_find_unused_parameters
+        if hasattr(model, "paradigm"):  # a UGDModel
+            freeze_unused_parameters(model)
+            if targs is not None and targs.ddp_find_unused_parameters is None:
+                # Trainer's own default for a model that is not a PreTrainedModel is True: a graph walk per step
+                targs.ddp_find_unused_parameters = bool(unused_parameters(model))
         super().__init__(*args, **kwargs)
+        self.add_callback(ReplicaCheckCallback())
 
     # ----------------------------------------------------------------- training
 
@@ -525,6 +588,26 @@ def plot_training_curves(log_history: list[dict], path: str) -> str | None:
     return path
 
 
+class ReplicaCheckCallback(TrainerCallback):
+    """At the end of a distributed run, compares ``parameter_checksum`` across the processes: the main
+    one prints ``parameters identical on all N processes (checksum C)``, or a warning naming the ranks
+    that differ (a replica that drifted: a bug, or non-deterministic kernels under FSDP/DeepSpeed)."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is None or not _distributed() or args.fsdp or args.deepspeed:
+            return  # sharded (FSDP, DeepSpeed ZeRO): each process holds only its shard
+        digest = parameter_checksum(model)
+        world = torch.distributed.get_world_size()
+        digests = [None] * world
+        torch.distributed.all_gather_object(digests, digest)
+        if state.is_world_process_zero:
+            if len(set(digests)) == 1:
+                print(f"[ugd.train] parameters identical on all {world} processes (checksum {digest})", flush=True)
+            else:
+                logger.warning("parameters differ across processes: %s",
+                               ", ".join(f"rank {r}: {d}" for r, d in enumerate(digests)))
+
+
 class CurvesCallback(TrainerCallback):
     """Writes ``training_curves.png`` into the output folder at the end of training (main process)."""
 
@@ -542,9 +625,13 @@ __all__ = [
     "STAGING_DIR",
     "CurvesCallback",
     "NonFiniteLossError",
+    "ReplicaCheckCallback",
     "UGDTrainer",
+    "freeze_unused_parameters",
+    "fsdp_unsupported_reason",
     "load_ugd_weights",
     "merged_backbone_state_dict",
+    "parameter_checksum",
     "plot_training_curves",
     "save_ugd_checkpoint",
     "unused_parameters",

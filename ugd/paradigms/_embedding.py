@@ -117,10 +117,10 @@ class EmbeddingParadigm(Paradigm):
         unused = set()
         if "readout" not in self.active_terms(model.config):
             unused |= {id(p) for p in model.heads.readout.parameters()}
-        head, emb = model.backbone.get_output_embeddings(), model.backbone.get_input_embeddings()
-        if head is not None and head.weight is not emb.weight and not self.trains_lm_head(model.config):
-            unused.add(id(head.weight))
-        return [n for n, p in model.named_parameters() if p.requires_grad and id(p) in unused]
+        names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in unused]
+        if not self.trains_lm_head(model.config):
+            names += self.lm_head_only_parameters(model.backbone, "backbone")
+        return names
 
     # ------------------------------------------------------------------ collation
 

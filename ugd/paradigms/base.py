@@ -229,6 +229,20 @@ class Paradigm:
     def unused_parameters(self, model) -> list[str]:
         return []
 
+    @staticmethod
+    def lm_head_only_parameters(backbone, prefix: str) -> list[str]:
+        """Names (``prefix.<name>``) of the trainable parameters of ``backbone``'s LM head that its input
+        embeddings do not share: what a step without an LM loss leaves without gradient. None with tied
+        weights -- compared by identity, so peft's wrappers (LoRA, trainable tokens) count as tied too."""
+        if backbone is None:
+            return []
+        out, inp = backbone.get_output_embeddings(), backbone.get_input_embeddings()
+        if out is None:
+            return []
+        shared = {id(p) for p in inp.parameters()} if inp is not None else set()
+        own = {id(p) for p in out.parameters() if p.requires_grad and id(p) not in shared}
+        return [f"{prefix}.{n}" for n, p in backbone.named_parameters() if id(p) in own]
+
     # ------------------------------------------------------------------ collation
 
     def collate(self, collator, records) -> dict:

@@ -397,11 +397,7 @@ class D2LLMParadigm(Paradigm):
         if heads.teacher_classifier is not None and not active & {"teacher", "ci", "ri", "kl"}:
             unused += [f"heads.teacher_classifier.{n}" for n, p in heads.teacher_classifier.named_parameters()
                        if p.requires_grad]
-        out, inp = model.backbone.get_output_embeddings(), model.backbone.get_input_embeddings()
-        if out is not None and out.weight is not inp.weight:  # no LM term: an untied LM head never runs
-            unused += [f"backbone.{n}" for n, p in model.backbone.named_parameters()
-                       if p.requires_grad and any(p is q for q in out.parameters())]
-        return unused
+        return unused + self.lm_head_only_parameters(model.backbone, "backbone")  # no LM term: it never runs
 
     # ------------------------------------------------------------------ inference hooks
 

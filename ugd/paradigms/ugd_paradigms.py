@@ -119,7 +119,8 @@ class UGDParadigm(Paradigm):
         return out
 
     def unused_parameters(self, model) -> list[str]:
-        terms = set(self.active_terms(model.config))
+        cfg = model.config
+        terms = set(self.active_terms(cfg))
         logits_t = bool(terms & {"cls_t", "kl"})
         logits_s = bool(terms & {"cls_s", "kl"})
         emb = "kl_emb" in terms
@@ -131,15 +132,16 @@ class UGDParadigm(Paradigm):
             unused_modules.append(("heads.classifier", heads.classifier))
         if heads.fc_t_kl is not None and not emb:
             unused_modules += [("heads.fc_t_kl", heads.fc_t_kl), ("heads.fc_s_kl", heads.fc_s_kl)]
-        for name, bb, uses_lm in (("backbone", model.backbone, "gen" in terms),
-                                  ("document_backbone", model.document_backbone, False)):
-            if bb is None or uses_lm:
-                continue
-            out, inp = bb.get_output_embeddings(), bb.get_input_embeddings()
-            if out is not None and out.weight is not inp.weight:
-                unused_modules.append((f"{name}.lm_head", out))
-        return [f"{prefix}.{n}" for prefix, mod in unused_modules for n, p in mod.named_parameters()
-                if p.requires_grad]
+        elif heads.fc_s_kl is not None and cfg.detach:
+            # F^_s = FC_s^kl(V_s) appears only as the stop-gradient teacher of KL(T || sg(S)) (paper eq. 5):
+            # with the detach no loss reaches FC_s^kl, it stays the random projection it was initialised as
+            unused_modules.append(("heads.fc_s_kl", heads.fc_s_kl))
+        names = [f"{prefix}.{n}" for prefix, mod in unused_modules for n, p in mod.named_parameters()
+                 if p.requires_grad]
+        if "gen" not in terms:
+            names += self.lm_head_only_parameters(model.backbone, "backbone")
+        # the document backbone (ttm) only encodes: its LM head never runs
+        return names + self.lm_head_only_parameters(model.document_backbone, "document_backbone")
 
     # ------------------------------------------------------------------ inference hooks
 
