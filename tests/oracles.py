@@ -1,4 +1,4 @@
-"""Test oracles written straight from SPEC section 3, independent of ugd_ops' own code paths."""
+"""Test oracles written straight from docs/spec.md section 3, independent of ugd_ops' own code paths."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 
 def intervals_from_table(spans, paradigm):
-    """Per-row loop over SPEC section 3's table. Returns python lists (cu, kv_start, kv_end)."""
+    """Per-row loop over the table of docs/spec.md section 3. Returns python lists (cu, kv_start, kv_end)."""
     cu, ks, ke = [0], [], []
     for Lq, Ld, Lp, Lg in spans.tolist():
         A, L = Lq + Ld + Lp, Lq + Ld + Lp + Lg
