@@ -1,4 +1,4 @@
-"""The attention peers of SPEC section 9, a correctness check for each, and a CUDA-event clock.
+"""The attention peers of docs/spec.md section 9, a correctness check for each, and a CUDA-event clock.
 
 Every peer turns one packed input set (``ugd_ops.workloads.AttentionInputs``, paradigm "ttm") into
 a ``Prepared``: its own leaf tensors (in the layout the peer wants, built here, outside any timed

@@ -1,4 +1,4 @@
-"""Shared helpers of the ugd_ops benchmark suite (SPEC section 9).
+"""Shared helpers of the ugd_ops benchmark suite (docs/spec.md section 9).
 
 Run from the repository root::
 
@@ -8,7 +8,7 @@ Run from the repository root::
 Every benchmark records in ``benchmark.extra_info`` what a published figure needs: workload,
 paradigm, shape, dtype, device, allowed (query, key) pairs, FLOPs, torch / CUDA versions, GPU
 name, date, and which ugd_ops backend served the operator. Attention benchmarks also record
-``tflops_at_median`` (effective TFLOP/s: allowed-pair FLOPs of SPEC section 9 over the median
+``tflops_at_median`` (effective TFLOP/s: allowed-pair FLOPs of docs/spec.md section 9 over the median
 time), which a summary at the end of the run prints next to the medians.
 
 The helpers are reached through fixtures (``bench_record``, ``bench_finish``) rather than
@@ -112,7 +112,7 @@ def attention_info(workload: str, paradigm: str, spans: torch.Tensor, kv_start: 
         "mode": mode,
         "allowed_pairs_per_head": pairs,
         "flops": attention_flops(pairs, Hq, D, mode),
-        "flops_counting": "allowed (query, key) pairs only: fwd 4*D*pairs*Hq, bwd 2.5x fwd (SPEC section 9)",
+        "flops_counting": "allowed (query, key) pairs only: fwd 4*D*pairs*Hq, bwd 2.5x fwd (docs/spec.md section 9)",
     }
 
 
@@ -184,7 +184,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _TFLOPS_ROWS:
         return
     tr = terminalreporter
-    tr.section("ugd_ops attention: effective TFLOP/s at the median (allowed-pair FLOPs, SPEC section 9)")
+    tr.section("ugd_ops attention: effective TFLOP/s at the median (allowed-pair FLOPs, docs/spec.md section 9)")
     width = max(len(name) for name, _, _ in _TFLOPS_ROWS)
     for name, med, rate in _TFLOPS_ROWS:
         tr.write_line(f"{name:<{width}}  median {med * 1e3:10.3f} ms  {rate:10.4f} TFLOP/s")

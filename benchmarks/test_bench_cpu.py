@@ -2,7 +2,7 @@
 
     pytest benchmarks/test_bench_cpu.py --benchmark-only
 
-Attention runs the SPEC section 9 workloads ``bq`` and ``nli`` cut to 8 samples, paradigm "ttm",
+Attention runs the docs/spec.md section 9 workloads ``bq`` and ``nli`` cut to 8 samples, paradigm "ttm",
 Hq 4, Hkv 2, D 64, float32: forward (with autograd recording, as in training) and forward+backward.
 detached_kl runs forward+backward on [8192, 4] and [1024, 256]; row_intervals the full ``qlq`` spans.
 Rounds are few and fixed (``benchmark.pedantic``) so the whole file takes seconds, not minutes.

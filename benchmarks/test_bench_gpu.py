@@ -1,4 +1,4 @@
-"""GPU benchmarks of SPEC section 9: partitioned attention against its peers, bf16.
+"""GPU benchmarks of docs/spec.md section 9: partitioned attention against its peers, bf16.
 
     pytest benchmarks/test_bench_gpu.py --benchmark-only --benchmark-json=gpu.json
 

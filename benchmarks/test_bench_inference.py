@@ -1,4 +1,4 @@
-"""Plug-and-play inference (SPEC section 7) against the same model served by stock transformers.
+"""Plug-and-play inference (docs/spec.md section 7) against the same model served by stock transformers.
 
     pytest benchmarks/test_bench_inference.py --benchmark-only
     pytest benchmarks/test_bench_inference.py --benchmark-only --benchmark-json=inference.json
@@ -30,12 +30,14 @@ cache with a 2D padding mask -- the very decode call the UGD path makes. The pee
 help as the UGD path: the same tokenization and truncation (``ugd.layout.encode_sample``), inputs
 sorted by length, and the same token budget per batch (``batch_tokens``, padding counted). Before a
 figure is taken, the peer must agree with the UGD path on the same inputs (vectors, probabilities,
-prefill states; the greedy tokens too in fp32), else the test fails and no figure comes out.
+prefill states; the greedy tokens too in fp32), else the test fails and no figure comes out. The
+peer and these agreement checks live in ``inference_peers.py``, whose docstring says what each peer
+function computes; this file holds the inputs, the benchmarks and the harness checks.
 
 Shapes (as in test_bench_train.py):
 
 * ``qwen2.5-1.5b`` (GPU only, skipped without CUDA): a random-init Qwen2 of Qwen2.5-1.5B's shape, bf16,
-  workloads ``qlq`` and ``bq`` of SPEC section 9 (query / document / reason around 31/230/146 and
+  workloads ``qlq`` and ``bq`` of docs/spec.md section 9 (query / document / reason around 31/230/146 and
   12/12/75 tokens): 256 documents, 256 pairs per mode, 32 reasons of the workload's mean reason length.
 * ``cpu-small``: 2 layers, hidden 128, fp32, one thread, ``qlq`` with fewer items and 16-token
   reasons; a harness check and a rough CPU figure, not a GPU one.
@@ -60,6 +62,7 @@ import random
 import pytest
 import torch
 
+import inference_peers as ip
 from ugd_ops.workloads import WORKLOADS, make_spans
 
 CUDA = torch.cuda.is_available()
@@ -79,20 +82,16 @@ SHAPES = {
                       batch_tokens=4096, stored_pairs=8192, rank_queries=4, rank_documents=8192),
 }
 IMPLS = ("ugd", "sdpa-padded")
-PEER = "sdpa-padded: same weights, attn_implementation='sdpa', padded batch, dense [B,1,L,L] partition mask"
 NUM_LABELS = 2
 VOCAB_WORDS = 2000
 CPU_THREADS = 1  # steady figures on a small shared machine
-# agreement of the peer with the UGD path before anything is timed: (absolute tolerance on
-# probabilities, relative error on hidden states) per dtype
-TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 5e-2)}
 
 # medians of the reason "ttft" runs, for the decode-only rate of the matching "generate" run
 _TTFT: dict[tuple, float] = {}
 
 
 # ---------------------------------------------------------------------------------------------
-# inputs: texts of the workload's lengths, a tokenizer, the model and its peer
+# inputs: texts of the workload's lengths, a tokenizer, the model and its peer (inference_peers.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -136,207 +135,12 @@ def build_models(shape_name: str):
         backbone = AutoModelForCausalLM.from_config(cfg, attn_implementation="ugd", dtype=shape["dtype"])
     ucfg = UGDConfig(paradigm="ugd-ttm", num_labels=NUM_LABELS, kl_dim=64, layout=LayoutConfig().to_dict())
     model = UGDModel.from_backbone(backbone, tok, ucfg).to(shape["device"], shape["dtype"]).eval()
-    peer = copy.deepcopy(model)
-    peer.backbone.set_attn_implementation("sdpa")
-    return model, peer
-
-
-def _layout_and_ids(model):
-    from ugd.inference import layout_of
-    from ugd.layout import special_token_ids
-
-    return layout_of(model), special_token_ids(model.tokenizer)
+    return model, ip.make_peer(model)
 
 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-# ---------------------------------------------------------------------------------------------
-# the peer: padded batches with a dense partition mask
-# ---------------------------------------------------------------------------------------------
-
-
-def padded_batch(samples, mask: str, device, dtype, *, left: bool = False) -> dict:
-    """``samples`` (``EncodedSample``) as one padded ``[B, L]`` batch with the dense additive
-    ``[B, 1, L, L]`` mask of ``mask`` (``ugd_ops.row_intervals``); padding rows see only themselves.
-
-    Returns input_ids, position_ids, attention_mask, valid ``[B, L]`` (False on padding) and last
-    ``[B]`` (the column of each sample's last token).
-    """
-    from ugd.collator import pack
-
-    p = pack(samples, mask)  # the partition intervals of every token, relative to its sample
-    lengths = p["spans"].to(torch.int64).sum(1)
-    B, L = len(samples), int(lengths.max())
-    offset = (L - lengths) if left else torch.zeros_like(lengths)
-    sample = torch.repeat_interleave(torch.arange(B), lengths)
-    local = torch.arange(int(lengths.sum())) - torch.repeat_interleave(p["cu_seqlens"][:-1].to(torch.int64), lengths)
-    flat = sample * L + offset[sample] + local
-    cols = torch.arange(L)
-    ids = torch.zeros(B * L, dtype=torch.int64).index_copy_(0, flat, p["input_ids"][0])
-    pos = torch.zeros(B * L, dtype=torch.int64).index_copy_(0, flat, p["position_ids"][0])
-    ks = cols.repeat(B).index_copy_(0, flat, p["kv_start"].to(torch.int64) + offset[sample])
-    ke = (cols + 1).repeat(B).index_copy_(0, flat, p["kv_end"].to(torch.int64) + offset[sample])
-    valid = torch.zeros(B * L, dtype=torch.bool).index_fill_(0, flat, True)
-    ks, ke = ks.view(B, L).to(device), ke.view(B, L).to(device)
-    c = cols.to(device)
-    allowed = (c[None, None, :] >= ks[..., None]) & (c[None, None, :] < ke[..., None])
-    attn = torch.zeros((B, 1, L, L), dtype=dtype, device=device).masked_fill_(~allowed[:, None],
-                                                                              torch.finfo(dtype).min)
-    return {"input_ids": ids.view(B, L).to(device), "position_ids": pos.view(B, L).to(device), "attention_mask": attn,
-            "valid": valid.view(B, L).to(device), "last": (offset + lengths - 1).to(device)}
-
-
-def padded_groups(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Index batches, longest first, whose *padded* size (count x longest) fits ``batch_tokens``."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
-    return groups
-
-
-@torch.no_grad()
-def peer_encode(peer, texts: list[str], side: str, batch_tokens: int) -> torch.Tensor:
-    """V_Q or V_D ``[N, H]`` of lone texts: right-padded, each span bidirectional within itself."""
-    from ugd.layout import encode_sample
-
-    layout, ids = _layout_and_ids(peer)
-    part = {"query": "q", "document": "d"}[side]
-    samples = [encode_sample(peer.tokenizer, ids, t, t, None, None, config=layout, parts=part) for t in texts]
-    w = peer.heads.classifier.weight
-    out = torch.empty((len(texts), w.shape[1]), dtype=w.dtype, device=w.device)
-    decoder = peer.backbone.get_decoder()
-    for idx in padded_groups([len(s) for s in samples], batch_tokens):
-        b = padded_batch([samples[i] for i in idx], "bidirectional", w.device, w.dtype)
-        h = decoder(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
-                    use_cache=False).last_hidden_state
-        out[torch.tensor(idx, device=w.device)] = h[torch.arange(len(idx), device=w.device), b["last"]]
-    return out
-
-
-@torch.no_grad()
-def peer_predict(peer, pairs, mode: str, batch_tokens: int) -> torch.Tensor:
-    """Class probabilities ``[N, C]`` (float32, CPU) of the padded peer, as ``model.predict``."""
-    from ugd.layout import PARADIGMS, encode_sample, prompt_ids
-
-    if mode == "two_tower":
-        v_q = peer_encode(peer, [q for q, _ in pairs], "query", batch_tokens)
-        v_d = peer_encode(peer, [d for _, d in pairs], "document", batch_tokens)
-        return peer.score_pairs(v_q, v_d)
-    layout, ids = _layout_and_ids(peer)
-    prompt = prompt_ids(peer.tokenizer, ids, layout)
-    samples = [encode_sample(peer.tokenizer, ids, q, d, None, None, config=layout, parts="qdp", _prompt=prompt)
-               for q, d in pairs]
-    mask = PARADIGMS[peer.config.paradigm][1]
-    w = peer.heads.classifier.weight
-    out = torch.empty((len(pairs), peer.config.num_labels), dtype=torch.float32)
-    decoder = peer.backbone.get_decoder()
-    for idx in padded_groups([len(s) for s in samples], batch_tokens):
-        b = padded_batch([samples[i] for i in idx], mask, w.device, w.dtype)
-        h = decoder(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
-                    use_cache=False).last_hidden_state
-        v_s = h[torch.arange(len(idx), device=w.device), b["last"]]
-        out[torch.tensor(idx)] = peer.heads.classifier(v_s).float().softmax(-1).cpu()
-    return out
-
-
-def _prompts(model, pairs):
-    from ugd.generate import prompt_samples
-
-    return prompt_samples(model, model.tokenizer, pairs)
-
-
-@torch.no_grad()
-def peer_prefill(peer, samples):
-    """The peer's prefill of Q D P prompts: left-padded, dense partition mask, one forward with a cache."""
-    from ugd.generate import PREFILL_MASK
-
-    w = peer.heads.classifier.weight
-    b = padded_batch(samples, PREFILL_MASK[peer.config.paradigm], w.device, w.dtype, left=True)
-    out = peer.backbone.get_decoder()(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                                      attention_mask=b["attention_mask"], use_cache=True)
-    return b, out
-
-
-@torch.no_grad()
-def peer_generate_ids(peer, pairs, *, max_new_tokens: int, batch_size: int, **generate_kwargs) -> list[list[int]]:
-    """Reason token ids of the padded peer: dense-mask prefill, then the same ``generate`` call as
-    ``ugd.generate`` makes (left-padded prompts + ``[Start]``, a 2D padding mask from which ``generate``
-    numbers the new tokens)."""
-    from ugd.layout import special_token_ids
-
-    tok = peer.tokenizer
-    ids = special_token_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else ids["eos"]
-    samples = _prompts(peer, pairs)
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
-    result: list[list[int]] = [[] for _ in samples]
-    for lo in range(0, len(order), batch_size):
-        chunk = order[lo: lo + batch_size]
-        b, out = peer_prefill(peer, [samples[i] for i in chunk])
-        valid, B = b["valid"], len(chunk)
-        dev = valid.device
-        input_ids = torch.cat([torch.where(valid, b["input_ids"], pad),
-                               torch.full((B, 1), ids["start"], dtype=torch.int64, device=dev)], 1)
-        attention_mask = torch.cat([valid, torch.ones((B, 1), dtype=torch.bool, device=dev)], 1).to(torch.long)
-        gen = peer.backbone.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     past_key_values=out.past_key_values, max_new_tokens=max_new_tokens,
-                                     eos_token_id=ids["eos"], pad_token_id=pad, do_sample=False, **generate_kwargs)
-        for i, row in zip(chunk, gen[:, input_ids.shape[1]:].tolist()):
-            result[i] = row[: row.index(ids["eos"])] if ids["eos"] in row else row
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# agreement of the peer with the UGD path (before any figure)
-# ---------------------------------------------------------------------------------------------
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-def check_vectors(model, peer, texts, side, batch_tokens):
-    ours = (model.encode_documents if side == "document" else model.encode_queries)(
-        texts, batch_tokens=batch_tokens, show_progress=False, output_device=None)
-    theirs = peer_encode(peer, texts, side, batch_tokens)
-    _, rel = TOLERANCE[ours.dtype]
-    err = _rel_err(theirs, ours)
-    assert err <= rel, f"the padded peer's {side} vectors differ from the UGD path's: relative error {err:.3g} > {rel}"
-
-
-def check_predict(model, peer, pairs, mode, batch_tokens):
-    ours = model.predict(pairs, mode=mode, batch_tokens=batch_tokens, show_progress=False)
-    theirs = peer_predict(peer, pairs, mode, batch_tokens)
-    atol, _ = TOLERANCE[model.heads.classifier.weight.dtype]
-    err = float((ours - theirs).abs().max())
-    assert err <= atol, f"the padded peer's {mode} probabilities differ from the UGD path's by {err:.3g} > {atol}"
-
-
-@torch.no_grad()
-def check_prefill(model, peer, pairs):
-    """The peer's left-padded prefill states equal the UGD packed prefill's (``model.encode``)."""
-    from ugd.collator import pack
-    from ugd.generate import PREFILL_MASK
-    from ugd.model import move_batch
-
-    samples = _prompts(model, pairs)
-    device = model.heads.classifier.weight.device
-    ours = model.encode(move_batch(pack(samples, PREFILL_MASK[model.config.paradigm]), device))
-    b, out = peer_prefill(peer, samples)
-    theirs = out.last_hidden_state[b["valid"]]  # row-major: sample by sample, token by token, as packed
-    _, rel = TOLERANCE[ours.dtype]
-    err = _rel_err(theirs, ours)
-    assert err <= rel, f"the padded peer's prefill differs from the packed prefill: relative error {err:.3g} > {rel}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +176,7 @@ def _common(bench_record, ugd_backend, model, impl, shape_name, workload, **fiel
     shape = SHAPES[shape_name]
     backend = (ugd_backend("partitioned_attention_fwd", shape["device"], shape=shape) if impl == "ugd"
                else "sdpa (dense mask)")
-    return bench_record(shape["device"], impl=impl, peer=PEER, shape=shape_name, workload=workload,
+    return bench_record(shape["device"], impl=impl, peer=ip.PEER, shape=shape_name, workload=workload,
                         dtype=str(shape["dtype"]).removeprefix("torch."), attention_backend=backend,
                         batch_tokens=shape["batch_tokens"], parameters=sum(p.numel() for p in model.parameters()),
                         **fields)
@@ -401,7 +205,7 @@ def run_encode_documents(benchmark, bench_record, ugd_backend, impl, shape_name,
     model, peer = _models(shape_name)
     _, documents = workload_texts(workload, shape["docs"])
     budget = shape["batch_tokens"]
-    check_vectors(model, peer, documents[:8], "document", budget)
+    ip.check_vectors(model, peer, documents[:8], "document", budget)
     if impl == "ugd":
         def call():
             v = model.encode_documents(documents, batch_tokens=budget, show_progress=False, output_device=None)
@@ -409,7 +213,7 @@ def run_encode_documents(benchmark, bench_record, ugd_backend, impl, shape_name,
             return v
     else:
         def call():
-            v = peer_encode(peer, documents, "document", budget)
+            v = ip.peer_encode(peer, documents, "document", budget)
             _sync(shape["device"])
             return v
     tokens = sum(len(d.split()) + 1 for d in documents)
@@ -427,13 +231,13 @@ def run_predict(benchmark, bench_record, ugd_backend, impl, mode, shape_name, wo
     queries, documents = workload_texts(workload, shape["pairs"])
     pairs = list(zip(queries, documents))  # all distinct: no query or document is encoded twice by either side
     budget = shape["batch_tokens"]
-    check_predict(model, peer, pairs[:8], mode, budget)
+    ip.check_predict(model, peer, pairs[:8], mode, budget)
     if impl == "ugd":
         def call():
             return model.predict(pairs, mode=mode, batch_tokens=budget, show_progress=False)
     else:
         def call():
-            return peer_predict(peer, pairs, mode, budget)
+            return ip.peer_predict(peer, pairs, mode, budget)
     benchmark.group = f"predict-{mode}-{shape_name}-{workload}"
     _common(bench_record, ugd_backend, model, impl, shape_name, workload, mode=mode, pairs=len(pairs))
     probs = _run(benchmark, call, shape["rounds"])  # float32 on the CPU: the device is synchronized
@@ -491,18 +295,18 @@ def run_reason(benchmark, bench_record, ugd_backend, impl, phase, shape_name, wo
     limit = 1 if phase == "ttft" else new_tokens
     batch = shape["reason_batch"]
     kwargs = dict(max_new_tokens=limit, batch_size=batch, min_new_tokens=limit)
-    check_prefill(model, peer, pairs[:4])
+    ip.check_prefill(model, peer, pairs[:4])
     if model.heads.classifier.weight.dtype == torch.float32:  # greedy tokens agree exactly only in fp32
         a = generate_reason_ids(model, model.tokenizer, pairs[:4], **dict(kwargs, max_new_tokens=4, min_new_tokens=4))
-        b = peer_generate_ids(peer, pairs[:4], **dict(kwargs, max_new_tokens=4, min_new_tokens=4))
+        b = ip.peer_generate_ids(peer, pairs[:4], **dict(kwargs, max_new_tokens=4, min_new_tokens=4))
         assert a == b, f"greedy tokens of the padded peer differ from the UGD path's: {b} vs {a}"
     if impl == "ugd":
         def call():
             return generate_reason_ids(model, model.tokenizer, pairs, show_progress=False, **kwargs)
     else:
         def call():
-            return peer_generate_ids(peer, pairs, **kwargs)
-    prompt_tokens = sum(len(s) for s in _prompts(model, pairs))
+            return ip.peer_generate_ids(peer, pairs, **kwargs)
+    prompt_tokens = sum(len(s) for s in ip.prompts(model, pairs))
     benchmark.group = f"reason-{phase}-{shape_name}-{workload}"
     _common(bench_record, ugd_backend, model, impl, shape_name, workload, phase=phase, pairs=len(pairs),
             batch_size=batch, new_tokens_per_pair=limit, prompt_tokens=prompt_tokens,
@@ -620,18 +424,18 @@ def test_padded_peer_agrees_with_ugd_cpu_small(cpu_threads):
     queries, documents = workload_texts("qlq", 6, seed=3)
     pairs = list(zip(queries, documents))
     budget = 1024  # several padded batches
-    check_vectors(model, peer, documents, "document", budget)
-    check_vectors(model, peer, queries, "query", budget)
+    ip.check_vectors(model, peer, documents, "document", budget)
+    ip.check_vectors(model, peer, queries, "query", budget)
     for mode in ("two_tower", "single_tower"):
-        check_predict(model, peer, pairs, mode, budget)
-    check_prefill(model, peer, pairs)
+        ip.check_predict(model, peer, pairs, mode, budget)
+    ip.check_prefill(model, peer, pairs)
     from ugd.generate import generate_reason_ids
 
     kw = dict(max_new_tokens=5, min_new_tokens=5, batch_size=4)
     ours = generate_reason_ids(model, model.tokenizer, pairs, **kw)
-    assert ours == peer_generate_ids(peer, pairs, **kw) and all(len(r) == 5 for r in ours)
+    assert ours == ip.peer_generate_ids(peer, pairs, **kw) and all(len(r) == 5 for r in ours)
     # a peer whose single tower reads with the stm mask (queries see the document) must be rejected
     wrong = copy.deepcopy(peer)
     wrong.config.paradigm = "ugd-stm"
     with pytest.raises(AssertionError, match="single_tower"):
-        check_predict(model, wrong, pairs, "single_tower", budget)
+        ip.check_predict(model, wrong, pairs, "single_tower", budget)

@@ -1,4 +1,4 @@
-"""Benchmarks of the two losses of SPEC section 5: detached_kl and linear_cross_entropy, against eager
+"""Benchmarks of the two losses of docs/spec.md section 5: detached_kl and linear_cross_entropy, against eager
 PyTorch (and torch.compile / Liger-Kernel on the GPU).
 
     pytest benchmarks/test_bench_losses.py --benchmark-only

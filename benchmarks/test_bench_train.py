@@ -7,7 +7,7 @@ pipeline does with the UGD partition).
 Shapes:
 * ``qwen2.5-1.5b`` (GPU only, skipped without CUDA): a random-init Qwen2 of Qwen2.5-1.5B's shape
   (hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960, vocab 151936, tied embeddings), bf16
-  weights, AdamW, the ``qlq`` workload of SPEC section 9 (32 samples, query/document/reason around
+  weights, AdamW, the ``qlq`` workload of docs/spec.md section 9 (32 samples, query/document/reason around
   31/230/146 tokens), random token ids.
 * ``cpu-small``: 2 layers, hidden 128, 4 heads, 2 KV heads, vocab 1000, fp32, 8 ``qlq`` samples --
   finishes in seconds; it checks the harness and gives a CPU figure, not a GPU one.
@@ -16,7 +16,7 @@ Recorded in ``extra_info``: samples/s and tokens/s at the median, peak GPU memor
 RSS (CPU), model FLOPs per step and MFU. FLOPs count useful work only: 6 x (non-embedding parameters)
 x tokens for the matrix products, the LM head on the reason tokens only (6 x H x V per G token), and
 attention over the allowed (query, key) pairs (4 x D x Hq per pair and layer forward, 2.5x backward,
-SPEC section 9) -- the padded peer does the same useful work in more time. MFU divides by the
+docs/spec.md section 9) -- the padded peer does the same useful work in more time. MFU divides by the
 GPU's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s); there is none on a CPU.
 """
 
