@@ -1,4 +1,4 @@
-"""Mixed precision: the hot ops under torch.autocast behave as PyTorch's own ops do (issue 11, B).
+"""Mixed precision: the hot ops under torch.autocast behave as PyTorch's own ops do.
 
 partitioned_attention casts q, k, v to the autocast dtype (as scaled_dot_product_attention does);
 linear_cross_entropy runs its matmul in it (as F.linear does); detached_kl meets mixed logits in the
@@ -27,7 +27,7 @@ def _attention_inputs(device, D=32, seed=0):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
 def test_attention_mixed_inputs_under_autocast(device, dtype):
-    """RoPE leaves q and k in fp32 while v comes out of a bf16 matmul (issue 11, item 2)."""
+    """RoPE leaves q and k in fp32 while v comes out of a bf16 matmul."""
     (q, k, v), lay = _attention_inputs(device)
     q.requires_grad_()
     with pytest.raises(ValueError, match="dtype"):
@@ -97,7 +97,7 @@ def test_packed_hf_forward_under_cpu_autocast_matches_sdpa():
 
 
 def test_train_bf16_runs_a_few_steps_on_the_cpu(tmp_path):
-    """`python -m ugd.train --bf16`: the Trainer's CPU autocast around the packed model (issue 11, item 2)."""
+    """`python -m ugd.train --bf16`: the Trainer's CPU autocast around the packed model."""
     pytest.importorskip("transformers")
     from test_train import run_args
 

@@ -1,4 +1,4 @@
-"""ugd.data: the readers of SPEC section 8 on small hand-written files."""
+"""ugd.data: the readers of docs/spec.md section 8 on small hand-written files."""
 
 import csv
 import io
@@ -287,7 +287,7 @@ def test_write_jsonl_failure_leaves_old_file(tmp_path):
 
 
 def test_nan_constants_are_malformed_and_the_hint_names_the_callers_flag(tmp_path):
-    """Python's json reads NaN / Infinity, JSON has neither: such a line is malformed (issue 15), and the
+    """Python's json reads NaN / Infinity, JSON has neither: such a line is malformed, and the
     error names how the caller skips it (ugd.train passes --skip_bad_records)."""
     f = tmp_path / "d.jsonl"
     f.write_text('{"query": "a", "document": "b", "label": 1}\n{"query": "a", "document": "b", "label": NaN}\n')

@@ -1,4 +1,4 @@
-"""Every contract violation of SPEC section 3 raises a ValueError naming the argument, on the compiled
+"""Every contract violation of docs/spec.md section 3 raises a ValueError naming the argument, on the compiled
 kernels and on the reference backend alike; nothing crashes or returns silently."""
 
 import pytest

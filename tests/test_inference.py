@@ -1,4 +1,4 @@
-"""Plug-and-play inference (SPEC section 7) on tiny random backbones, CPU, fp32.
+"""Plug-and-play inference (docs/spec.md section 7) on tiny random backbones, CPU, fp32.
 
 The API's results equal the training forward's heads on the same pairs; lone query/document vectors
 equal those inside full training sequences; scoring from stored vectors runs no backbone on

@@ -1,4 +1,4 @@
-"""row_intervals and dense_mask: the layout of SPEC section 3, on every backend."""
+"""row_intervals and dense_mask: the layout of docs/spec.md section 3, on every backend."""
 
 import pytest
 import torch

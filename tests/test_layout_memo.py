@@ -26,7 +26,7 @@ def _host_says_broken(cu, ks, ke, T) -> bool:
 
 
 def _breakages(cu, ks, ke):
-    """(name, cu, ks, ke, T) variants that each break one rule of SPEC section 3."""
+    """(name, cu, ks, ke, T) variants that each break one rule of docs/spec.md section 3."""
     T = int(cu[-1])
     i = T // 2
     out = []

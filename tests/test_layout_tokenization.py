@@ -276,7 +276,7 @@ def samples(tok, ids, parts="qdpg", cfg=None):
 
 
 def table_intervals(spans, paradigm):
-    """SPEC section 3's table, written out per row (relative key intervals)."""
+    """The table of docs/spec.md section 3, written out per row (relative key intervals)."""
     ks, ke = [], []
     for Lq, Ld, Lp, Lg in spans:
         A = Lq + Ld + Lp

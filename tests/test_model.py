@@ -208,7 +208,8 @@ def test_bad_config():
 
 
 def test_generation_loss_is_per_sample_mean_then_batch_mean():
-    """SPEC eq. 3: mean over each sample's reason tokens, then over the samples that have a reason."""
+    """L_gen (docs/spec.md section 5, paper eq. 3): mean over each sample's reason tokens, then over the
+    samples that have a reason."""
     from ugd.losses import generation_loss
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Without a built extension, ``import ugd_ops`` says so plainly and how to build it (issue 11, F).
+"""Without a built extension, ``import ugd_ops`` says so plainly and how to build it.
 
 A source tree that was never built has no ``ugd_ops/_C*.so``; Python's own message for the failing
 ``from . import _C`` ("cannot import name '_C' from partially initialized module ... circular import")

@@ -45,7 +45,7 @@ def make_model(paradigm="ugd-ttm", seed=0, **overrides):
 def test_builtin_paradigms_are_registered_with_their_old_names():
     assert UGD_FIVE <= set(paradigms.names())
     assert set(paradigms.names(family="ugd")) == UGD_FIVE
-    # layouts and terms as before the registry (SPEC section 6)
+    # layouts and terms of docs/spec.md section 6
     assert PARADIGMS["ugd-ttm"] == ("qdpg", "ttm") and PARADIGMS["ttm"] == ("q|d", None)
     assert paradigms.get("ugd-ttm").terms == ("cls_t", "cls_s", "gen", "kl", "kl_emb")
     assert paradigms.get("stm").terms == ("cls_s",)

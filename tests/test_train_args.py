@@ -1,4 +1,4 @@
-"""Bad arguments and inputs of ``python -m ugd.train`` (issue 23.3): one line on stderr, exit 2, no
+"""Bad arguments and inputs of ``python -m ugd.train``: one line on stderr, exit 2, no
 traceback, and no model built. Most cases call ``ugd.train.cli`` in-process (they fail in parse_args
 or load_data, before any model exists); one runs the module in a subprocess for the real console."""
 

@@ -1,7 +1,7 @@
 """ugd: UGD text matching on Hugging Face causal LMs.
 
 One decoder runs a two-tower matcher, a single-tower matcher and a reason generator, separated only
-by a partitioned attention mask (SPEC sections 1-6):
+by a partitioned attention mask (docs/spec.md sections 1-6):
 
     ugd.layout     special tokens, LayoutConfig, encode_sample (spans, positions, reason labels)
     ugd.collator   UGDCollator: records -> one padding-free packed batch with its key intervals

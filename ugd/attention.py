@@ -1,4 +1,4 @@
-"""transformers integration: ``attn_implementation="ugd"`` runs partitioned attention (SPEC section 3).
+"""transformers integration: ``attn_implementation="ugd"`` runs partitioned attention (docs/spec.md section 3).
 
 Importing this module registers, once:
 

@@ -1,4 +1,4 @@
-"""Padding-free packing of laid-out samples, and the collator of every paradigm (SPEC sections 3, 6, 8).
+"""Padding-free packing of laid-out samples, and the collator of every paradigm (docs/spec.md sections 3, 6, 8).
 
 A packed batch is one sequence of T tokens holding B samples back to back (no padding), as a dict:
 
@@ -142,7 +142,7 @@ def budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 class UGDCollator:
-    """Records -> packed batches for one training paradigm (SPEC sections 6 and 8).
+    """Records -> packed batches for one training paradigm (docs/spec.md sections 6 and 8).
 
     A record is a mapping ``{"query": str, "document": str, "label": int (optional at inference),
     "reason": str (optional)}``.

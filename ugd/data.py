@@ -1,4 +1,4 @@
-"""Reading matching data sets into UGD records (SPEC section 8).
+"""Reading matching data sets into UGD records (docs/spec.md section 8).
 
 A record is ``{"query": str, "document": str, "label": int, "reason": str | None}``::
 

@@ -1,4 +1,4 @@
-"""Stored document vectors for two-tower serving (SPEC section 7: "documents once, stored").
+"""Stored document vectors for two-tower serving (docs/spec.md section 7: "documents once, stored").
 
     store = DocumentVectors.build(model, corpus)          # encodes each distinct text once
     store.save("docs.safetensors")

@@ -1,4 +1,4 @@
-"""Reason generation (SPEC section 7, "Reason"): packed prefill under the partition mask, then batched
+"""Reason generation (docs/spec.md section 7, "Reason"): packed prefill under the partition mask, then batched
 decoding with a KV cache through transformers' ``generate``.
 
     reasons = model.generate_reason([("query", "document"), ...], max_new_tokens=64)   # greedy
@@ -123,8 +123,8 @@ def _generate_batch(model, samples, mask: str, start_id: int, eos: int, pad: int
     # gets A, as in training, because P and G positions continue from Lq + Ld in both position modes.
     last_pos = batch["position_ids"][0][batch["cu_seqlens"][1:].to(torch.int64) - 1]
     if not torch.equal(last_pos + 1, lengths):
-        raise RuntimeError("the prompt positions do not end at A - 1; reason generation assumes SPEC section 4's "
-                           "positions (P and G continue from Lq + Ld)")
+        raise RuntimeError("the prompt positions do not end at A - 1; reason generation assumes the positions of "
+                           "docs/spec.md section 4 (P and G continue from Lq + Ld)")
     start = torch.full((B, 1), start_id, dtype=ids.dtype, device=device)
     input_ids = torch.cat([ids, start], 1)
     attention_mask = torch.cat([valid, torch.ones((B, 1), dtype=torch.bool, device=device)], 1).to(torch.long)

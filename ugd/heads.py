@@ -1,4 +1,4 @@
-"""The multi-task heads of SPEC section 5, on top of the backbone's last hidden state F (size H).
+"""The multi-task heads of docs/spec.md section 5, on top of the backbone's last hidden state F (size H).
 
     F_t      = FC_t([V_Q; V_D])        2H -> H, with a non-linearity (a purely linear FC_t followed by
                                         the linear classifier would make the two-tower logits a sum of a

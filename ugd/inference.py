@@ -1,4 +1,4 @@
-"""Plug-and-play inference (SPEC section 7): two-tower vectors and scores, single-tower scores, ranking.
+"""Plug-and-play inference (docs/spec.md section 7): two-tower vectors and scores, single-tower scores, ranking.
 
 The ``UGDModel`` methods call these (``model.encode_documents(texts)`` is
 ``encode_texts(model, texts, "document")``)::
@@ -8,7 +8,7 @@ The ``UGDModel`` methods call these (``model.encode_documents(texts)`` is
     hits = model.rank("how do I reset my password", docs, top_k=5)  # [(index, score), ...]
     probs = model.predict(pairs, mode="single_tower")               # [N, C] class probabilities
 
-Costs, as SPEC section 7 asks:
+Costs, as docs/spec.md section 7 asks:
 
 * Two-tower. A query or a document is encoded alone (parts ``"q"`` / ``"d"``, each span attending to
   itself only, positions from 0 as inside a training sequence in ``position_mode="restart"``), packed

@@ -1,4 +1,4 @@
-"""The UGD sequence layout (SPEC sections 2 and 4): special tokens, spans, positions, LM targets.
+"""The UGD sequence layout (docs/spec.md sections 2 and 4): special tokens, spans, positions, LM targets.
 
 One training sample is one sequence of four spans, in this order::
 
@@ -73,7 +73,7 @@ class _ParadigmLayouts(Mapping):
         return repr(dict(self))
 
 
-#: Training paradigm (SPEC section 6) -> (parts, mask): a live view of ``ugd.paradigms``.
+#: Training paradigm (docs/spec.md section 6) -> (parts, mask): a live view of ``ugd.paradigms``.
 PARADIGMS = _ParadigmLayouts()
 
 
@@ -292,7 +292,7 @@ def encode_sample(
     parts: str = "qdpg",
     _prompt: list[int] | None = None,
 ) -> EncodedSample:
-    """Lays out one sample (SPEC section 2).
+    """Lays out one sample (docs/spec.md section 2).
 
     Args:
         tokenizer: a tokenizer holding the UGD special tokens.

@@ -1,4 +1,4 @@
-"""The loss terms of SPEC section 5 (paper eq. 1-7), each returned on its own.
+"""The loss terms of docs/spec.md section 5 (paper eq. 1-7), each returned on its own.
 
     L_t = alpha CE(Logits_t, y) + beta CE(Logits_s, y) + gamma L_gen + lambda KL(P || sg(Q)) + mu KL(T || sg(S))
     L_s = beta CE(Logits_s, y) + gamma L_gen

@@ -1,4 +1,4 @@
-"""UGDModel: any Hugging Face causal LM, the partition mask, the heads and the losses of SPEC 5-6.
+"""UGDModel: any Hugging Face causal LM, the partition mask, the heads and the losses of docs/spec.md sections 5-6.
 
 A checkpoint directory holds the backbone exactly as transformers saves it (so
 ``AutoModelForCausalLM.from_pretrained(path)`` still loads it), the tokenizer, ``ugd_config.json``
@@ -19,13 +19,13 @@ from torch import nn
 from . import paradigms as _paradigms
 from .checkpoint_files import DOCUMENT_BACKBONE_DIR, HEADS_NAME
 from .data import give_ordinary_modes
-from .packed import UGDOutput, encode_packed, move_batch, packed_inputs  # noqa: F401  (packed_inputs: its old home)
+from .packed import UGDOutput, encode_packed, move_batch, packed_inputs  # noqa: F401  (packed_inputs: re-exported)
 
 CONFIG_NAME = "ugd_config.json"
 
-# Compatibility views of the registry for code written before it (``ugd.paradigms`` is the source):
+# Read-only views of the registry (``ugd.paradigms`` is the source) under names callers import from here:
 # the loss terms of each paradigm and which paradigms have a two-tower / single-tower head / reasons,
-# for the paradigms registered when this module was imported. New code asks ``ugd.paradigms.get(name)``.
+# for the paradigms registered when this module was imported. ``ugd.paradigms.get(name)`` is the full answer.
 PARADIGM_TERMS = {p.name: p.terms for p in _paradigms.all_paradigms()}
 TWO_TOWER = set(_paradigms.names(capability="score_pairs"))
 SINGLE_TOWER = set(_paradigms.names(capability="single_tower"))
@@ -50,8 +50,8 @@ class UGDConfig:
     head_activation: str = "gelu"
     layout: dict = field(default_factory=dict)  # ugd.layout.LayoutConfig as a dict
     special_token_ids: dict = field(default_factory=dict)  # {"cls", "gmask", "start", "eos"}
-    # the paradigm's own settings (ugd.paradigms.base: Paradigm.options), only those set; absent in
-    # checkpoints written before the registry, which is the same as {}
+    # the paradigm's own settings (ugd.paradigms.base: Paradigm.options), only those set; a checkpoint
+    # without this field loads as {}
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -289,7 +289,7 @@ class UGDModel(nn.Module):
         """
         return self.paradigm.forward(self, move_batch(batch, self.head_device), compute)
 
-    # ------------------------------------------------------------------ inference (SPEC section 7)
+    # ------------------------------------------------------------------ inference (docs/spec.md section 7)
     # Thin wrappers over ugd.inference and ugd.generate, which document the costs and the checks.
 
     def encode_queries(self, texts, **kwargs):

@@ -5,7 +5,7 @@
     python -m ugd.predict --model out/demo --input pairs.jsonl --mode reason --max_new_tokens 48
     cat pairs.jsonl | python -m ugd.predict --model out/demo --input - > scored.jsonl
 
-    # two-tower with stored document vectors (SPEC section 7: documents once, stored):
+    # two-tower with stored document vectors (docs/spec.md section 7: documents once, stored):
     python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents --doc_vectors docs.safetensors
     python -m ugd.predict --model out/demo --input pairs.jsonl --doc_vectors docs.safetensors
 

@@ -131,7 +131,7 @@ class UGDArguments:
     max_reason_len: int = field(default=256, metadata={"help": "Reason span length, [Start] included."})
     prompt: str = field(default="because [gMask], the correlation score is [CLS]", metadata={
         "help": "The P span's text (must contain [gMask] and end with [CLS])."})
-    position_mode: str = field(default="restart", metadata={"help": "restart or continuous (SPEC section 4)."})
+    position_mode: str = field(default="restart", metadata={"help": "restart or continuous (docs/spec.md section 4)."})
 
 
 #: UGDConfig fields set from UGDArguments; the first group fixes the heads' shapes

@@ -1,8 +1,9 @@
 """ugd_ops: the operators of UGD matching models as PyTorch custom ops.
 
-    partitioned_attention  attention where each query row reads one key interval (SPEC section 3)
-    detached_kl            KL(P || sg(Q)) of the single-to-two-tower distillation (SPEC section 5)
-    linear_cross_entropy   cross-entropy of hidden @ weight.T without the [N, V] logits (SPEC eq. 3)
+    partitioned_attention  attention where each query row reads one key interval (docs/spec.md section 3)
+    detached_kl            KL(P || sg(Q)) of the single-to-two-tower distillation (docs/spec.md section 5)
+    linear_cross_entropy   cross-entropy of hidden @ weight.T without the [N, V] logits (L_gen: paper eq. 3,
+                           docs/spec.md section 5)
     row_intervals          span lengths -> cu_seqlens, kv_start, kv_end
     dense_mask             the same layout as a [T, T] bool mask (for references and peers)
 

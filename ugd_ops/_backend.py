@@ -111,7 +111,7 @@ def _attention_router(name: str):
         reason = cuda_attention.unserved_reason(q, k, v, kernel_op)
         if reason is None:
             # The kernel clamps a broken layout (never out of bounds) but cannot report it: check the
-            # values once per layout (one host sync per batch) so it raises as SPEC section 3 says.
+            # values once per layout (one host sync per batch) so it raises as docs/spec.md section 3 says.
             _checks.check_attention_meta(q, k, v, *args[-5:-2], CPU_MAX_HEAD_DIM)
             layout_memo.check_layout(*args[-5:-2], q.shape[0], args[-2])  # [-2]: max_seqlen
             return getattr(torch.ops.ugd_ops, kernel_op)(*args)

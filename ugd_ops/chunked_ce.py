@@ -120,7 +120,8 @@ def row_weights(targets, per_sample, ignore_index: int, reduction: str, dtype: t
     - ``"mean"``: 1 / (number of non-ignored rows), and 0 everywhere when every row is ignored (the
       loss is then 0, not F.cross_entropy's 0/0 = NaN);
     - with ``per_sample``: 1 / (non-ignored rows of the row's sample), further divided by the number of
-      samples with a non-ignored row for ``"mean"`` (SPEC eq. 3; samples without one are left out).
+      samples with a non-ignored row for ``"mean"`` (docs/spec.md section 5, paper eq. 3; samples without
+      one are left out).
     """
     valid = targets != ignore_index
     w = valid.to(dtype)

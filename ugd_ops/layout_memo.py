@@ -6,7 +6,7 @@ A transformers model hands every decoder layer the same three layout tensors (``
 for the others. Entries hold weak references and the tensors' version counters, so a freed or
 modified-in-place layout never matches, whatever address a new tensor gets.
 
-:func:`check_layout` is SPEC section 3's promise on CUDA: a layout that breaks the contract raises an
+:func:`check_layout` keeps the promise of docs/spec.md section 3 on CUDA: a layout that breaks the contract raises an
 error naming the argument instead of giving wrong numbers. Reading values on a GPU costs one host
 sync, so it happens once per new layout (one sync per batch, not per layer), with the flags computed
 on the device and the detailed message built only on failure. It is skipped while a CUDA graph is being
@@ -52,7 +52,7 @@ class LayoutMemo:
 
 
 def layout_broken(cu_seqlens: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, T: int) -> torch.Tensor:
-    """A 0-dim bool tensor on the layout's device: True when the layout breaks SPEC section 3
+    """A 0-dim bool tensor on the layout's device: True when the layout breaks docs/spec.md section 3
     (cu_seqlens not from 0 to T non-decreasing, or an interval reversed or outside its sequence).
     O(T + B) device work, no sync."""
     cu = cu_seqlens.long()

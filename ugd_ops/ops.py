@@ -68,7 +68,7 @@ def partitioned_attention(
     softmax_scale: float | None = None,
     return_lse: bool = False,
 ):
-    """Attention over a packed batch where every query row reads one key interval (SPEC section 3).
+    """Attention over a packed batch where every query row reads one key interval (docs/spec.md section 3).
 
     Args:
         q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA). Same float dtype and
@@ -178,7 +178,7 @@ def detached_kl(
     reduction: str = "batchmean",
     detach: bool = True,
 ) -> torch.Tensor:
-    """KL(softmax(p_logits / T) || softmax(q_logits / T)) over the last dimension (SPEC section 5).
+    """KL(softmax(p_logits / T) || softmax(q_logits / T)) over the last dimension (docs/spec.md section 5).
 
     P, the trained (two-tower) side, is the first argument; Q, the teacher, gets no gradient unless
     ``detach=False``. The loss is *not* multiplied by T^2 (scale it yourself for Hinton-style
@@ -273,7 +273,7 @@ def linear_cross_entropy(
             ``F.cross_entropy``; 0, not NaN, when every row is ignored).
         per_sample: optional int64 ``[N]`` (or ``[...]``) sample id of each row, in ``[0, N)`` for the
             non-ignored rows: the loss is then the mean over each sample's non-ignored rows, averaged
-            (``"mean"``) or summed (``"sum"``) over the samples that have one (SPEC eq. 3).
+            (``"mean"``) or summed (``"sum"``) over the samples that have one (docs/spec.md section 5, paper eq. 3).
         chunk_size: rows per chunk; default ``chunked_ce.default_chunk_size(V)`` (512 for V = 151,936).
 
     Returns:
@@ -374,7 +374,7 @@ torch.library.register_autograd("ugd_ops::linear_cross_entropy_fwd", _lce_backwa
 
 
 def row_intervals(spans: torch.Tensor | Sequence[Sequence[int]], paradigm: str):
-    """Span lengths -> the packed layout of SPEC section 3.
+    """Span lengths -> the packed layout of docs/spec.md section 3.
 
     Args:
         spans: int32 ``[B, 4]``: (Lq, Ld, Lp, Lg) per sample (a nested list is converted).

@@ -165,7 +165,7 @@ def detached_kl_fwd(p_logits, q_logits, temperature, grad_p, grad_q):
 
 def row_intervals(spans: torch.Tensor, paradigm: str):
     """Span lengths ``[B, 4]`` (Lq, Ld, Lp, Lg) -> (cu_seqlens ``[B+1]``, kv_start ``[T]``, kv_end ``[T]``),
-    the table of SPEC section 3, with torch ops (any device)."""
+    the table of docs/spec.md section 3, with torch ops (any device)."""
     _checks.check_spans(spans, paradigm)
     s = spans.to(torch.int64)
     if (s < 0).any():

@@ -1,9 +1,9 @@
-"""The speed workloads of SPEC section 9, shared by the benchmarks and the tests.
+"""The speed workloads of docs/spec.md section 9, shared by the benchmarks and the tests.
 
 A workload is a packed batch of UGD samples whose span lengths are drawn around the means of the
 paper's Table 4 (query / document / reason tokens): ``qlq`` 31/230/146, ``bq`` 12/12/75,
 ``nli`` 16/9/58 (32 samples each), and ``longdoc`` (8 samples, document 4096, reason 256) for
-scaling. Span lengths follow the layout of SPEC section 2:
+scaling. Span lengths follow the layout of docs/spec.md section 2:
 
     Lq = query + 1 ([CLS]), Ld = document + 1 ([CLS]), Lp = PROMPT_TOKENS, Lg = reason + 1 ([Start])
 
@@ -110,6 +110,6 @@ def allowed_pairs(kv_start: torch.Tensor, kv_end: torch.Tensor) -> int:
 
 
 def attention_flops(pairs: int, heads: int, head_dim: int, mode: str = "fwd") -> float:
-    """FLOPs of partitioned attention counting allowed pairs only (SPEC section 9)."""
+    """FLOPs of partitioned attention counting allowed pairs only (docs/spec.md section 9)."""
     fwd = 4.0 * head_dim * pairs * heads
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]

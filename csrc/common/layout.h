@@ -1,4 +1,4 @@
-// The UGD sequence layout (SPEC sections 2 and 3), shared by the CPU and CUDA layout kernels:
+// The UGD sequence layout (docs/spec.md sections 2 and 3), shared by the CPU and CUDA layout kernels:
 // span lengths (Lq, Ld, Lp, Lg) -> one key interval [lo, hi) per row, relative to the sequence.
 #pragma once
 

@@ -1,4 +1,4 @@
-// CPU kernels of the layout ops: row_intervals (span lengths -> one key interval per row, SPEC
+// CPU kernels of the layout ops: row_intervals (span lengths -> one key interval per row, docs/spec.md
 // section 3) and dense_mask (the intervals as a [T, T] boolean mask, for references and peers).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Parallel.h>

@@ -250,7 +250,7 @@ void test_registration() {
   EXPECT(info.find("\"cpu\": {") != std::string::npos, "build_info has no cpu section: ", info);
   EXPECT(info.find("partitioned_attention_fwd") != std::string::npos, "build_info: ", info);
 
-  // row_intervals and dense_mask on the spans used below (ttm: SPEC section 3).
+  // row_intervals and dense_mask on the spans used below (ttm: docs/spec.md section 3).
   const Layout l = row_intervals(kSpans, "ttm");
   EXPECT(l.T() == 14 + 2 + 37, "T = ", l.T());
   const auto cu = l.cu.accessor<int32_t, 1>();

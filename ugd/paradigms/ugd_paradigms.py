@@ -1,4 +1,4 @@
-"""The five paradigms of the UGD paper (SPEC sections 5-7): ugd-ttm, ugd-stm, shared-ttm, ttm, stm.
+"""The five paradigms of the UGD paper (docs/spec.md sections 5-7): ugd-ttm, ugd-stm, shared-ttm, ttm, stm.
 
 One class, five instances: they share the heads (``ugd.heads.UGDHeads``: FC_t, the shared
 classifier FC, the KL projections), the losses of ``ugd.losses`` and the forward; they differ in
@@ -10,8 +10,8 @@ layout, loss terms and which towers exist.
     ttm         Q | D,   two packs  a CE_t                      (a second backbone for documents)
     stm         Q D P,   STM mask   b CE_s
 
-The weights are the ``UGDConfig`` fields ``alpha``, ``beta``, ``gamma``, ``lam``, ``mu`` (their names
-and their places in checkpoints predate the registry and stay).
+The weights are the ``UGDConfig`` fields ``alpha``, ``beta``, ``gamma``, ``lam``, ``mu`` (top-level
+fields, not paradigm options, because checkpoints store them there).
 """
 
 from __future__ import annotations

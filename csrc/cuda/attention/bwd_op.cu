@@ -1,4 +1,4 @@
-// ugd_ops::_cuda_attention_bwd: the CUDA backward of partitioned attention (issue 13), with the
+// ugd_ops::_cuda_attention_bwd: the CUDA backward of partitioned attention, with the
 // schema of ugd_ops::partitioned_attention_bwd and a CUDA kernel only. ugd_ops/cuda_attention.py
 // decides when the public operator routes here (bf16 / fp16, head dims 64 and 128, behind the
 // UGD_CUDA_ATTENTION switch until a GPU run has verified it).

@@ -8,7 +8,7 @@
 // the reach of its rows, into a workspace of max_tiles(T, B) entries; the two compute launches
 // are sized by that bound and their surplus blocks return at once.
 //
-// Skipping, in both directions (SPEC section 3, "column view"): a query tile's rows reach the
+// Skipping, in both directions (docs/spec.md section 3, "column view"): a query tile's rows reach the
 // columns [k_lo, k_hi), the union of their non-empty intervals (min kv_start / max kv_end over
 // the rows that are not empty). The dk/dv pass of a key tile [c0, c1) visits only the query tiles
 // of its sequence that meet it, decided per query tile: in a `ttm` layout the keys of the Q span
