@@ -19,11 +19,11 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from ugd import paradigms
-from ugd.collator import UGDCollator
-from ugd.demo_data import build_tokenizer, demo_splits, tiny_backbone_config
-from ugd.layout import LayoutConfig
+from ugd.data.collator import UGDCollator
+from ugd.data.demo import build_tokenizer, demo_splits, tiny_backbone_config
+from ugd.data.layout import LayoutConfig
 from ugd.model import UGDConfig, UGDModel
-from ugd.trainer import freeze_unused_parameters, parameter_checksum, unused_parameters
+from ugd.training.trainer import freeze_unused_parameters, parameter_checksum, unused_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BACKBONE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,

@@ -1,4 +1,4 @@
-"""ugd.layout and ugd.collator: special tokens, spans, positions, LM targets, packing, paradigms."""
+"""ugd.data.layout and ugd.data.collator: special tokens, spans, positions, LM targets, packing, paradigms."""
 
 import dataclasses
 import warnings
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ugd_ops
-from ugd.collator import UGDCollator, budget_batches, pack
-from ugd.layout import (
+from ugd.data.collator import UGDCollator, budget_batches, pack
+from ugd.data.layout import (
     IGNORE_INDEX,
     PARADIGMS,
     SPECIAL_TOKENS,

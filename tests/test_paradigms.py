@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-import ugd.attention  # noqa: F401  registers attn_implementation="ugd"
+import ugd.modules.attention  # noqa: F401  registers attn_implementation="ugd"
 from ugd import paradigms
-from ugd.collator import UGDCollator
-from ugd.layout import PARADIGMS, LayoutConfig, check_paradigm
+from ugd.data.collator import UGDCollator
+from ugd.data.layout import PARADIGMS, LayoutConfig, check_paradigm
 from ugd.model import CONFIG_NAME, UGDConfig, UGDModel
 from ugd.paradigms.base import CAPABILITIES, MODE_NEEDS
 from ugd.paradigms.ugd_paradigms import UGDParadigm
@@ -229,7 +229,7 @@ def _exists(module: str, root: Path) -> bool:
 
 
 def test_no_import_cycles_in_ugd():
-    root = Path(ugd.attention.__file__).resolve().parent.parent
+    root = Path(ugd.__file__).resolve().parent.parent
     graph = {}
     for path in (root / "ugd").rglob("*.py"):
         rel = path.relative_to(root).with_suffix("")
@@ -256,7 +256,7 @@ def test_no_import_cycles_in_ugd():
     for node in sorted(graph):
         if node != "ugd" and not state.get(node):
             visit(node, [])
-    assert "ugd.inference" not in graph["ugd.model"] or "ugd.model" not in graph["ugd.inference"]
+    assert "ugd.serving.inference" not in graph["ugd.model"] or "ugd.model" not in graph["ugd.serving.inference"]
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
@@ -264,7 +264,7 @@ def test_compare_script_writes_a_table(tmp_path):
     """benchmarks/compare_paradigms.py (the docs/paradigms.md table), one tiny row."""
     import importlib.util
 
-    root = Path(ugd.attention.__file__).resolve().parent.parent
+    root = Path(ugd.__file__).resolve().parent.parent
     spec = importlib.util.spec_from_file_location("compare_paradigms", root / "benchmarks" / "compare_paradigms.py")
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
@@ -293,7 +293,7 @@ def test_train_defaults_is_a_base_attribute():
     ({"query": "q", "document": "d", "label": "x"}, "record 3: 'label' must be an int, got 'x'"),
 ])
 def test_record_errors_of_collator_and_embedding_paradigms(record, message):
-    """The collator and the embedding paradigms check records with the same code (ugd.layout.record_texts,
+    """The collator and the embedding paradigms check records with the same code (ugd.data.layout.record_texts,
     record_label): the same messages, each naming what its records hold."""
     from ugd.paradigms._embedding import pair_fields
 

@@ -290,7 +290,7 @@ TINY = '{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "nu
 def test_end_to_end_tiny_backbone(files, tmp_path):
     """Two rows, one seed, a tiny random-init backbone: ugd.train and ugd.evaluate for real."""
     pytest.importorskip("ugd.evaluate")
-    from ugd import reason_scores
+    from ugd.serving import reason_scores
 
     if not reason_scores.available():
         pytest.skip("rouge-score / sacrebleu are not installed")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ugd import paradigms
-from ugd.data import BadRecord, DataError, json_object, read_records
+from ugd.data.records import BadRecord, DataError, json_object, read_records
 from ugd.train import ConfigError, cli, load_data, parse_args
 
 REPO = Path(__file__).resolve().parents[1]

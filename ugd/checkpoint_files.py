@@ -116,9 +116,9 @@ def has_tokenizer_files(path: str) -> bool:
 
 
 def load_checked_tokenizer(path: str, special_token_ids: dict | None = None):
-    """The tokenizer saved in ``path`` (``ugd.layout.load_tokenizer``), refused with a
+    """The tokenizer saved in ``path`` (``ugd.data.layout.load_tokenizer``), refused with a
     ``CheckpointFileError`` naming the file when it cannot serve this checkpoint (see ``check_tokenizer``)."""
-    from .layout import load_tokenizer
+    from .data.layout import load_tokenizer
 
     if os.path.isfile(os.path.join(path, "tokenizer_config.json")) and not any(
             os.path.isfile(os.path.join(path, f)) for f in VOCAB_FILES):
@@ -138,7 +138,7 @@ def check_tokenizer(tokenizer, path: str, special_token_ids: dict | None = None)
     """The tokenizer maps UGD's special tokens to the ids the model was trained with (``ugd_config.json``'s
     ``special_token_ids``) and encodes text to something: an empty or foreign vocabulary would make every
     prediction silently wrong."""
-    from .layout import SPECIAL_TOKENS
+    from .data.layout import SPECIAL_TOKENS
 
     file = os.path.join(path, "tokenizer.json")
     for key, want in (special_token_ids or {}).items():

@@ -1,6 +1,6 @@
 """``UGDModel.fingerprint()``: a name for everything that determines the document vectors V_D.
 
-Stored document vectors (``ugd.doc_vectors``) are only right for the model that made them, so they
+Stored document vectors (``ugd.serving.doc_vectors``) are only right for the model that made them, so they
 carry its fingerprint and a model with another one is refused. V_D depends on the backbone weights,
 the backbone's configuration (layers, rotary settings, ...), the UGD configuration (special token
 ids, layout, paradigm options) and, for scoring, the heads. The fingerprint is the SHA-256 of

@@ -18,8 +18,8 @@ from torch import nn
 
 from . import paradigms as _paradigms
 from .checkpoint_files import DOCUMENT_BACKBONE_DIR, HEADS_NAME
-from .data import give_ordinary_modes
-from .packed import UGDOutput, encode_packed, move_batch, packed_inputs  # noqa: F401  (packed_inputs: re-exported)
+from .data.records import give_ordinary_modes
+from .modules.packed import UGDOutput, encode_packed, move_batch, packed_inputs  # noqa: F401  (packed_inputs: re-exported)
 
 CONFIG_NAME = "ugd_config.json"
 
@@ -48,7 +48,7 @@ class UGDConfig:
     detach: bool = True
     kl_temperature: float = 1.0
     head_activation: str = "gelu"
-    layout: dict = field(default_factory=dict)  # ugd.layout.LayoutConfig as a dict
+    layout: dict = field(default_factory=dict)  # ugd.data.layout.LayoutConfig as a dict
     special_token_ids: dict = field(default_factory=dict)  # {"cls", "gmask", "start", "eos"}
     # the paradigm's own settings (ugd.paradigms.base: Paradigm.options), only those set; a checkpoint
     # without this field loads as {}
@@ -152,8 +152,8 @@ class UGDModel(nn.Module):
         special tokens to ``tokenizer`` and resizes the embeddings."""
         from transformers import AutoModelForCausalLM
 
-        from . import attention  # noqa: F401  registers attn_implementation="ugd"
-        from .layout import add_special_tokens
+        from .modules import attention  # noqa: F401  registers attn_implementation="ugd"
+        from .data.layout import add_special_tokens
 
         config = dataclasses.replace(config or UGDConfig(), **overrides)
         if isinstance(backbone, (str, os.PathLike)):
@@ -229,7 +229,7 @@ class UGDModel(nn.Module):
         from safetensors.torch import load
         from transformers import AutoModelForCausalLM
 
-        from . import attention  # noqa: F401
+        from .modules import attention  # noqa: F401
 
         cfg_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfg_file):
@@ -282,7 +282,7 @@ class UGDModel(nn.Module):
         return needed(self, compute)
 
     def forward(self, batch: dict, *, compute: tuple[str, ...] | None = None) -> UGDOutput:
-        """One packed batch (``ugd.collator``) -> UGDOutput with the loss, each term, and the outputs.
+        """One packed batch (``ugd.data.collator``) -> UGDOutput with the loss, each term, and the outputs.
 
         In training mode the active loss terms decide what runs; ``compute`` adds outputs. The paradigm
         (``self.paradigm.forward``) does the work.
@@ -290,51 +290,51 @@ class UGDModel(nn.Module):
         return self.paradigm.forward(self, move_batch(batch, self.head_device), compute)
 
     # ------------------------------------------------------------------ inference (docs/spec.md section 7)
-    # Thin wrappers over ugd.inference and ugd.generate, which document the costs and the checks.
+    # Thin wrappers over ugd.serving.inference and ugd.serving.generate, which document the costs and the checks.
 
     def encode_queries(self, texts, **kwargs):
-        """V_Q ``[N, H]`` of each query, encoded alone (``ugd.inference.encode_texts``: ``batch_tokens``,
+        """V_Q ``[N, H]`` of each query, encoded alone (``ugd.serving.inference.encode_texts``: ``batch_tokens``,
         ``show_progress``, ``output_device``, ``return_numpy``)."""
-        from .inference import encode_texts
+        from .serving.inference import encode_texts
 
         return encode_texts(self, texts, "query", **kwargs)
 
     def encode_documents(self, texts, **kwargs):
         """V_D ``[M, H]`` of each document, encoded alone (see ``encode_queries``); for a store that finds
         vectors by text and saves them, use ``ugd.DocumentVectors.build(model, texts)``."""
-        from .inference import encode_texts
+        from .serving.inference import encode_texts
 
         return encode_texts(self, texts, "document", **kwargs)
 
     def score_pairs(self, query_vectors, document_vectors) -> torch.Tensor:
         """Two-tower probabilities ``[N, C]`` of aligned stored vectors (no backbone)."""
-        from .inference import score_pairs
+        from .serving.inference import score_pairs
 
         return score_pairs(self, query_vectors, document_vectors)
 
     def score_documents(self, query_vectors, documents) -> torch.Tensor:
         """Two-tower probabilities ``[Nq, M, C]`` of queries against stored documents (no backbone)."""
-        from .inference import score_documents
+        from .serving.inference import score_documents
 
         return score_documents(self, query_vectors, documents)
 
     def predict(self, pairs, mode: str = "two_tower", **kwargs) -> torch.Tensor:
         """Class probabilities ``[N, C]`` of (query, document) pairs; ``mode`` "two_tower" or "single_tower"."""
-        from .inference import predict
+        from .serving.inference import predict
 
         return predict(self, pairs, mode, **kwargs)
 
     def rank(self, query: str, documents, top_k: int | None = 10, mode: str = "two_tower", **kwargs):
         """``[(index, score), ...]`` of the best ``top_k`` documents (texts or stored vectors) for ``query``."""
-        from .inference import rank
+        from .serving.inference import rank
 
         return rank(self, query, documents, top_k=top_k, mode=mode, **kwargs)
 
     def generate_reason(self, pairs, max_new_tokens: int = 64, do_sample: bool = False, **kwargs) -> list[str]:
         """The reason for each (query, document) pair: packed prefill, then batched cached decoding
-        (``ugd.generate.generate_reason_ids``: ``batch_size``, ``generate`` keywords)."""
-        from .generate import generate_reason
-        from .inference import tokenizer_of
+        (``ugd.serving.generate.generate_reason_ids``: ``batch_size``, ``generate`` keywords)."""
+        from .serving.generate import generate_reason
+        from .serving.inference import tokenizer_of
 
         return generate_reason(self, tokenizer_of(self), pairs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                **kwargs)

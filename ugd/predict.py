@@ -9,7 +9,7 @@
     python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents --doc_vectors docs.safetensors
     python -m ugd.predict --model out/demo --input pairs.jsonl --doc_vectors docs.safetensors
 
-    # the documents of a large corpus encoded by n processes or machines, then merged (ugd.doc_shards):
+    # the documents of a large corpus encoded by n processes or machines, then merged (ugd.serving.doc_shards):
     python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents \\
         --doc_vectors docs.safetensors --shard 0/2
     python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents \\
@@ -65,8 +65,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .data import BadRecord, decode_lines, json_object
-from .inference import DEFAULT_BATCH_TOKENS, unique_texts
+from .data.records import BadRecord, decode_lines, json_object
+from .serving.inference import DEFAULT_BATCH_TOKENS, unique_texts
 
 MODES = ("two_tower", "single_tower", "reason", "documents")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> PredictArguments:
         if args.output != STDIO:
             raise ValueError("--mode documents writes only --doc_vectors; drop --output")
     if args.shard is not None:
-        from .doc_shards import parse_shard
+        from .serving.doc_shards import parse_shard
 
         if args.mode != "documents":
             raise ValueError(f"--shard serves --mode documents only (it splits the encoding of a corpus's documents); "
@@ -298,7 +298,7 @@ def read_inputs(path: str, fields: tuple[str, ...], *, skip_bad: bool = False):
 
     A malformed line raises ``DataError`` (``path:line: problem``), or with ``skip_bad`` is counted.
     """
-    from .data import MAX_KEPT_ERRORS, DataError, ReadStats
+    from .data.records import MAX_KEPT_ERRORS, DataError, ReadStats
 
     shown = "<stdin>" if path == STDIO else path
     stats = ReadStats(path=shown, fmt="jsonl")
@@ -327,7 +327,7 @@ def read_inputs(path: str, fields: tuple[str, ...], *, skip_bad: bool = False):
 
 
 def _open_store(model, path: str):
-    from .doc_vectors import DocumentVectors
+    from .serving.doc_vectors import DocumentVectors
 
     if not os.path.exists(path):
         return DocumentVectors.empty(model)
@@ -413,7 +413,7 @@ def _add_scores(records: list[dict], probs, positive_label: int) -> None:
 
 
 def _write(records: list[dict], path: str) -> None:
-    from .data import write_jsonl
+    from .data.records import write_jsonl
 
     if path != STDIO:
         write_jsonl(records, path)
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mode in ("two_tower", "single_tower") and not 0 <= args.positive_label < cfg.num_labels:
         raise ValueError(f"--positive_label must be a class index in [0, {cfg.num_labels}), got {args.positive_label}")
     if args.shard is not None and args.device is None:
-        from .doc_shards import launcher_device
+        from .serving.doc_shards import launcher_device
 
         args.device = launcher_device()  # torchrun on a GPU machine: one GPU per local process
     device = resolve_device(args.device)
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_load = t1 - t0
     summary = {"mode": _show(args.mode), "records": len(records), "skipped": stats.skipped_malformed}
     if args.shard is not None:
-        from .doc_shards import build_part
+        from .serving.doc_shards import build_part
 
         part = build_part(model, args.doc_vectors, [r["document"] for r in records], *args.shard,
                           batch_tokens=args.batch_tokens, show_progress=args.progress)
@@ -507,7 +507,7 @@ def merge_main(argv: list[str] | None = None) -> dict:
     """``python -m ugd.predict merge-shards --doc_vectors STORE PARTS...``; returns its summary."""
     import argparse
 
-    from .doc_shards import merge_parts
+    from .serving.doc_shards import merge_parts
 
     parser = argparse.ArgumentParser(
         prog="python -m ugd.predict merge-shards",

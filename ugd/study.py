@@ -201,7 +201,7 @@ def write_json(obj, path: str) -> None:
 
 
 def _read(path: str, flag: str):
-    from .data import DataError, read_records
+    from .data.records import DataError, read_records
 
     if not os.path.isfile(path):
         raise StudyError(f"{flag} {path}: {'a folder, not a data file' if os.path.isdir(path) else 'no such file'}")
@@ -223,7 +223,7 @@ def subset(records: list, size: int | None, data_seed: int, stream: int) -> list
 
 def prepare_data(out: str, s: Settings) -> dict:
     """Writes the subsets once into ``<out>/data/``; returns {"train", "dev" (or None), "eval"} paths."""
-    from .data import write_jsonl
+    from .data.records import write_jsonl
 
     folder = os.path.join(out, "data")
     os.makedirs(folder, exist_ok=True)
@@ -474,13 +474,13 @@ def _f(x):
 
 
 def _acc(d, idx):
-    from .metrics import accuracy
+    from .training.metrics import accuracy
 
     return accuracy(d[0][idx], d[1][idx])
 
 
 def _auc(d, idx):
-    from .metrics import roc_auc
+    from .training.metrics import roc_auc
 
     return roc_auc(d[0][idx], d[1][idx])
 
@@ -604,7 +604,7 @@ def render_table(results: dict, study: dict, data: dict | None = None) -> str:
         f"reasons: the first {s['reason_samples']} of them with a gold reason, at most {s['max_new_tokens']} new "
         f"tokens; seeds {', '.join(map(str, seeds))}.",
         f"Cells: value [95 % interval]: percentile bootstrap over the evaluation records ({RESAMPLES} resamples, "
-        f"RNG seed {BOOTSTRAP_SEED}; ACC/AUC/ROUGE-L recomputed per resample from preds.jsonl with ugd.metrics). "
+        f"RNG seed {BOOTSTRAP_SEED}; ACC/AUC/ROUGE-L recomputed per resample from preds.jsonl with ugd.training.metrics). "
         "With several seeds the value is the mean over seeds and the interval that of this mean, each resample "
         "drawing one set of records for all seeds; sd = the standard deviation across seeds. "
         "AUC: binary, or macro one-vs-rest with more than two classes. –: the row does not serve that head.",

@@ -15,7 +15,7 @@ report_to, resume_from_checkpoint, ddp/fsdp settings, ...). ``python -m ugd.trai
 
 Where a value comes from, lowest priority first: the defaults of this module (report_to tensorboard
 when it is installed, bf16 on a GPU that supports it, remove_unused_columns False, ...), the preset
-(``--preset NAME``: ``ugd/presets/NAME.yaml``; the ``demo`` preset when no ``--train_file`` is
+(``--preset NAME``: ``ugd/training/presets/NAME.yaml``; the ``demo`` preset when no ``--train_file`` is
 given and no preset is named; ``--preset none`` for none), the ``--config`` file (YAML or JSON,
 keys are argument names), the command line.
 
@@ -54,7 +54,7 @@ class ModelArguments:
         "help": "A local folder: a causal-LM checkpoint (AutoModelForCausalLM + AutoTokenizer; the UGD special "
                 "tokens are added) or a UGD checkpoint (with ugd_config.json: UGDModel.from_pretrained); a .gguf file "
                 "or a registered name (smollm2-135m), dequantised once into $UGD_CACHE_DIR (docs/backbones.md). "
-                "Default: a tiny random-init backbone (ugd.demo_data.tiny_backbone_config) with a word-level "
+                "Default: a tiny random-init backbone (ugd.data.demo.tiny_backbone_config) with a word-level "
                 "tokenizer built offline from the data."})
     backbone_family: str = field(default="qwen2", metadata={
         "help": "Random-init backbone only: qwen2 or llama."})
@@ -81,14 +81,14 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={
-        "help": "Training data (ugd.data.read_records: UGD jsonl, LCQMC/BQ/ATEC tsv, QQP tsv, SNLI/MultiNLI jsonl, "
+        "help": "Training data (ugd.data.records.read_records: UGD jsonl, LCQMC/BQ/ATEC tsv, QQP tsv, SNLI/MultiNLI jsonl, "
                 "e-SNLI csv). "
-                "Default: the built-in generated demo data (ugd.demo_data.demo_splits)."})
+                "Default: the built-in generated demo data (ugd.data.demo.demo_splits)."})
     eval_file: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
     data_format: str = field(default="auto", metadata={
         "help": "auto (by extension and header), jsonl (UGD records), lcqmc (text_a<TAB>text_b<TAB>label; also BQ, "
                 "ATEC), qqp (Quora TSV), nli (SNLI/MultiNLI jsonl) or esnli (e-SNLI's esnli_*.csv: Sentence1, "
-                "Sentence2, gold_label, Explanation_1 as the reason, all explanations as references); see ugd.data "
+                "Sentence2, gold_label, Explanation_1 as the reason, all explanations as references); see ugd.data.records "
                 "and docs/training.md."})
     max_train_samples: int | None = field(default=None, metadata={
         "help": "Train on the first N records of --train_file only (a quick run on a large file)."})
@@ -106,7 +106,7 @@ class DataArguments:
 @dataclass
 class UGDArguments:
     preset: str | None = field(default=None, metadata={
-        "help": "A preset in ugd/presets (demo, paper) or none. Default: demo without --train_file."})
+        "help": "A preset in ugd/training/presets (demo, paper) or none. Default: demo without --train_file."})
     config: str | None = field(default=None, metadata={
         "help": "A YAML or JSON file of arguments (keys are argument names); the command line wins."})
     paradigm: str = field(default="ugd-ttm", metadata={
@@ -261,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
         preset = "demo"
     preset_values: dict = {}
     if preset and preset != "none":
-        from .presets import preset_path
+        from .training.presets import preset_path
 
         try:
             path = preset_path(preset)
@@ -285,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
         raise ConfigError(str(e)) from e
     ugd_args.preset = preset
     check_paradigm(ugd_args.paradigm, f"{sources.get('paradigm', 'the default')}: ")  # a config file's value
-    from .train_checks import output_dir_problem, training_numbers_problem
+    from .training.checks import output_dir_problem, training_numbers_problem
 
     # before any data is read or model built: these would otherwise train silently or fail deep inside
     problem = training_numbers_problem(training_args) or output_dir_problem(training_args.output_dir)
@@ -311,11 +311,11 @@ def _peek_ugd_config(path: str | None) -> dict | None:
 
 def load_data(run: RunArguments, num_labels: int | None):
     """(train records, eval records or None, {split: description}, num_labels)."""
-    from .data import read_records
+    from .data.records import read_records
 
     d = run.data
     if d.train_file is None:
-        from .demo_data import demo_splits
+        from .data.demo import demo_splits
 
         train, dev = demo_splits(d.demo_train_size, d.demo_eval_size, seed=d.demo_seed)
         num_labels = num_labels or 4
@@ -330,7 +330,7 @@ def load_data(run: RunArguments, num_labels: int | None):
         if file and not os.path.isfile(file):  # one line, not read_records' FileNotFoundError traceback
             problem = "a folder, not a data file" if os.path.isdir(file) else "no such file"
             raise ConfigError(f"{flag} {file}: {problem}")
-    from .data import check_format
+    from .data.records import check_format
 
     try:
         check_format(d.data_format)
@@ -346,7 +346,7 @@ def load_data(run: RunArguments, num_labels: int | None):
     if num_labels is None:
         num_labels = max(2, max(int(r["label"]) for r in train) + 1)
         logger.warning("num_labels not given: %d, from the largest label of %s", num_labels, d.train_file)
-        from .train_checks import label_gaps_warning
+        from .training.checks import label_gaps_warning
 
         gaps = label_gaps_warning(stats, num_labels)  # a stray label 7 in a 0..2 file: 8 classes, 5 never seen
         if gaps:
@@ -388,7 +388,7 @@ def _dtype(name: str):
 
 
 def _layout_from(run: RunArguments, base: dict | None = None):
-    from .layout import LayoutConfig
+    from .data.layout import LayoutConfig
 
     values = dict(base or {})
     for name in LAYOUT_FIELDS:
@@ -440,7 +440,7 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
     """(UGDModel, tokenizer) from ``--model_name_or_path`` (or a random-init tiny backbone)."""
     from transformers import AutoModelForCausalLM
 
-    from .layout import load_tokenizer
+    from .data.layout import load_tokenizer
     from .model import UGDModel
 
     m = run.model
@@ -455,12 +455,12 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
     dtype = _dtype(m.torch_dtype)
     saved = _peek_ugd_config(path)
     if path is None:
-        from .demo_data import build_tokenizer, tiny_backbone_config
+        from .data.demo import build_tokenizer, tiny_backbone_config
 
         tokenizer = build_tokenizer(records)
         overrides = _backbone_overrides(m.backbone_config)
         if "max_position_embeddings" not in overrides:  # room for the layout's longest sequence
-            from .length_limits import positions_needed, prompt_length
+            from .data.length_limits import positions_needed, prompt_length
 
             layout = _layout_from(run)
             overrides["max_position_embeddings"] = max(512, positions_needed(
@@ -577,14 +577,14 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     import torch
     from transformers import set_seed
 
-    from . import attention  # noqa: F401  registers attn_implementation="ugd"
-    from .collator import UGDCollator
-    from .data import RecordDataset
-    from .generate import generate_reason
-    from .layout import LayoutConfig
-    from .trainer import (CURVES_NAME, CurvesCallback, UGDTrainer, freeze_unused_parameters,
+    from .modules import attention  # noqa: F401  registers attn_implementation="ugd"
+    from .data.collator import UGDCollator
+    from .data.records import RecordDataset
+    from .serving.generate import generate_reason
+    from .data.layout import LayoutConfig
+    from .training.trainer import (CURVES_NAME, CurvesCallback, UGDTrainer, freeze_unused_parameters,
                           fsdp_unsupported_reason)
-    from .training_signals import StopOnSignal  # SIGTERM: checkpoint, then exit 143 (docs/training.md)
+    from .training.signals import StopOnSignal  # SIGTERM: checkpoint, then exit 143 (docs/training.md)
 
     targs = run.training
     fsdp_refusal = fsdp_unsupported_reason(targs)
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
         logger.warning("%s data: %s", split, text)
 
     model, tokenizer = build_model(run, num_labels, train + (dev or []))
-    from .length_limits import check_model_positions
+    from .data.length_limits import check_model_positions
 
     # every sequence (and the reasons shown at the end) inside the backbone's positions
     check_model_positions(model, tokenizer, run.data.max_new_tokens if run.data.num_reasons > 0 else 0,
@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     if getattr(targs, "activation_checkpointing", None) or getattr(targs, "gradient_checkpointing", False):
         _enable_activation_checkpointing(model)
     # parameters no step of this config trains are frozen (FC_s^kl behind the stop-gradient, a head whose
-    # loss weight is 0, ...: ugd.trainer.freeze_unused_parameters), so DDP needs no unused-parameter search;
+    # loss weight is 0, ...: ugd.training.trainer.freeze_unused_parameters), so DDP needs no unused-parameter search;
     # UGDTrainer does it too, this is for the count printed below
     freeze_unused_parameters(model)
     if dev is None and str(getattr(targs.eval_strategy, "value", targs.eval_strategy)) != "no":
@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
               f"{targs.device}, {targs.world_size} process(es), preset {run.preset or 'none'}, output {targs.output_dir}",
               flush=True)
     t_train = time.time()
-    from .resume_check import resolve_resume  # another paradigm's/backbone's checkpoint: one line, exit 2
+    from .training.resume_check import resolve_resume  # another paradigm's/backbone's checkpoint: one line, exit 2
 
     resume = resolve_resume(trainer, _resume_value(targs.resume_from_checkpoint), ConfigError)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
         # the final evaluation in every mode the model serves (ugd.evaluate: macro-F1, confusion matrix, and
         # ROUGE-L / BLEU of the first --num_reasons reasons, when rouge-score and sacrebleu are installed)
         from .evaluate import evaluate_model, served_modes
-        from .reason_scores import available
+        from .serving.reason_scores import available
 
         modes = served_modes(unwrapped.paradigm, unwrapped.config)
         if "reason" in modes and (run.data.num_reasons == 0 or not available()):
@@ -754,9 +754,9 @@ def _print_report(summary, metrics, reasons, curves_path) -> None:
 def cli(argv: list[str] | None = None) -> int:
     """The console entry: errors in data, configuration or training as one line on stderr."""
     from .checkpoint_files import CheckpointFileError
-    from .data import DataError
-    from .teachers import TeacherError
-    from .trainer import NonFiniteLossError
+    from .data.records import DataError
+    from .data.teachers import TeacherError
+    from .training.trainer import NonFiniteLossError
 
     try:
         main(argv)

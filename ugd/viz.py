@@ -4,8 +4,8 @@
     python -m ugd.viz --query "..." --document "..." --reason "..." --paradigm ugd-stm --output stm.png
     python -m ugd.viz --tokenizer /path/to/local/tokenizer --output partition.png
 
-The mask is not drawn by hand: the sample goes through ``ugd.layout.encode_sample`` and
-``ugd.collator.pack`` and the picture is ``ugd_ops.dense_mask`` of the packed batch's
+The mask is not drawn by hand: the sample goes through ``ugd.data.layout.encode_sample`` and
+``ugd.data.collator.pack`` and the picture is ``ugd_ops.dense_mask`` of the packed batch's
 ``cu_seqlens, kv_start, kv_end`` (from ``ugd_ops.row_intervals``). Row i, column j is coloured when
 token i may attend to token j, by the span of row i: Q green, D purple, P (prompt and the
 single-tower ``[CLS]``) orange, G (reason) yellow; masked cells are grey. Allowed cells where a Q or
@@ -24,8 +24,8 @@ import torch
 
 import ugd_ops
 
-from .collator import pack
-from .layout import PARADIGMS, SPECIAL_TOKENS, LayoutConfig, add_special_tokens, check_paradigm, encode_sample
+from .data.collator import pack
+from .data.layout import PARADIGMS, SPECIAL_TOKENS, LayoutConfig, add_special_tokens, check_paradigm, encode_sample
 
 EXAMPLE = {
     "query": "how do I reset my online banking password",

@@ -32,8 +32,8 @@ from torch import nn
 
 import ugd_ops
 
-from ..losses import classification_loss
-from ..packed import UGDOutput, gather_rows, padded_span
+from ..modules.losses import classification_loss
+from ..modules.packed import UGDOutput, gather_rows, padded_span
 from ._contrastive import cosine_matrix
 from .base import SIDE_SPAN, Paradigm
 from .registry import register

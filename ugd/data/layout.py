@@ -7,7 +7,7 @@ One training sample is one sequence of four spans, in this order::
     P  because [gMask], the correlation score is [CLS]      Lp >= 0   (V_s at its last token)
     G  [Start] r1 .. rn            (targets r1 .. rn [EOS])  Lg >= 0
 
-``encode_sample`` builds one such sequence as python lists (an ``EncodedSample``); ``ugd.collator``
+``encode_sample`` builds one such sequence as python lists (an ``EncodedSample``); ``ugd.data.collator``
 packs samples into padding-free batches and computes the attention intervals with
 ``ugd_ops.row_intervals``.
 
@@ -52,7 +52,7 @@ class _ParadigmLayouts(Mapping):
 
     @staticmethod
     def _registry():
-        from . import paradigms  # the registry imports its paradigm modules, which may import this one
+        from .. import paradigms  # the registry imports its paradigm modules, which may import this one
 
         return paradigms
 
@@ -142,7 +142,7 @@ def special_token_ids(tokenizer) -> dict:
     if absent:
         raise ValueError(
             f"the tokenizer lacks the UGD special tokens {absent}; call "
-            "ugd.layout.add_special_tokens(tokenizer, model) first (it also resizes the model's embeddings)"
+            "ugd.data.layout.add_special_tokens(tokenizer, model) first (it also resizes the model's embeddings)"
         )
     ids = {k: int(vocab[t]) for k, t in SPECIAL_TOKENS.items()}
     ids["eos"] = eos
@@ -245,7 +245,7 @@ def prompt_ids(tokenizer, ids: dict, config: LayoutConfig) -> list[int]:
     if not p or p[-1] != ids["cls"] or ids["gmask"] not in p:
         raise ValueError(
             f"the tokenizer does not keep the prompt's special tokens whole (got {p} for {config.prompt!r}); "
-            "call ugd.layout.add_special_tokens(tokenizer) first"
+            "call ugd.data.layout.add_special_tokens(tokenizer) first"
         )
     return p
 

@@ -9,7 +9,7 @@ words), and the reasons follow one short template per level.
 
     train, eval = demo_splits()                          # 2000 / 400 records, deterministic
     tok = build_tokenizer(train + eval)                  # word-level, lowercased, built offline
-    ugd.layout.add_special_tokens(tok)                   # [CLS] [gMask] [Start], as for any backbone
+    ugd.data.layout.add_special_tokens(tok)                   # [CLS] [gMask] [Start], as for any backbone
     config = tiny_backbone_config(len(tok))              # a Qwen2Config (or family="llama")
 
 Relevance of a page to a query ``[brand] colour product`` (a product is ``modifier head``, e.g.
@@ -191,7 +191,7 @@ def word_level_tokenizer(texts: Iterable[str], *, lowercase: bool = False):
     or ``[^\\w\\s]+``); other words map to ``<unk>``. Ids: ``<pad>`` 0, ``<unk>`` 1, ``</s>`` 2 (the
     EOS), then the words. With ``lowercase`` a Lowercase normalizer is set (text is matched
     case-insensitively; special tokens added later, such as UGD's, are not normalized). The UGD
-    special tokens are not included: ``ugd.layout.add_special_tokens`` adds them.
+    special tokens are not included: ``ugd.data.layout.add_special_tokens`` adds them.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -219,7 +219,7 @@ def build_tokenizer(records: Iterable[dict], *, extra_texts: Iterable[str] = ())
     of the default UGD prompt ("because ..., the correlation score is") and ``extra_texts``.
 
     Built offline, deterministically; ``<pad>``, ``<unk>`` and ``</s>`` (EOS) as in
-    ``word_level_tokenizer``. Call ``ugd.layout.add_special_tokens(tok)`` before use.
+    ``word_level_tokenizer``. Call ``ugd.data.layout.add_special_tokens(tok)`` before use.
     """
     texts = [_prompt_words()]
     for r in records:

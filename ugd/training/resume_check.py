@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from .checkpoint_files import DOCUMENT_BACKBONE_DIR, HEADS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..checkpoint_files import DOCUMENT_BACKBONE_DIR, HEADS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 #: UGDConfig fields a checkpoint must share with the model to resume it (the heads' shapes and meaning)
 UGD_FIELDS = ("paradigm", "num_labels", "kl_dim", "head_activation")
@@ -58,7 +58,7 @@ def _weight_files(folder: str) -> list[str]:
 
 def _model_shapes(module) -> dict[str, tuple]:
     """The shapes the checkpoint files hold for ``module``: a peft-wrapped backbone is saved merged,
-    under its base model's names (``ugd.trainer.merged_backbone_state_dict``)."""
+    under its base model's names (``ugd.training.trainer.merged_backbone_state_dict``)."""
     from .trainer import _clean_peft_key, is_peft_model
 
     if is_peft_model(module):
@@ -86,7 +86,7 @@ def _compare(what: str, file: str, saved: dict[str, tuple] | None, mine: dict[st
 
 def mismatch(model, path: str) -> str | None:
     """Why the UGD checkpoint ``path`` cannot be resumed into ``model`` (one line), or None when it fits."""
-    from .model import CONFIG_NAME
+    from ..model import CONFIG_NAME
 
     cfg_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_file):

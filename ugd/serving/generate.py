@@ -6,7 +6,7 @@ decoding with a KV cache through transformers' ``generate``.
 
 Per batch of up to ``batch_size`` pairs (sorted by length first, so that little padding is decoded):
 
-1. Prefill. Lay out Q D P for each pair (``ugd.layout`` parts ``"qdp"``) and pack them into one
+1. Prefill. Lay out Q D P for each pair (``ugd.data.layout`` parts ``"qdp"``) and pack them into one
    padding-free sequence with the mask the paradigm was trained with (``PREFILL_MASK``: ``ttm`` for
    ugd-ttm, where the query and the document see only themselves, ``stm`` for ugd-stm). One forward
    of the decoder (no LM head) with the packing metadata and ``use_cache=True`` fills a cache whose
@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import torch
 
-from . import paradigms
-from .collator import pack
+from .. import paradigms
+from ..data.collator import pack
 from .inference import as_pairs, check_count, eval_mode, layout_of, require, tqdm_disable, warn_truncated
-from .layout import LayoutConfig, encode_sample, special_token_ids
-from .packed import move_batch, packed_inputs
+from ..data.layout import LayoutConfig, encode_sample, special_token_ids
+from ..modules.packed import move_batch, packed_inputs
 
 #: the mask a reason is prefilled with, per paradigm (those with a generative task), as registered when
 #: this module was imported (``ugd.paradigms.get(name).prefill_mask`` is the source)
@@ -142,7 +142,7 @@ def generate_reason_ids(model, tokenizer, pairs, *, max_new_tokens: int = 64, do
     """Token ids of the reason for each pair (EOS not included), in the order of ``pairs``.
 
     Args:
-        pairs: (query, document) tuples or ``{"query", "document"}`` mappings (``ugd.inference.as_pairs``).
+        pairs: (query, document) tuples or ``{"query", "document"}`` mappings (``ugd.serving.inference.as_pairs``).
         max_new_tokens: length limit of a reason (>= 0).
         do_sample: sample instead of greedy decoding (then ``temperature``, ``top_k``, ``top_p``, ... apply).
         batch_size: pairs decoded together (>= 1).

@@ -4,7 +4,7 @@ A record is ``{"query": str, "document": str, "label": int, "reason": str | None
 
     records, stats = read_records("data/train.jsonl", num_labels=4)
     print(stats)                       # data/train.jsonl (jsonl): read 1000, kept 1000, ...
-    dataset = RecordDataset(records)   # dataset[i] is the record; ugd.collator.UGDCollator encodes
+    dataset = RecordDataset(records)   # dataset[i] is the record; ugd.data.collator.UGDCollator encodes
     write_jsonl(records, "out/train.jsonl")
 
 Formats (``fmt``):
@@ -394,7 +394,7 @@ def _parse_esnli(row: list, header: tuple, label_map) -> dict:
     record = {"query": row[index["Sentence1"]], "document": row[index["Sentence2"]], "label": mapping[gold],
               "reason": explanations[0] or None, "id": row[index["pairID"]]}
     references = [e for e in explanations if e]
-    if references:  # all gold explanations, for multi-reference reason scores (ugd.reason_scores)
+    if references:  # all gold explanations, for multi-reference reason scores (ugd.serving.reason_scores)
         record["references"] = references
     return record
 
@@ -538,7 +538,7 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
 
 class RecordDataset(torch.utils.data.Dataset):
     """A list of records as a map-style Dataset: ``dataset[i]`` is the record dict (the collator,
-    ``ugd.collator.UGDCollator``, encodes lists of them)."""
+    ``ugd.data.collator.UGDCollator``, encodes lists of them)."""
 
     def __init__(self, records: Sequence[Mapping]):
         self.records = list(records)

@@ -60,7 +60,7 @@ def output_dir_problem(path) -> str | None:
 def label_gaps_warning(stats, num_labels: int) -> str | None:
     """A warning when the training labels, from which ``num_labels`` was taken (max + 1), are not
     0, 1, ..., max: the classes in the gap would be trained as never occurring. ``stats`` is the
-    training file's ``ugd.data.ReadStats`` (its ``label_lines``: label -> first line)."""
+    training file's ``ugd.data.records.ReadStats`` (its ``label_lines``: label -> first line)."""
     seen = stats.label_lines
     missing = [c for c in range(num_labels) if c not in seen]
     if not missing:

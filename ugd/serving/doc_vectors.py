@@ -14,7 +14,7 @@ File format (safetensors; ``FORMAT`` in the metadata):
                 layout (the JSON of the prompt/length settings: max_document_len decides truncation),
                 paradigm
 
-A shard of a sharded build (``ugd.doc_shards``) is the same file with format ``SHARD_FORMAT`` and the
+A shard of a sharded build (``ugd.serving.doc_shards``) is the same file with format ``SHARD_FORMAT`` and the
 shard's metadata; ``load`` refuses it (merge the shards first), ``read`` reads either.
 
 A document is found by its exact text. Loading checks the fingerprint and the layout against the
@@ -38,10 +38,10 @@ import socket
 
 import torch
 
-from .data import new_file_mode
+from ..data.records import new_file_mode
 
 FORMAT = "ugd-document-vectors/1"
-SHARD_FORMAT = "ugd-document-vector-shard/1"  # one part of a sharded build (ugd.doc_shards)
+SHARD_FORMAT = "ugd-document-vector-shard/1"  # one part of a sharded build (ugd.serving.doc_shards)
 
 
 def text_key(text: str) -> bytes:
@@ -254,7 +254,7 @@ class DocumentVectors:
     def save(self, path: str, *, shard: dict | None = None) -> None:
         """Writes the safetensors file atomically (a temporary file in the same folder, flushed to disk, then
         a rename): a reader sees the old file or the new one, never a part, even when the writer is killed.
-        ``shard`` (``ugd.doc_shards``): the file is one shard of a sharded build, with this metadata."""
+        ``shard`` (``ugd.serving.doc_shards``): the file is one shard of a sharded build, with this metadata."""
         keys = torch.frombuffer(bytearray(b"".join(self.keys)), dtype=torch.uint8).reshape(len(self.keys), 20) \
             if self.keys else torch.empty((0, 20), dtype=torch.uint8)
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "layout": self.layout, "paradigm": self.paradigm,
@@ -280,7 +280,7 @@ class DocumentVectors:
         FileNotFoundError; a truncated, damaged or foreign one ValueError naming it."""
         from safetensors import safe_open
 
-        from .checkpoint_files import CheckpointFileError, check_safetensors_file
+        from ..checkpoint_files import CheckpointFileError, check_safetensors_file
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no document vectors at {path}")

@@ -17,7 +17,7 @@ What it changes in Trainer:
   written after it, so the last checkpoint on disk is the last good one.
 * ``prediction_step`` returns the logits of both heads (``[B, 2, C]``: two-tower, single-tower; NaN
   for a head the paradigm lacks) and the labels; ``compute_metrics`` turns them into ACC and AUC per
-  head (``ugd.metrics``; AUC is macro one-vs-rest beyond two classes) and adds the eval loss terms.
+  head (``ugd.training.metrics``; AUC is macro one-vs-rest beyond two classes) and adds the eval loss terms.
 * Saving: every checkpoint directory, and ``save_model``'s output, is a UGD checkpoint
   (``UGDModel.from_pretrained`` loads it; its backbone loads with ``AutoModelForCausalLM``). Trainer
   adds the optimizer, scheduler, RNG and trainer state as usual. With LoRA the backbone is saved with
@@ -47,9 +47,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data import give_ordinary_modes
+from ..data.records import give_ordinary_modes
 from .metrics import head_metrics
-from .model import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, UGDModel
+from ..model import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, UGDModel
 
 logger = logging.getLogger("ugd.trainer")
 
@@ -205,7 +205,7 @@ def load_ugd_weights(model: UGDModel, path: str) -> None:
     for key in ("paradigm", "num_labels", "kl_dim"):
         if saved.get(key) != getattr(model.config, key):
             raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r}, the model {getattr(model.config, key)!r}")
-    from .checkpoint_files import check_checkpoint_files
+    from ..checkpoint_files import check_checkpoint_files
 
     # a missing/empty/truncated weight file: one error naming it (python -m ugd.train exits 2)
     check_checkpoint_files(path, document_backbone=model.document_backbone is not None,
