@@ -49,7 +49,8 @@ def make_model(records, paradigm, *, tied=True, lora=False, **overrides):
     model = UGDModel.from_backbone(backbone, tok, UGDConfig(paradigm=paradigm, num_labels=4, kl_dim=8,
                                                             layout=LAYOUT.to_dict(), **overrides))
     if lora:
-        from ugd.train import ModelArguments, apply_lora
+        from ugd.training.args import ModelArguments
+        from ugd.training.build import apply_lora
 
         apply_lora(model, ModelArguments(lora_r=4))
     collate = UGDCollator(tok, paradigm=paradigm, config=LAYOUT, model_config=model.config)

@@ -155,17 +155,18 @@ def test_a_new_paradigm_plugs_into_config_collator_model_and_inference(plugged, 
 
 
 def test_train_and_predict_ask_the_registry(plugged):
-    from ugd import predict, train
+    from ugd import predict
+    from ugd.training import args
 
-    parser = train._make_parser()
+    parser = args._make_parser()
     action = next(a for a in parser._actions if a.dest == "paradigm")
     assert "test-half-stm" in action.choices and "ugd-ttm" in action.choices
     predict.check_paradigm("test-half-stm", "single_tower")
     with pytest.raises(ValueError, match="has no head for --mode two-tower; use --mode single-tower"):
         predict.check_paradigm("test-half-stm", "two_tower")
-    assert train.paradigm_options('{"ce_weight": 2}') == {"ce_weight": 2}
-    with pytest.raises(train.ConfigError, match="JSON object"):
-        train.paradigm_options("[1]")
+    assert args.paradigm_options('{"ce_weight": 2}') == {"ce_weight": 2}
+    with pytest.raises(args.ConfigError, match="JSON object"):
+        args.paradigm_options("[1]")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_every_row_maps_to_its_train_arguments():
 
 
 def test_no_detach_row_parses_as_detach_false():
-    from ugd.train import parse_args
+    from ugd.training.args import parse_args
 
     run = parse_args(_train_args("ugd-ttm:no-detach", train_args=[]))
     assert run.ugd.detach is False and run.ugd.lam == 10.0

@@ -18,7 +18,8 @@ import torch
 from transformers import TrainerCallback
 
 from ugd.data.records import DataError
-from ugd.train import ConfigError, cli, main, parse_args
+from ugd.train import cli, main
+from ugd.training.args import ConfigError, parse_args
 from ugd.training.trainer import STAGING_DIR, NonFiniteLossError, UGDTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

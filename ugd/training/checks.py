@@ -1,6 +1,6 @@
 """Checks ``python -m ugd.train`` runs on its arguments and data before building a model.
 
-Each returns a one-line problem (the caller raises it as ``ugd.train.ConfigError``: one line on
+Each returns a one-line problem (the caller raises it as ``ugd.training.args.ConfigError``: one line on
 stderr, exit 2) or None::
 
     problem = training_numbers_problem(run.training)   # --max_steps -5, --per_device_train_batch_size 0
