@@ -175,7 +175,7 @@ def test_torchrun_two_processes_train_identical_replicas(ddp_run):
 @pytest.mark.slow
 @gloo
 def test_torchrun_checkpoints_are_written_once_by_rank_zero(ddp_run):
-    from ugd.checkpoint_files import check_checkpoint_files
+    from ugd.checkpoint import check_checkpoint_files
 
     proc, tmp = ddp_run
     assert proc.returncode == 0, proc.stderr[-5000:]

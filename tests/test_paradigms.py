@@ -12,9 +12,10 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 import ugd.modules.attention  # noqa: F401  registers attn_implementation="ugd"
 from ugd import paradigms
+from ugd.checkpoint import CONFIG_NAME
 from ugd.data.collator import UGDCollator
 from ugd.data.layout import PARADIGMS, LayoutConfig, check_paradigm
-from ugd.model import CONFIG_NAME, UGDConfig, UGDModel
+from ugd.model import UGDConfig, UGDModel
 from ugd.paradigms.base import CAPABILITIES, MODE_NEEDS
 from ugd.paradigms.ugd_paradigms import UGDParadigm
 from ugd.testing import make_test_tokenizer

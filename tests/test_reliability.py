@@ -19,7 +19,7 @@ import pytest
 import torch
 from tiny_checkpoints import TINY_BACKBONE, save_tiny_checkpoint
 
-from ugd.checkpoint_files import CheckpointFileError
+from ugd.checkpoint import CheckpointFileError
 from ugd.model import UGDModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -330,12 +330,12 @@ def test_checkpoint_weight_files_follow_the_umask(env, tmp_path, mask):
 @pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="reads the umask from Linux /proc")
 def test_reading_the_umask_leaves_it_alone(tmp_path, monkeypatch):
     # os.umask(0) to read it would give files other threads create meanwhile mode 0666
-    from ugd.data import records as data
+    from ugd import _files
 
     old = os.umask(0o027)
     try:
         monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask was called"))
-        assert data.new_file_mode(tmp_path / "new.jsonl") == 0o640
+        assert _files.new_file_mode(tmp_path / "new.jsonl") == 0o640
     finally:
         monkeypatch.undo()
         os.umask(old)
@@ -348,7 +348,7 @@ def test_encode_queries_warning_is_spelled_right(env):
 
 
 def test_checkpoint_file_names_agree_with_the_model():
-    import ugd.checkpoint_files as cf
+    import ugd.checkpoint as cf
     import ugd.model as m
 
     assert (cf.HEADS_NAME, cf.DOCUMENT_BACKBONE_DIR) == (m.HEADS_NAME, m.DOCUMENT_BACKBONE_DIR)

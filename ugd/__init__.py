@@ -4,7 +4,7 @@ One decoder runs a two-tower matcher, a single-tower matcher and a reason genera
 by a partitioned attention mask (docs/spec.md sections 1-6):
 
     ugd.model      UGDConfig, UGDModel: backbone + the paradigm's heads and losses, save/load
-    ugd.checkpoint_files  the UGD checkpoint's file names and checks
+    ugd.checkpoint the UGD checkpoint format: file names, the one writer, the one reader, the checks
     ugd.paradigms  the paradigm registry: the five UGD paradigms, d2llm, ullme, flipped-kd (docs/paradigms.md)
     ugd.modules    building blocks: the attention function (attn_implementation="ugd", registered on import
                    of ugd), heads, losses, packed batches through a backbone

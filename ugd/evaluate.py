@@ -52,7 +52,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 #: the modes evaluated, in report order (``ugd.paradigms`` names them with underscores)
@@ -346,23 +345,11 @@ def _versions() -> dict:
 
 def write_json_atomic(obj, path: str) -> None:
     """``obj`` as JSON at ``path``: a temp file in the same folder, then ``os.replace``."""
-    from .data.records import new_file_mode
+    from ._files import atomic_text_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.chmod(tmp, new_file_mode(path))
-            json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_text_file(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
 
 
 def _fmt(x, digits: int = 4) -> str:

@@ -96,7 +96,7 @@ def _weights_digest(entries: list[str]) -> str:
 def note_checkpoint_files(model, path: str) -> None:
     """Called by ``from_pretrained``: the backbone weights are those of the safetensors files in ``path``
     (hashed lazily, on the first ``fingerprint()``), as long as no parameter changes."""
-    from .checkpoint_files import DOCUMENT_BACKBONE_DIR, backbone_weight_files
+    from .checkpoint import DOCUMENT_BACKBONE_DIR, backbone_weight_files
 
     files = {"backbone": backbone_weight_files(path)}
     if model.document_backbone is not None:

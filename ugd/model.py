@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import checkpoint
 from . import paradigms as _paradigms
-from .checkpoint_files import DOCUMENT_BACKBONE_DIR, HEADS_NAME
-from .data.records import give_ordinary_modes
+from .checkpoint import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME  # noqa: F401  (the checkpoint's file names)
 from .modules.packed import UGDOutput, encode_packed, move_batch, packed_inputs  # noqa: F401  (packed_inputs: re-exported)
-
-CONFIG_NAME = "ugd_config.json"
 
 # Read-only views of the registry (``ugd.paradigms`` is the source) under names callers import from here:
 # the loss terms of each paradigm and which paradigms have a two-tower / single-tower head / reasons,
@@ -181,19 +179,9 @@ class UGDModel(nn.Module):
     def save_pretrained(self, path: str, tokenizer=None, **kwargs) -> None:
         """Writes the checkpoint (backbone, heads, ugd_config.json) and ``tokenizer`` (default: the
         model's own, ``self.tokenizer``) to ``path``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        self.backbone.save_pretrained(path, **kwargs)
-        if self.document_backbone is not None:
-            self.document_backbone.save_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR), **kwargs)
-        save_file(self._heads_state(), os.path.join(path, HEADS_NAME))
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        give_ordinary_modes(path)  # safetensors creates its files 0600
+        checkpoint.write_checkpoint(path, backbone=self.backbone, document_backbone=self.document_backbone,
+                                    heads_state=self._heads_state(), config=self.config.to_dict(),
+                                    tokenizer=tokenizer if tokenizer is not None else self.tokenizer, save_kwargs=kwargs)
 
     def _heads_state(self) -> dict:
         return {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
@@ -224,42 +212,23 @@ class UGDModel(nn.Module):
         ``backbone_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...;
         ``attn_implementation`` defaults to "ugd").
         """
-        import hashlib
-
-        from safetensors.torch import load
-        from transformers import AutoModelForCausalLM
-
+        from .fingerprint import note_checkpoint_files
         from .modules import attention  # noqa: F401
 
-        cfg_file = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{path} is not a UGD checkpoint: {CONFIG_NAME} is missing "
-                                    "(to start from a plain causal LM, use UGDModel.from_backbone)")
-        with open(cfg_file) as f:
-            config = UGDConfig.from_dict(json.load(f))
-        from .checkpoint_files import check_checkpoint_files, has_tokenizer_files, load_checked_tokenizer
-        from .fingerprint import note_checkpoint_files
-
-        # one error naming a missing/empty/truncated weight file, instead of safetensors' traceback
-        check_checkpoint_files(path, document_backbone=config.paradigm_impl.two_backbones)
+        config = UGDConfig.from_dict(checkpoint.read_config(path))
         backbone_kwargs.setdefault("attn_implementation", "ugd")
-        backbone = AutoModelForCausalLM.from_pretrained(path, **backbone_kwargs)
-        document = None
-        if config.paradigm_impl.two_backbones:
-            document = AutoModelForCausalLM.from_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR),
-                                                            **backbone_kwargs)
+        backbone, document = checkpoint.load_backbones(path, two_backbones=config.paradigm_impl.two_backbones,
+                                                       **backbone_kwargs)
         model = cls(backbone, config, document)
-        with open(os.path.join(path, HEADS_NAME), "rb") as f:
-            heads_bytes = f.read()
-        model.heads.load_state_dict(load(heads_bytes))
+        heads, digest = checkpoint.read_heads(path)
+        model.heads.load_state_dict(heads)
         first = next(backbone.parameters())
         model = model.to(first.dtype)
         model.heads.to(first.device)  # with device_map the backbone is already placed; the heads follow it
-        model._heads_digest = (hashlib.sha256(heads_bytes).hexdigest(), model._heads_versions())
+        model._heads_digest = (digest, model._heads_versions())
         note_checkpoint_files(model, path)  # the fingerprint hashes the backbone's files, lazily
-        if tokenizer is None and has_tokenizer_files(path):
-            # refused (naming the file) when it cannot serve the checkpoint, e.g. tokenizer.json missing
-            tokenizer = load_checked_tokenizer(path, config.special_token_ids)
+        if tokenizer is None:
+            tokenizer = checkpoint.read_tokenizer(path, config.special_token_ids)
         model.tokenizer = tokenizer
         return model
 

@@ -174,7 +174,8 @@ def _show(mode: str) -> str:
 
 def read_checkpoint_config(path: str):
     """The checkpoint's ``UGDConfig``, read before the (possibly large) backbone is loaded."""
-    from .model import CONFIG_NAME, UGDConfig
+    from .checkpoint import CONFIG_NAME
+    from .model import UGDConfig
 
     if os.path.isfile(path):
         raise ValueError(f"--model {path} is a file, not a folder: name the checkpoint folder (it holds "

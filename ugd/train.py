@@ -234,7 +234,7 @@ def _print_report(summary, metrics, reasons, curves_path) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """The console entry: errors in data, configuration or training as one line on stderr."""
-    from .checkpoint_files import CheckpointFileError
+    from .checkpoint import CheckpointFileError
     from .data.records import DataError
     from .data.teachers import TeacherError
     from .training.trainer import NonFiniteLossError

@@ -38,7 +38,7 @@ import socket
 
 import torch
 
-from ..data.records import new_file_mode
+from .._files import fsync_dir, new_file_mode
 
 FORMAT = "ugd-document-vectors/1"
 SHARD_FORMAT = "ugd-document-vector-shard/1"  # one part of a sharded build (ugd.serving.doc_shards)
@@ -116,12 +116,7 @@ def write_atomically(tensors: dict, path: str, metadata: dict) -> None:
         with open(tmp, "rb+") as f:  # the data reaches the disk before the rename makes it the store
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # the rename itself (not every file system lets a folder be fsynced)
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_dir(folder)  # the rename itself (not every file system lets a folder be fsynced)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -280,7 +275,7 @@ class DocumentVectors:
         FileNotFoundError; a truncated, damaged or foreign one ValueError naming it."""
         from safetensors import safe_open
 
-        from ..checkpoint_files import CheckpointFileError, check_safetensors_file
+        from ..checkpoint import CheckpointFileError, check_safetensors_file
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no document vectors at {path}")

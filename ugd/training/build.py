@@ -19,7 +19,7 @@ logger = logging.getLogger("ugd.train")  # the training job's messages, whicheve
 
 
 def peek_ugd_config(path: str | None) -> dict | None:
-    from ..model import CONFIG_NAME
+    from ..checkpoint import CONFIG_NAME
 
     if path and os.path.isfile(os.path.join(path, CONFIG_NAME)):
         with open(os.path.join(path, CONFIG_NAME)) as f:
@@ -187,7 +187,7 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
     else:
         if not os.path.isdir(path):
             raise ConfigError(f"--model_name_or_path {path}: not a local folder (nothing is downloaded)")
-        from ..checkpoint_files import check_backbone_folder
+        from ..checkpoint import check_backbone_folder
 
         check_backbone_folder(path)  # a missing/empty/truncated model.safetensors: one error naming it
         tokenizer = load_tokenizer(path)

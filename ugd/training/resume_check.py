@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..checkpoint_files import DOCUMENT_BACKBONE_DIR, HEADS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..checkpoint import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 #: UGDConfig fields a checkpoint must share with the model to resume it (the heads' shapes and meaning)
 UGD_FIELDS = ("paradigm", "num_labels", "kl_dim", "head_activation")
@@ -33,7 +33,7 @@ def _json(path: str) -> dict:
 
 def _shapes(files: list[str]) -> dict[str, tuple] | None:
     """tensor name -> shape, from the safetensors headers only; None when a file cannot be read (the
-    loader then names the damaged file: ``ugd.checkpoint_files``)."""
+    loader then names the damaged file: ``ugd.checkpoint``)."""
     from safetensors import safe_open
 
     shapes = {}
@@ -86,8 +86,6 @@ def _compare(what: str, file: str, saved: dict[str, tuple] | None, mine: dict[st
 
 def mismatch(model, path: str) -> str | None:
     """Why the UGD checkpoint ``path`` cannot be resumed into ``model`` (one line), or None when it fits."""
-    from ..model import CONFIG_NAME
-
     cfg_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_file):
         return f"{path} is not a UGD checkpoint ({CONFIG_NAME} is missing)"

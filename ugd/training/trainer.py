@@ -42,18 +42,18 @@ import os
 import shutil
 
 import torch
-from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..data.records import give_ordinary_modes
+from .. import checkpoint
+from .._files import fsync_dir, fsync_tree
+from ..checkpoint import CONFIG_NAME, LORA_ADAPTER_DIR
+from ..model import UGDModel
 from .metrics import head_metrics
-from ..model import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, UGDModel
 
 logger = logging.getLogger("ugd.trainer")
 
 STAGING_DIR = ".ugd-staging"
-LORA_ADAPTER_DIR = "lora_adapter"
 TRAINING_ARGS_NAME = "training_args.bin"
 HEAD_NAMES = ("t", "s")  # two-tower, single-tower: the order of the logits in prediction_step
 
@@ -114,15 +114,6 @@ def merged_backbone_state_dict(peft_model) -> dict:
     return out
 
 
-def _write_heads_and_config(model: UGDModel, path: str, heads_state: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    state = heads_state if heads_state is not None else model.heads.state_dict()
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, HEADS_NAME))
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(model.config.to_dict(), f, indent=2)
-
-
 def save_ugd_checkpoint(model: UGDModel, path: str, tokenizer=None, state_dict: dict | None = None) -> None:
     """Writes ``model`` as a UGD checkpoint to ``path`` (the layout of ``UGDModel.save_pretrained``).
 
@@ -131,7 +122,6 @@ def save_ugd_checkpoint(model: UGDModel, path: str, tokenizer=None, state_dict: 
     A peft-wrapped backbone is saved merged (``merged_backbone_state_dict``), its adapter state in
     ``lora_adapter/`` (for resuming).
     """
-    os.makedirs(path, exist_ok=True)
     peft = is_peft_model(model.backbone)
     if state_dict is None and not peft:
         model.save_pretrained(path, tokenizer=tokenizer)
@@ -143,53 +133,17 @@ def save_ugd_checkpoint(model: UGDModel, path: str, tokenizer=None, state_dict: 
             if prefix not in parts:
                 raise ValueError(f"unexpected key {k!r} in the UGDModel state dict")
             parts[prefix][rest] = v
-        model.backbone.save_pretrained(path, state_dict=parts["backbone"])
-        if model.document_backbone is not None:
-            model.document_backbone.save_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR),
-                                                    state_dict=parts["document_backbone"])
-        _write_heads_and_config(model, path, parts["heads"])
+        checkpoint.write_checkpoint(path, backbone=model.backbone, backbone_state=parts["backbone"],
+                                    document_backbone=model.document_backbone,
+                                    document_state=parts["document_backbone"], heads_state=parts["heads"],
+                                    config=model.config.to_dict(), tokenizer=tokenizer)
     else:  # peft
         if model.document_backbone is not None:
             raise NotImplementedError("LoRA with the two-backbone 'ttm' baseline is not supported")
-        model.backbone.get_base_model().save_pretrained(path, state_dict=merged_backbone_state_dict(model.backbone))
-        model.backbone.save_pretrained(os.path.join(path, LORA_ADAPTER_DIR))
-        _write_heads_and_config(model, path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    give_ordinary_modes(path)
-
-
-def _read_weights(path: str) -> dict | None:
-    """The tensors of a transformers checkpoint folder (single or sharded safetensors), or None."""
-    from safetensors.torch import load_file
-
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for name in files:
-            state.update(load_file(os.path.join(path, name)))
-        return state
-    return None
-
-
-def _load_backbone(backbone: nn.Module, path: str) -> None:
-    state = _read_weights(path)
-    if state is None:
-        raise FileNotFoundError(f"{path}: no model.safetensors (or sharded index) to resume from")
-    result = backbone.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"{path}: weights not in the model: {result.unexpected_keys[:5]}")
-    # a key missing from the file is fine only when it is tied to one the file has (lm_head <-> embeddings)
-    params = dict(backbone.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in state if k in params}
-    missing = [k for k in result.missing_keys if not (k in params and id(params[k]) in loaded)]
-    if missing:
-        raise ValueError(f"{path}: weights missing from the checkpoint: {missing[:5]}")
+        checkpoint.write_checkpoint(path, backbone=model.backbone.get_base_model(),
+                                    backbone_state=merged_backbone_state_dict(model.backbone),
+                                    lora_adapter=model.backbone, heads_state=model.heads.state_dict(),
+                                    config=model.config.to_dict(), tokenizer=tokenizer)
 
 
 def load_ugd_weights(model: UGDModel, path: str) -> None:
@@ -198,16 +152,13 @@ def load_ugd_weights(model: UGDModel, path: str) -> None:
 
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         raise FileNotFoundError(f"{path} is not a UGD checkpoint ({CONFIG_NAME} is missing)")
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        saved = json.load(f)
+    saved = checkpoint.read_config(path)
     for key in ("paradigm", "num_labels", "kl_dim"):
         if saved.get(key) != getattr(model.config, key):
             raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r}, the model {getattr(model.config, key)!r}")
-    from ..checkpoint_files import check_checkpoint_files
-
     # a missing/empty/truncated weight file: one error naming it (python -m ugd.train exits 2)
-    check_checkpoint_files(path, document_backbone=model.document_backbone is not None,
-                           lora_adapter=os.path.join(path, LORA_ADAPTER_DIR) if is_peft_model(model.backbone) else None)
+    checkpoint.check_checkpoint_files(path, document_backbone=model.document_backbone is not None,
+                                      lora_adapter=os.path.join(path, LORA_ADAPTER_DIR) if is_peft_model(model.backbone) else None)
     if is_peft_model(model.backbone):
         from peft import set_peft_model_state_dict
 
@@ -218,10 +169,11 @@ def load_ugd_weights(model: UGDModel, path: str) -> None:
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{adapter}: unexpected adapter weights {result.unexpected_keys[:5]}")
     else:
-        _load_backbone(model.backbone, path)
+        checkpoint.load_backbone_weights(model.backbone, path)
         if model.document_backbone is not None:
-            _load_backbone(model.document_backbone, os.path.join(path, DOCUMENT_BACKBONE_DIR))
-    heads = load_file(os.path.join(path, HEADS_NAME))
+            checkpoint.load_backbone_weights(model.document_backbone,
+                                             os.path.join(path, checkpoint.DOCUMENT_BACKBONE_DIR))
+    heads, _ = checkpoint.read_heads(path)
     model.heads.load_state_dict({k: v.to(model.head_device) for k, v in heads.items()})
 
 
@@ -465,7 +417,7 @@ class UGDTrainer(Trainer):
             self.args.save_total_limit = limit
         self._barrier()  # every process has written its files (rng_state_<rank>.pth)
         if self.args.should_save:
-            _fsync_tree(staged)
+            fsync_tree(staged)
             if os.path.exists(final):  # the same step saved again (e.g. after resuming): replace it
                 old = final + ".old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -478,7 +430,7 @@ class UGDTrainer(Trainer):
                 os.rmdir(os.path.join(run_dir, STAGING_DIR))
             except OSError:
                 pass  # not empty (another save's leftovers) or already gone
-            _fsync_dir(run_dir)
+            fsync_dir(run_dir)
             if self.state.best_global_step:
                 best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
                 if os.path.exists(best):
@@ -493,31 +445,6 @@ class UGDTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         load_ugd_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: str) -> None:
-    """Flushes every file of a checkpoint to disk before it is renamed into place."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                with open(os.path.join(root, name), "rb") as f:
-                    os.fsync(f.fileno())
-            except OSError:
-                pass
-        _fsync_dir(root)
 
 
 # ---------------------------------------------------------------------------------------------
