@@ -33,11 +33,34 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import sys
 import time
 
-from .training.args import ConfigError, parse_args, resume_value
-from .training.build import apply_lora, build_model, enable_activation_checkpointing, load_data, peek_ugd_config
+import torch
+import transformers
+from transformers import set_seed
+from transformers.trainer_utils import IntervalStrategy
+
+import ugd_ops
+
+from .checkpoint import CheckpointFileError
+from .data.collator import UGDCollator
+from .data.layout import LayoutConfig
+from .data.length_limits import check_model_positions
+from .data.records import DataError, RecordDataset
+from .data.teachers import TeacherError
+from .evaluate import evaluate_model, served_modes
+from .modules import attention  # noqa: F401  registers attn_implementation="ugd"
+from .serving.generate import generate_reason
+from .serving.reason_scores import available
+from .training.args import ConfigError, apply_paradigm_defaults, parse_args, resume_value
+from .training.build import (apply_lora, build_model, enable_activation_checkpointing, load_data, paradigm_of,
+                             peek_ugd_config)
+from .training.curves import CURVES_NAME, CurvesCallback
+from .training.resume_check import resolve_resume  # another paradigm's/backbone's checkpoint: one line, exit 2
+from .training.signals import StopOnSignal  # SIGTERM: checkpoint, then exit 143 (docs/training.md)
+from .training.trainer import NonFiniteLossError, UGDTrainer, freeze_unused_parameters, fsdp_unsupported_reason
 
 logger = logging.getLogger("ugd.train")
 
@@ -55,18 +78,6 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     """
     t0 = time.time()
     run = parse_args(argv)
-    import torch
-    from transformers import set_seed
-
-    from .data.collator import UGDCollator
-    from .data.layout import LayoutConfig
-    from .data.records import RecordDataset
-    from .modules import attention  # noqa: F401  registers attn_implementation="ugd"
-    from .serving.generate import generate_reason
-    from .training.curves import CURVES_NAME, CurvesCallback
-    from .training.signals import StopOnSignal  # SIGTERM: checkpoint, then exit 143 (docs/training.md)
-    from .training.trainer import UGDTrainer, freeze_unused_parameters, fsdp_unsupported_reason
-
     targs = run.training
     fsdp_refusal = fsdp_unsupported_reason(targs)
     if fsdp_refusal:  # before any model is built (UGDTrainer refuses too)
@@ -75,6 +86,8 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
         torch.set_num_threads(run.model.cpu_threads)
     set_seed(targs.seed)
     saved = peek_ugd_config(run.model.model_name_or_path)
+    # a paradigm's own training defaults (flipped-kd: LoRA), unless the preset, config or command line set them
+    apply_paradigm_defaults(run, paradigm_of(run, saved))
     num_labels = run.ugd.num_labels if "num_labels" in run.explicit else None
     if num_labels is None and saved is not None:
         num_labels = saved.get("num_labels")
@@ -87,15 +100,10 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
         logger.warning("%s data: %s", split, text)
 
     model, tokenizer = build_model(run, num_labels, train + (dev or []))
-    from .data.length_limits import check_model_positions
 
     # every sequence (and the reasons shown at the end) inside the backbone's positions
     check_model_positions(model, tokenizer, run.data.max_new_tokens if run.data.num_reasons > 0 else 0,
                           error=ConfigError)
-    # a paradigm's own training defaults (flipped-kd: LoRA), unless the preset, config or command line set them
-    for name, value in model.config.paradigm_impl.train_defaults.items():
-        if name not in run.explicit and hasattr(run.model, name):
-            setattr(run.model, name, value)
     lora = run.model.lora_r > 0
     if lora:
         apply_lora(model, run.model)
@@ -107,8 +115,6 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     # UGDTrainer does it too, this is for the count printed below
     freeze_unused_parameters(model)
     if dev is None and str(getattr(targs.eval_strategy, "value", targs.eval_strategy)) != "no":
-        from transformers.trainer_utils import IntervalStrategy
-
         logger.warning("no --eval_file: evaluation during training is off")
         targs.eval_strategy = IntervalStrategy.NO
 
@@ -127,8 +133,6 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
               f"{targs.device}, {targs.world_size} process(es), preset {run.preset or 'none'}, output {targs.output_dir}",
               flush=True)
     t_train = time.time()
-    from .training.resume_check import resolve_resume  # another paradigm's/backbone's checkpoint: one line, exit 2
-
     resume = resolve_resume(trainer, resume_value(targs.resume_from_checkpoint), ConfigError)
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - t_train
@@ -159,9 +163,6 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     if main_process and dev:
         # the final evaluation in every mode the model serves (ugd.evaluate: macro-F1, confusion matrix, and
         # ROUGE-L / BLEU of the first --num_reasons reasons, when rouge-score and sacrebleu are installed)
-        from .evaluate import evaluate_model, served_modes
-        from .serving.reason_scores import available
-
         modes = served_modes(unwrapped.paradigm, unwrapped.config)
         if "reason" in modes and (run.data.num_reasons == 0 or not available()):
             modes.remove("reason")  # the reasons below are still generated and shown, unscored
@@ -193,13 +194,6 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
 
 
 def _versions() -> dict:
-    import platform
-
-    import torch
-    import transformers
-
-    import ugd_ops
-
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "ugd_ops": getattr(ugd_ops, "__version__", "?"), "cuda": torch.version.cuda}
 
@@ -234,11 +228,6 @@ def _print_report(summary, metrics, reasons, curves_path) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """The console entry: errors in data, configuration or training as one line on stderr."""
-    from .checkpoint import CheckpointFileError
-    from .data.records import DataError
-    from .data.teachers import TeacherError
-    from .training.trainer import NonFiniteLossError
-
     try:
         main(argv)
     except (DataError, ConfigError, CheckpointFileError, TeacherError) as e:  # CheckpointFileError: a damaged

@@ -11,10 +11,19 @@ preset is named), the ``--config`` file (YAML or JSON), the command line. Every 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 from dataclasses import dataclass, field
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .. import paradigms
+from .checks import output_dir_problem, training_numbers_problem
+from .presets import preset_path
 
 
 class ConfigError(ValueError):
@@ -125,10 +134,6 @@ class RunArguments:
 
 
 def _make_parser():
-    from transformers import HfArgumentParser, TrainingArguments
-
-    from .. import paradigms
-
     parser = HfArgumentParser((ModelArguments, DataArguments, UGDArguments, TrainingArguments),
                               description="Train a UGD matcher (see docs/training.md).")
     for action in parser._actions:  # the registry decides which paradigms exist
@@ -155,8 +160,6 @@ def load_config_file(path: str) -> dict:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
     else:
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -171,10 +174,6 @@ def load_config_file(path: str) -> dict:
 
 
 def _environment_defaults() -> dict:
-    import importlib.util
-
-    import torch
-
     d = {
         "output_dir": "outputs/ugd-run",
         "remove_unused_columns": False,  # the collator needs the whole record
@@ -213,7 +212,6 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
     pre.add_argument("--paradigm")
     pre.error = parser.error  # one line (ConfigError), not this helper parser's usage
     known, _ = pre.parse_known_args(argv)
-    from .. import paradigms
 
     def check_paradigm(name, where):
         if name is not None and name not in paradigms.names():
@@ -234,8 +232,6 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
         preset = "demo"
     preset_values: dict = {}
     if preset and preset != "none":
-        from .presets import preset_path
-
         try:
             path = preset_path(preset)
         except ValueError as e:
@@ -258,7 +254,6 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
         raise ConfigError(str(e)) from e
     ugd_args.preset = preset
     check_paradigm(ugd_args.paradigm, f"{sources.get('paradigm', 'the default')}: ")  # a config file's value
-    from .checks import output_dir_problem, training_numbers_problem
 
     # before any data is read or model built: these would otherwise train silently or fail deep inside
     problem = training_numbers_problem(training_args) or output_dir_problem(training_args.output_dir)
@@ -291,6 +286,17 @@ def paradigm_options(value) -> dict:
 def backbone_overrides(text) -> dict:
     return _json_object(text, "--backbone_config")
 
+
+
+def apply_paradigm_defaults(run: RunArguments, paradigm: str) -> None:
+    """Sets the paradigm's ``train_defaults`` (flipped-kd: LoRA) on ``run`` for every argument the preset,
+    the config file and the command line left alone: before any data is read or model built, so every
+    step of the run sees one set of arguments."""
+    if paradigm not in paradigms.names():
+        return  # refused where the model is built, with the registered names
+    for name, value in paradigms.get(paradigm).train_defaults.items():
+        if name not in run.explicit and hasattr(run.model, name):
+            setattr(run.model, name, value)
 
 
 def resume_value(value):

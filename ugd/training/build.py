@@ -12,29 +12,40 @@ import logging
 import os
 import sys
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from ..backbones import BackboneError, resolve_backbone
+from ..checkpoint import CONFIG_NAME, check_backbone_folder
+from ..data.demo import build_tokenizer, demo_splits, tiny_backbone_config
+from ..data.layout import LayoutConfig, load_tokenizer
+from ..data.length_limits import positions_needed, prompt_length
+from ..data.records import check_format, read_records
+from ..model import UGDConfig, UGDModel
 from .args import (ARCH_FIELDS, LAYOUT_FIELDS, LOSS_FIELDS, ConfigError, ModelArguments, RunArguments,
                    backbone_overrides, paradigm_options)
+from .checks import label_gaps_warning
 
 logger = logging.getLogger("ugd.train")  # the training job's messages, whichever module writes them
 
 
 def peek_ugd_config(path: str | None) -> dict | None:
-    from ..checkpoint import CONFIG_NAME
-
     if path and os.path.isfile(os.path.join(path, CONFIG_NAME)):
         with open(os.path.join(path, CONFIG_NAME)) as f:
             return json.load(f)
     return None
 
 
+def paradigm_of(run: RunArguments, saved: dict | None) -> str:
+    """The paradigm the run trains: a UGD checkpoint's own (``saved``: its ``ugd_config.json``, read as
+    ``UGDConfig.from_dict`` reads it), else ``--paradigm``."""
+    return saved.get("paradigm", UGDConfig.paradigm) if saved is not None else run.ugd.paradigm
+
+
 def load_data(run: RunArguments, num_labels: int | None):
     """(train records, eval records or None, {split: description}, num_labels)."""
-    from ..data.records import read_records
-
     d = run.data
     if d.train_file is None:
-        from ..data.demo import demo_splits
-
         train, dev = demo_splits(d.demo_train_size, d.demo_eval_size, seed=d.demo_seed)
         num_labels = num_labels or 4
         for split, records in (("train", train), ("eval", dev)):
@@ -48,7 +59,6 @@ def load_data(run: RunArguments, num_labels: int | None):
         if file and not os.path.isfile(file):  # one line, not read_records' FileNotFoundError traceback
             problem = "a folder, not a data file" if os.path.isdir(file) else "no such file"
             raise ConfigError(f"{flag} {file}: {problem}")
-    from ..data.records import check_format
 
     try:
         check_format(d.data_format)
@@ -64,7 +74,6 @@ def load_data(run: RunArguments, num_labels: int | None):
     if num_labels is None:
         num_labels = max(2, max(int(r["label"]) for r in train) + 1)
         logger.warning("num_labels not given: %d, from the largest label of %s", num_labels, d.train_file)
-        from .checks import label_gaps_warning
 
         gaps = label_gaps_warning(stats, num_labels)  # a stray label 7 in a 0..2 file: 8 classes, 5 never seen
         if gaps:
@@ -92,8 +101,6 @@ def load_data(run: RunArguments, num_labels: int | None):
 
 
 def _dtype(name: str):
-    import torch
-
     if name == "auto":
         return "auto"
     try:
@@ -106,8 +113,6 @@ def _dtype(name: str):
 
 
 def _layout_from(run: RunArguments, base: dict | None = None):
-    from ..data.layout import LayoutConfig
-
     values = dict(base or {})
     for name in LAYOUT_FIELDS:
         if base is None or name in run.explicit:
@@ -119,8 +124,6 @@ def _layout_from(run: RunArguments, base: dict | None = None):
 
 
 def _ugd_config(run: RunArguments, num_labels: int, layout):
-    from ..model import UGDConfig
-
     u = run.ugd
     kwargs = {n: getattr(u, n) for n in ARCH_FIELDS + LOSS_FIELDS}
     kwargs["num_labels"] = num_labels
@@ -132,15 +135,9 @@ def _ugd_config(run: RunArguments, num_labels: int, layout):
 
 def build_model(run: RunArguments, num_labels: int, records: list[dict]):
     """(UGDModel, tokenizer) from ``--model_name_or_path`` (or a random-init tiny backbone)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..data.layout import load_tokenizer
-    from ..model import UGDModel
-
     m = run.model
     path = m.model_name_or_path
     if path is not None:  # a .gguf file or a registered name becomes a plain HF folder (ugd.backbones)
-        from ..backbones import BackboneError, resolve_backbone
 
         try:
             path = resolve_backbone(path)
@@ -149,12 +146,9 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
     dtype = _dtype(m.torch_dtype)
     saved = peek_ugd_config(path)
     if path is None:
-        from ..data.demo import build_tokenizer, tiny_backbone_config
-
         tokenizer = build_tokenizer(records)
         overrides = backbone_overrides(m.backbone_config)
         if "max_position_embeddings" not in overrides:  # room for the layout's longest sequence
-            from ..data.length_limits import positions_needed, prompt_length
 
             layout = _layout_from(run)
             overrides["max_position_embeddings"] = max(512, positions_needed(
@@ -187,7 +181,6 @@ def build_model(run: RunArguments, num_labels: int, records: list[dict]):
     else:
         if not os.path.isdir(path):
             raise ConfigError(f"--model_name_or_path {path}: not a local folder (nothing is downloaded)")
-        from ..checkpoint import check_backbone_folder
 
         check_backbone_folder(path)  # a missing/empty/truncated model.safetensors: one error naming it
         tokenizer = load_tokenizer(path)
