@@ -133,7 +133,7 @@ def peer_encode(peer, texts: list[str], side: str, batch_tokens: int) -> torch.T
 @torch.no_grad()
 def peer_predict(peer, pairs, mode: str, batch_tokens: int) -> torch.Tensor:
     """Class probabilities ``[N, C]`` (float32, CPU) of the padded peer, as ``model.predict``."""
-    from ugd.data.layout import PARADIGMS, encode_sample, prompt_ids
+    from ugd.data.layout import check_paradigm, encode_sample, prompt_ids
 
     if mode == "two_tower":
         v_q = peer_encode(peer, [q for q, _ in pairs], "query", batch_tokens)
@@ -143,7 +143,7 @@ def peer_predict(peer, pairs, mode: str, batch_tokens: int) -> torch.Tensor:
     prompt = prompt_ids(peer.tokenizer, ids, layout)
     samples = [encode_sample(peer.tokenizer, ids, q, d, None, None, config=layout, parts="qdp", _prompt=prompt)
                for q, d in pairs]
-    mask = PARADIGMS[peer.config.paradigm][1]
+    mask = check_paradigm(peer.config.paradigm)[1]
     w = peer.heads.classifier.weight
     out = torch.empty((len(pairs), peer.config.num_labels), dtype=torch.float32)
     decoder = peer.backbone.get_decoder()
@@ -166,10 +166,10 @@ def prompts(model, pairs):
 @torch.no_grad()
 def peer_prefill(peer, samples):
     """The peer's prefill of Q D P prompts: left-padded, dense partition mask, one forward with a cache."""
-    from ugd.serving.generate import PREFILL_MASK
+    from ugd import paradigms
 
     w = peer.heads.classifier.weight
-    b = padded_batch(samples, PREFILL_MASK[peer.config.paradigm], w.device, w.dtype, left=True)
+    b = padded_batch(samples, paradigms.get(peer.config.paradigm).prefill_mask, w.device, w.dtype, left=True)
     out = peer.backbone.get_decoder()(input_ids=b["input_ids"], position_ids=b["position_ids"],
                                       attention_mask=b["attention_mask"], use_cache=True)
     return b, out
@@ -234,13 +234,13 @@ def check_predict(model, peer, pairs, mode, batch_tokens):
 @torch.no_grad()
 def check_prefill(model, peer, pairs):
     """The peer's left-padded prefill states equal the UGD packed prefill's (``model.encode``)."""
+    from ugd import paradigms
     from ugd.data.collator import pack
-    from ugd.serving.generate import PREFILL_MASK
     from ugd.model import move_batch
 
     samples = prompts(model, pairs)
     device = model.heads.classifier.weight.device
-    ours = model.encode(move_batch(pack(samples, PREFILL_MASK[model.config.paradigm]), device))
+    ours = model.encode(move_batch(pack(samples, paradigms.get(model.config.paradigm).prefill_mask), device))
     b, out = peer_prefill(peer, samples)
     theirs = out.last_hidden_state[b["valid"]]  # row-major: sample by sample, token by token, as packed
     _, rel = TOLERANCE[ours.dtype]

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 from ugd import DocumentVectors
 from ugd.data.collator import UGDCollator, pack
 from ugd.data.demo import build_tokenizer, demo_splits, tiny_backbone_config
-from ugd.serving.generate import PREFILL_MASK, generate_reason_ids, prompt_samples
+from ugd.serving.generate import generate_reason_ids, prompt_samples
 from ugd.data.layout import EncodedSample, LayoutConfig
 from ugd.model import UGDConfig, UGDModel
 
@@ -241,7 +241,7 @@ def recompute_greedy(model, pair, steps):
                             position_ids=s.position_ids + [s.position_ids[-1] + 1 + i for i in range(n + 1)],
                             lm_labels=[-100] * (len(s) + 1 + n), spans=(Lq, Ld, Lp, 1 + n))
         with torch.no_grad():
-            hidden = model.encode(pack([seq], PREFILL_MASK[model.config.paradigm]))
+            hidden = model.encode(pack([seq], model.paradigm.prefill_mask))
             token = int(model.backbone.get_output_embeddings()(hidden[-1]).argmax())
         if token == eos:
             break

@@ -10,7 +10,6 @@ import ugd_ops
 from ugd.data.collator import UGDCollator, budget_batches, pack
 from ugd.data.layout import (
     IGNORE_INDEX,
-    PARADIGMS,
     SPECIAL_TOKENS,
     LayoutConfig,
     add_special_tokens,
@@ -362,7 +361,7 @@ def test_pack_errors(tok, ids):
 # their own batches: tests/test_ullme.py, tests/test_flipped_kd.py)
 @pytest.mark.parametrize("paradigm", sorted(p.name for p in all_paradigms() if type(p).collate is Paradigm.collate))
 def test_collator_paradigms(tok, ids, paradigm):
-    parts, mask = PARADIGMS[paradigm]
+    parts, mask = check_paradigm(paradigm)
     batch = UGDCollator(tok, paradigm=paradigm)(RECORDS)
     if paradigm == "ttm":
         assert set(batch) == {"query", "document", "labels"}

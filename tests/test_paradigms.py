@@ -14,7 +14,7 @@ import ugd.modules.attention  # noqa: F401  registers attn_implementation="ugd"
 from ugd import paradigms
 from ugd.checkpoint import CONFIG_NAME
 from ugd.data.collator import UGDCollator
-from ugd.data.layout import PARADIGMS, LayoutConfig, check_paradigm
+from ugd.data.layout import LayoutConfig, check_paradigm
 from ugd.model import UGDConfig, UGDModel
 from ugd.paradigms.base import CAPABILITIES, MODE_NEEDS
 from ugd.paradigms.ugd_paradigms import UGDParadigm
@@ -47,7 +47,7 @@ def test_builtin_paradigms_are_registered_with_their_old_names():
     assert UGD_FIVE <= set(paradigms.names())
     assert set(paradigms.names(family="ugd")) == UGD_FIVE
     # layouts and terms of docs/spec.md section 6
-    assert PARADIGMS["ugd-ttm"] == ("qdpg", "ttm") and PARADIGMS["ttm"] == ("q|d", None)
+    assert check_paradigm("ugd-ttm") == ("qdpg", "ttm") and check_paradigm("ttm") == ("q|d", None)
     assert paradigms.get("ugd-ttm").terms == ("cls_t", "cls_s", "gen", "kl", "kl_emb")
     assert paradigms.get("stm").terms == ("cls_s",)
     assert paradigms.get("ugd-stm").prefill_mask == "stm"
@@ -133,7 +133,7 @@ def plugged():
 
 
 def test_a_new_paradigm_plugs_into_config_collator_model_and_inference(plugged, tmp_path):
-    assert "test-half-stm" in paradigms.names() and PARADIGMS["test-half-stm"] == ("qdp", "stm")
+    assert "test-half-stm" in paradigms.names() and check_paradigm("test-half-stm") == ("qdp", "stm")
     model, tok = make_model("test-half-stm", options={"ce_weight": 0.25})
     assert model.paradigm is plugged and model.config.weight("cls_s") == 0.25
     collator = UGDCollator(tok, paradigm="test-half-stm", config=LAYOUT, model_config=model.config)

@@ -296,11 +296,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     ("ugd-ttm", ("--gradient_checkpointing", "--gamma", "0")),  # activation checkpointing; a term off
 ])
 def test_every_paradigm_trains_evaluates_and_saves(tmp_path, paradigm, extra):
-    from ugd.model import SINGLE_TOWER, TWO_TOWER, UGDModel
+    from ugd import paradigms
+    from ugd.model import UGDModel
 
     summary = main(run_args(tmp_path, "p", "--paradigm", paradigm, "--max_steps", "2", *extra))
     ev = summary["eval"]
-    assert ("eval_acc_t" in ev) == (paradigm in TWO_TOWER) and ("eval_acc_s" in ev) == (paradigm in SINGLE_TOWER)
+    assert ("eval_acc_t" in ev) == (paradigm in paradigms.names(capability="score_pairs")) and ("eval_acc_s" in ev) == (
+        paradigm in paradigms.names(capability="single_tower"))
     model = UGDModel.from_pretrained(str(tmp_path / "p"))
     assert model.config.paradigm == paradigm
     if paradigm == "ugd-ttm":  # gamma = 0: no generation term

@@ -35,7 +35,11 @@ import json
 import os
 import struct
 
+from safetensors.torch import load, load_file, save_file
+from transformers import AutoModelForCausalLM
+
 from ._files import give_ordinary_modes
+from .data.layout import SPECIAL_TOKENS, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -139,8 +143,6 @@ def has_tokenizer_files(path: str) -> bool:
 def load_checked_tokenizer(path: str, special_token_ids: dict | None = None):
     """The tokenizer saved in ``path`` (``ugd.data.layout.load_tokenizer``), refused with a
     ``CheckpointFileError`` naming the file when it cannot serve this checkpoint (see ``check_tokenizer``)."""
-    from .data.layout import load_tokenizer
-
     if os.path.isfile(os.path.join(path, "tokenizer_config.json")) and not any(
             os.path.isfile(os.path.join(path, f)) for f in VOCAB_FILES):
         raise CheckpointFileError(f"{os.path.join(path, 'tokenizer.json')} is missing: the checkpoint's tokenizer "
@@ -159,8 +161,6 @@ def check_tokenizer(tokenizer, path: str, special_token_ids: dict | None = None)
     """The tokenizer maps UGD's special tokens to the ids the model was trained with (``ugd_config.json``'s
     ``special_token_ids``) and encodes text to something: an empty or foreign vocabulary would make every
     prediction silently wrong."""
-    from .data.layout import SPECIAL_TOKENS
-
     file = os.path.join(path, "tokenizer.json")
     for key, want in (special_token_ids or {}).items():
         token = SPECIAL_TOKENS.get(key)
@@ -199,8 +199,6 @@ def write_checkpoint(path: str, *, backbone, config: dict, heads_state: dict, do
     ``config``: ``UGDConfig.to_dict()``; ``tokenizer``: saved beside them when given. safetensors creates
     its files private (0600): they get the mode of any new file (``ugd._files.give_ordinary_modes``).
     """
-    from safetensors.torch import save_file
-
     save_kwargs = save_kwargs or {}
     os.makedirs(path, exist_ok=True)
     _save_backbone(backbone, path, backbone_state, save_kwargs)
@@ -234,8 +232,6 @@ def read_config(path: str) -> dict:
 def load_backbones(path: str, *, two_backbones: bool = False, **backbone_kwargs):
     """(backbone, document backbone or None) of the checkpoint ``path``, loaded with
     ``AutoModelForCausalLM.from_pretrained(..., **backbone_kwargs)``; the files are checked first."""
-    from transformers import AutoModelForCausalLM
-
     # one error naming a missing/empty/truncated weight file, instead of safetensors' traceback
     check_checkpoint_files(path, document_backbone=two_backbones)
     backbone = AutoModelForCausalLM.from_pretrained(path, **backbone_kwargs)
@@ -247,8 +243,6 @@ def load_backbones(path: str, *, two_backbones: bool = False, **backbone_kwargs)
 
 def read_heads(path: str) -> tuple[dict, str]:
     """(the heads' state dict, the SHA-256 of ``ugd_heads.safetensors``) of the checkpoint ``path``."""
-    from safetensors.torch import load
-
     with open(os.path.join(path, HEADS_NAME), "rb") as f:
         heads_bytes = f.read()
     return load(heads_bytes), hashlib.sha256(heads_bytes).hexdigest()
@@ -265,8 +259,6 @@ def read_tokenizer(path: str, special_token_ids: dict | None = None):
 
 def read_backbone_state(folder: str) -> dict | None:
     """The tensors of a transformers checkpoint folder (single or sharded safetensors), or None."""
-    from safetensors.torch import load_file
-
     single = os.path.join(folder, WEIGHTS_NAME)
     index = os.path.join(folder, WEIGHTS_INDEX_NAME)
     if os.path.isfile(single):

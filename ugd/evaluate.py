@@ -51,8 +51,22 @@ import datetime
 import json
 import math
 import os
+import platform
 import sys
 import time
+from importlib import metadata
+
+import torch
+from tqdm.auto import tqdm
+
+from . import paradigms
+from ._files import atomic_text_file
+from .data.records import read_records, write_jsonl
+from .predict import load_model, read_checkpoint_config, resolve_device, set_threads
+from .serving.generate import generate_reason
+from .serving.inference import as_pairs, check_count, predict, tokenizer_of, tqdm_disable
+from .serving.reason_scores import ReasonScoresUnavailable, gold_references, require, score_reasons
+from .training.metrics import accuracy, confusion_matrix, macro_f1, roc_auc
 
 #: the modes evaluated, in report order (``ugd.paradigms`` names them with underscores)
 EVAL_MODES = ("two-tower", "single-tower", "reason")
@@ -119,11 +133,6 @@ def _with_tokenizer(model, tokenizer):
 
 
 def _score_mode(model, pairs, labels, mode, batch_size, bar) -> tuple[dict, list]:
-    import torch
-
-    from .serving.inference import predict
-    from .training.metrics import accuracy, confusion_matrix, macro_f1, roc_auc
-
     chunks = []
     seconds = 0.0
     for lo in range(0, len(pairs), batch_size):
@@ -152,9 +161,6 @@ def _score_mode(model, pairs, labels, mode, batch_size, bar) -> tuple[dict, list
 
 
 def _reason_mode(model, tokenizer, records, reason_samples, max_new_tokens, batch_size, layout, bar):
-    from .serving.generate import generate_reason
-    from .serving.reason_scores import gold_references, score_reasons
-
     chosen = records[:reason_samples]
     t = time.perf_counter()
     texts = []
@@ -217,10 +223,6 @@ def evaluate_model(model, tokenizer, records, modes=None, *, reason_samples: int
             labels out of range. ``ugd.serving.reason_scores.ReasonScoresUnavailable``: reasons asked for without
             rouge-score / sacrebleu installed.
     """
-    from tqdm.auto import tqdm
-
-    from .serving.inference import as_pairs, check_count, tokenizer_of, tqdm_disable
-
     modes = resolve_modes(model.paradigm, model.config, modes)
     check_count("reason_samples", reason_samples, minimum=0)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
@@ -236,8 +238,6 @@ def evaluate_model(model, tokenizer, records, modes=None, *, reason_samples: int
         labels.append(y)
     pairs = as_pairs([(r["query"], r["document"]) for r in records])
     if "reason" in modes and reason_samples > 0:
-        from .serving.reason_scores import require
-
         require()  # before any model work
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(model)
 
@@ -311,8 +311,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_labelled(path: str, fmt: str, num_labels: int, *, skip_bad: bool = False, max_records: int | None = None):
     """The labelled records of ``path`` (the first ``max_records``) and the ``ReadStats``; ValueError with
     one line for every problem (a missing file, ``file:line`` of a bad record, no records)."""
-    from .data.records import read_records
-
     if os.path.isdir(path):
         raise ValueError(f"--input {path} is a folder; name the data file")
     if not os.path.isfile(path):
@@ -329,11 +327,6 @@ def read_labelled(path: str, fmt: str, num_labels: int, *, skip_bad: bool = Fals
 
 
 def _versions() -> dict:
-    import platform
-    from importlib import metadata
-
-    import torch
-
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     for dist in ("transformers", "ugd", "rouge-score", "sacrebleu"):
         try:
@@ -345,8 +338,6 @@ def _versions() -> dict:
 
 def write_json_atomic(obj, path: str) -> None:
     """``obj`` as JSON at ``path``: a temp file in the same folder, then ``os.replace``."""
-    from ._files import atomic_text_file
-
     with atomic_text_file(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False)
         f.write("\n")
@@ -376,16 +367,11 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs one evaluation; returns the report (written to ``--output`` when given, printed as a table)."""
-    from . import paradigms
-    from .predict import load_model, read_checkpoint_config, resolve_device, set_threads
-
     args = parse_args(argv)
     # everything cheap is checked before the model is loaded (which may take minutes)
     cfg = read_checkpoint_config(args.model)
     modes = resolve_modes(paradigms.get(cfg.paradigm), cfg, args.modes)
     if "reason" in modes and args.reason_samples > 0:
-        from .serving.reason_scores import require
-
         require()
     device = resolve_device(args.device)
     set_threads(args.cpu_threads)
@@ -402,8 +388,6 @@ def main(argv: list[str] | None = None) -> dict:
               "load_seconds": load_seconds, "versions": _versions(),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if args.predictions:
-        from .data.records import write_jsonl
-
         write_jsonl(predictions, args.predictions)
     if args.output:
         write_json_atomic(report, args.output)
@@ -414,8 +398,6 @@ def main(argv: list[str] | None = None) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     """The console entry: a problem with the arguments, the checkpoint or the input is one line on stderr
     and exit status 2."""
-    from .serving.reason_scores import ReasonScoresUnavailable
-
     try:
         main(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)

@@ -27,6 +27,9 @@ import os
 import struct
 
 import torch
+from safetensors.torch import save
+
+from .checkpoint import DOCUMENT_BACKBONE_DIR, backbone_weight_files
 
 # UGDConfig fields that do not change what a trained model computes
 TRAINING_ONLY_FIELDS = ("alpha", "beta", "gamma", "lam", "mu", "detach", "kl_temperature")
@@ -96,8 +99,6 @@ def _weights_digest(entries: list[str]) -> str:
 def note_checkpoint_files(model, path: str) -> None:
     """Called by ``from_pretrained``: the backbone weights are those of the safetensors files in ``path``
     (hashed lazily, on the first ``fingerprint()``), as long as no parameter changes."""
-    from .checkpoint import DOCUMENT_BACKBONE_DIR, backbone_weight_files
-
     files = {"backbone": backbone_weight_files(path)}
     if model.document_backbone is not None:
         files["document_backbone"] = backbone_weight_files(os.path.join(path, DOCUMENT_BACKBONE_DIR))
@@ -127,7 +128,6 @@ def heads_digest(model) -> str:
     versions = model._heads_versions()
     if model._heads_digest is not None and model._heads_digest[1] == versions:
         return model._heads_digest[0]
-    from safetensors.torch import save
 
     digest = hashlib.sha256(save(model._heads_state())).hexdigest()
     model._heads_digest = (digest, versions)  # computed once until the heads change

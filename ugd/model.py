@@ -8,6 +8,7 @@ and ``ugd_heads.safetensors``; the `ttm` baseline keeps its document backbone in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -15,19 +16,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from . import checkpoint
 from . import paradigms as _paradigms
+from .backbones import resolve_backbone
 from .checkpoint import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME  # noqa: F401  (the checkpoint's file names)
+from .data.layout import add_special_tokens
+from .fingerprint import model_fingerprint, note_checkpoint_files
+from .modules import attention  # noqa: F401  registers attn_implementation="ugd"
 from .modules.packed import UGDOutput, encode_packed, move_batch, packed_inputs  # noqa: F401  (packed_inputs: re-exported)
-
-# Read-only views of the registry (``ugd.paradigms`` is the source) under names callers import from here:
-# the loss terms of each paradigm and which paradigms have a two-tower / single-tower head / reasons,
-# for the paradigms registered when this module was imported. ``ugd.paradigms.get(name)`` is the full answer.
-PARADIGM_TERMS = {p.name: p.terms for p in _paradigms.all_paradigms()}
-TWO_TOWER = set(_paradigms.names(capability="score_pairs"))
-SINGLE_TOWER = set(_paradigms.names(capability="single_tower"))
-GENERATIVE = set(_paradigms.names(capability="generate"))
+# the serving functions are looked up at each call (ugd.serving.inference.encode_texts may be replaced, as tests do)
+from .serving import generate, inference
 
 
 @dataclass
@@ -148,15 +148,8 @@ class UGDModel(nn.Module):
     def from_backbone(cls, backbone, tokenizer, config: UGDConfig | None = None, **overrides) -> "UGDModel":
         """Wraps a causal LM (a model; or a local folder, a .gguf file or a name of ``ugd.backbones``) for UGD: adds the
         special tokens to ``tokenizer`` and resizes the embeddings."""
-        from transformers import AutoModelForCausalLM
-
-        from .modules import attention  # noqa: F401  registers attn_implementation="ugd"
-        from .data.layout import add_special_tokens
-
         config = dataclasses.replace(config or UGDConfig(), **overrides)
         if isinstance(backbone, (str, os.PathLike)):
-            from .backbones import resolve_backbone
-
             path = resolve_backbone(backbone)  # a folder as it is; a .gguf file or a registered name dequantised once
             backbone = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ugd")
             document = (AutoModelForCausalLM.from_pretrained(path, attn_implementation="ugd")
@@ -165,8 +158,6 @@ class UGDModel(nn.Module):
             backbone.set_attn_implementation("ugd")
             document = None
             if config.paradigm_impl.two_backbones:
-                import copy
-
                 document = copy.deepcopy(backbone)
         ids = add_special_tokens(tokenizer, backbone)
         if document is not None:
@@ -200,8 +191,6 @@ class UGDModel(nn.Module):
         (``ugd.fingerprint``). Remembered until a parameter is written in place or replaced, so calling
         it per request costs nothing.
         """
-        from .fingerprint import model_fingerprint
-
         return model_fingerprint(self)
 
     @classmethod
@@ -212,9 +201,6 @@ class UGDModel(nn.Module):
         ``backbone_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...;
         ``attn_implementation`` defaults to "ugd").
         """
-        from .fingerprint import note_checkpoint_files
-        from .modules import attention  # noqa: F401
-
         config = UGDConfig.from_dict(checkpoint.read_config(path))
         backbone_kwargs.setdefault("attn_implementation", "ugd")
         backbone, document = checkpoint.load_backbones(path, two_backbones=config.paradigm_impl.two_backbones,
@@ -264,46 +250,31 @@ class UGDModel(nn.Module):
     def encode_queries(self, texts, **kwargs):
         """V_Q ``[N, H]`` of each query, encoded alone (``ugd.serving.inference.encode_texts``: ``batch_tokens``,
         ``show_progress``, ``output_device``, ``return_numpy``)."""
-        from .serving.inference import encode_texts
-
-        return encode_texts(self, texts, "query", **kwargs)
+        return inference.encode_texts(self, texts, "query", **kwargs)
 
     def encode_documents(self, texts, **kwargs):
         """V_D ``[M, H]`` of each document, encoded alone (see ``encode_queries``); for a store that finds
         vectors by text and saves them, use ``ugd.DocumentVectors.build(model, texts)``."""
-        from .serving.inference import encode_texts
-
-        return encode_texts(self, texts, "document", **kwargs)
+        return inference.encode_texts(self, texts, "document", **kwargs)
 
     def score_pairs(self, query_vectors, document_vectors) -> torch.Tensor:
         """Two-tower probabilities ``[N, C]`` of aligned stored vectors (no backbone)."""
-        from .serving.inference import score_pairs
-
-        return score_pairs(self, query_vectors, document_vectors)
+        return inference.score_pairs(self, query_vectors, document_vectors)
 
     def score_documents(self, query_vectors, documents) -> torch.Tensor:
         """Two-tower probabilities ``[Nq, M, C]`` of queries against stored documents (no backbone)."""
-        from .serving.inference import score_documents
-
-        return score_documents(self, query_vectors, documents)
+        return inference.score_documents(self, query_vectors, documents)
 
     def predict(self, pairs, mode: str = "two_tower", **kwargs) -> torch.Tensor:
         """Class probabilities ``[N, C]`` of (query, document) pairs; ``mode`` "two_tower" or "single_tower"."""
-        from .serving.inference import predict
-
-        return predict(self, pairs, mode, **kwargs)
+        return inference.predict(self, pairs, mode, **kwargs)
 
     def rank(self, query: str, documents, top_k: int | None = 10, mode: str = "two_tower", **kwargs):
         """``[(index, score), ...]`` of the best ``top_k`` documents (texts or stored vectors) for ``query``."""
-        from .serving.inference import rank
-
-        return rank(self, query, documents, top_k=top_k, mode=mode, **kwargs)
+        return inference.rank(self, query, documents, top_k=top_k, mode=mode, **kwargs)
 
     def generate_reason(self, pairs, max_new_tokens: int = 64, do_sample: bool = False, **kwargs) -> list[str]:
         """The reason for each (query, document) pair: packed prefill, then batched cached decoding
         (``ugd.serving.generate.generate_reason_ids``: ``batch_size``, ``generate`` keywords)."""
-        from .serving.generate import generate_reason
-        from .serving.inference import tokenizer_of
-
-        return generate_reason(self, tokenizer_of(self), pairs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                               **kwargs)
+        return generate.generate_reason(self, inference.tokenizer_of(self), pairs, max_new_tokens=max_new_tokens,
+                                        do_sample=do_sample, **kwargs)

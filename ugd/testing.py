@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .data.demo import word_level_tokenizer
 from .data.demo import EOS, PAD, UNK  # noqa: F401  (the builder lives in ugd.data.demo)
 
 DEFAULT_TEXTS = (
@@ -35,6 +36,4 @@ def make_test_tokenizer(texts: Iterable[str] | None = None):
     Every word and punctuation mark of the given texts is in the vocabulary (no ``<unk>`` for them).
     Ids: ``<pad>`` 0, ``<unk>`` 1, ``</s>`` 2, then the words.
     """
-    from .data.demo import word_level_tokenizer
-
     return word_level_tokenizer(list(DEFAULT_TEXTS) + [t for t in (texts or ()) if t])

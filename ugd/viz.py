@@ -20,12 +20,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 import ugd_ops
 
+from . import paradigms
 from .data.collator import pack
-from .data.layout import PARADIGMS, SPECIAL_TOKENS, LayoutConfig, add_special_tokens, check_paradigm, encode_sample
+from .data.layout import SPECIAL_TOKENS, LayoutConfig, add_special_tokens, check_paradigm, encode_sample
+from .testing import make_test_tokenizer
 
 EXAMPLE = {
     "query": "how do I reset my online banking password",
@@ -91,8 +95,6 @@ def partition(tokenizer, query: str, document: str, reason: str | None = None, *
 
 def mask_image(part: dict):
     """The RGB image [T, T, 3] (numpy, float) of a ``partition`` dict: span colours where allowed, grey elsewhere."""
-    import numpy as np
-
     mask = part["mask"].cpu().numpy()
     span_of = part["span_of"]
     T = len(span_of)
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--query", default=EXAMPLE["query"])
     p.add_argument("--document", default=EXAMPLE["document"])
     p.add_argument("--reason", default=EXAMPLE["reason"], help="'' for no G span")
-    p.add_argument("--paradigm", default="ugd-ttm", choices=sorted(PARADIGMS))
+    p.add_argument("--paradigm", default="ugd-ttm", choices=sorted(paradigms.names()))
     p.add_argument("--prompt", default=LayoutConfig.prompt)
     p.add_argument("--position-mode", default="restart", choices=["restart", "continuous"])
     p.add_argument("--max-query-len", type=int, default=LayoutConfig.max_query_len)
@@ -226,12 +228,8 @@ def main(argv=None) -> int:
                               max_document_len=args.max_document_len, max_reason_len=args.max_reason_len,
                               position_mode=args.position_mode)
         if args.tokenizer:
-            from transformers import AutoTokenizer
-
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
         else:
-            from .testing import make_test_tokenizer
-
             prompt_words = config.prompt
             for special in SPECIAL_TOKENS.values():
                 prompt_words = prompt_words.replace(special, " ")

@@ -27,17 +27,9 @@ import torch
 
 import ugd_ops
 
-from .layout import (
-    IGNORE_INDEX,
-    EncodedSample,
-    LayoutConfig,
-    check_paradigm,
-    encode_sample,
-    prompt_ids,
-    record_label,
-    record_texts,
-    special_token_ids,
-)
+from .layout import (IGNORE_INDEX, EncodedSample, LayoutConfig, check_paradigm, encode_sample, prompt_ids, record_label,
+                     record_texts, special_token_ids)
+from .length_limits import TruncationNotice
 
 MASKS = ("ttm", "stm", "causal", "bidirectional")
 
@@ -182,7 +174,6 @@ class UGDCollator:
         self.max_tokens = max_tokens
         self.ids = special_token_ids(tokenizer)
         self._prompt = prompt_ids(tokenizer, self.ids, self.config) if "p" in self.parts else None
-        from .length_limits import TruncationNotice
 
         self._truncation = TruncationNotice(self.config)  # texts cut to the layout's limits: warned once
 

@@ -33,6 +33,10 @@ from __future__ import annotations
 import random
 from typing import Iterable, Sequence
 
+from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from .layout import SPECIAL_TOKENS, LayoutConfig
+
 PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
 
 #: category (the product's head noun) -> product modifiers; every modifier belongs to one category.
@@ -194,7 +198,6 @@ def word_level_tokenizer(texts: Iterable[str], *, lowercase: bool = False):
     special tokens are not included: ``ugd.data.layout.add_special_tokens`` adds them.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel(unk_token=UNK))
     if lowercase:
@@ -206,8 +209,6 @@ def word_level_tokenizer(texts: Iterable[str], *, lowercase: bool = False):
 
 
 def _prompt_words() -> str:
-    from .layout import SPECIAL_TOKENS, LayoutConfig
-
     prompt = LayoutConfig().prompt
     for t in SPECIAL_TOKENS.values():
         prompt = prompt.replace(t, " ")
@@ -236,8 +237,6 @@ def tiny_backbone_config(vocab_size: int, *, family: str = "qwen2", **overrides)
     embeddings) that trains on a CPU in minutes. ``family``: "qwen2" (``Qwen2Config``) or "llama"
     (``LlamaConfig``). Token ids follow ``word_level_tokenizer``: pad 0, eos 2, no BOS. ``overrides``
     replace any field."""
-    from transformers import LlamaConfig, Qwen2Config
-
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 4:
         raise ValueError(f"vocab_size must be an int >= 4, got {vocab_size!r}")
     classes = {"qwen2": Qwen2Config, "llama": LlamaConfig}

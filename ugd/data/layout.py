@@ -42,46 +42,19 @@ POSITION_MODES = ("restart", "continuous")
 #: The spans each ``parts`` string selects (Q, D, P, G); the rest have length 0.
 PARTS = ("qdpg", "qdp", "qd", "q", "d")
 
-class _ParadigmLayouts(Mapping):
-    """Training paradigm -> (parts, mask paradigm of ``ugd_ops.row_intervals``), read from the paradigm
-    registry (``ugd.paradigms``: each paradigm's ``parts`` and ``mask``) whenever it is looked at, so
-    it includes paradigms registered later. E.g. ``"ugd-ttm"`` -> ``("qdpg", "ttm")``; the two-backbone
-    ``"ttm"`` baseline encodes queries and documents as two *separate* packed batches -- parts ``"q"``
-    and ``"d"``, each span alone with the ``"bidirectional"`` mask -- one per backbone; ``"q|d"`` and
-    the mask ``None`` say so."""
-
-    @staticmethod
-    def _registry():
-        from .. import paradigms  # the registry imports its paradigm modules, which may import this one
-
-        return paradigms
-
-    def __getitem__(self, name):
-        reg = self._registry()
-        if name not in reg.names():
-            raise KeyError(name)
-        p = reg.get(name)
-        return (p.parts, p.mask)
-
-    def __iter__(self):
-        return iter(self._registry().names())
-
-    def __len__(self):
-        return len(self._registry().names())
-
-    def __repr__(self):
-        return repr(dict(self))
-
-
-#: Training paradigm (docs/spec.md section 6) -> (parts, mask): a live view of ``ugd.paradigms``.
-PARADIGMS = _ParadigmLayouts()
-
-
 def check_paradigm(paradigm: str) -> tuple[str, str | None]:
-    """``PARADIGMS[paradigm]``, or a ValueError naming the unknown paradigm and the known ones."""
-    if paradigm not in PARADIGMS:
-        raise ValueError(f"unknown paradigm {paradigm!r}; expected one of {sorted(PARADIGMS)}")
-    return PARADIGMS[paradigm]
+    """(parts, mask paradigm of ``ugd_ops.row_intervals``) of the registered training paradigm ``paradigm``
+    (``ugd.paradigms``: its ``parts`` and ``mask``, read whenever asked, so paradigms registered later are
+    included), or a ValueError naming the unknown paradigm and the known ones. E.g. ``"ugd-ttm"`` ->
+    ``("qdpg", "ttm")``; the two-backbone ``"ttm"`` baseline encodes queries and documents as two
+    *separate* packed batches -- parts ``"q"`` and ``"d"``, each span alone with the ``"bidirectional"``
+    mask -- one per backbone; ``"q|d"`` and the mask ``None`` say so."""
+    from .. import paradigms  # the registry imports its paradigm modules, which may import this one
+
+    if paradigm not in paradigms.names():
+        raise ValueError(f"unknown paradigm {paradigm!r}; expected one of {sorted(paradigms.names())}")
+    p = paradigms.get(paradigm)
+    return (p.parts, p.mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +320,6 @@ def encode_sample(
 
 __all__ = [
     "IGNORE_INDEX",
-    "PARADIGMS",
     "PARTS",
     "POSITION_MODES",
     "SPECIAL_TOKENS",

@@ -25,7 +25,7 @@ What a paradigm declares (class attributes)
     only themselves, P and G see everything before them), ``"stm"`` (Q D P see each other), ``"causal"``
     or ``"bidirectional"``. The collator packs samples with it and ``UGDModel.encode`` runs the packed
     batch through ``ugd_ops.partitioned_attention`` (``attn_implementation="ugd"``), no T x T mask.
-    ``ugd.data.layout.PARADIGMS`` / ``check_paradigm`` expose ``(parts, mask)`` of every registered paradigm.
+    ``ugd.data.layout.check_paradigm`` exposes ``(parts, mask)`` of every registered paradigm.
 
 ``terms``, ``term_weights``, ``options``  -- loss terms and their weights
     ``terms``: the loss terms the paradigm trains, in a fixed order (``UGDOutput.terms`` keys, logged

@@ -20,17 +20,16 @@ docs/paradigms.md.
 
 from __future__ import annotations
 
-from .registry import register
+from ..data.teachers import SentenceTeacher, TeacherScores, record_teacher_scores
 from ._contrastive import margin_contrastive
 from ._embedding import EmbeddingParadigm
+from .registry import register
 
 _TEACHERS: dict = {}  # (teacher_model, teacher_cache) -> TeacherScores: each pair is scored once per process
 
 
 def teacher_scores_for(config):
     """The ``TeacherScores`` of this config's teacher (loaded at its first pair without a score)."""
-    from ..data.teachers import SentenceTeacher, TeacherScores
-
     p = config.paradigm_impl
     key = (p.option(config, "teacher_model"), p.option(config, "teacher_cache"))
     if key not in _TEACHERS:
@@ -70,8 +69,6 @@ class FlippedKDParadigm(EmbeddingParadigm):
             raise ValueError(f"flipped-kd: option teacher_cache must be a file path or null, got {cache!r}")
 
     def extra(self, collator, records, fields, queries, documents, config):
-        from ..data.teachers import record_teacher_scores
-
         # a record's own teacher_score is used as it is; the teacher scores (once) the pairs without one
         needs = any(r.get("teacher_score") is None for r in records)
         return [], {"teacher_scores": record_teacher_scores(records, teacher_scores_for(config) if needs else None)}

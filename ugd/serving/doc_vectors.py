@@ -37,8 +37,14 @@ import os
 import socket
 
 import torch
+from filelock import FileLock, Timeout
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .._files import fsync_dir, new_file_mode
+from ..checkpoint import CheckpointFileError, check_safetensors_file
+from . import inference  # inference.encode_texts looked up at each call (tests count the encodes)
+from .inference import as_texts, layout_of
 
 FORMAT = "ugd-document-vectors/1"
 SHARD_FORMAT = "ugd-document-vector-shard/1"  # one part of a sharded build (ugd.serving.doc_shards)
@@ -50,8 +56,6 @@ def text_key(text: str) -> bytes:
 
 
 def _layout_json(model) -> str:
-    from .inference import layout_of
-
     d = layout_of(model).to_dict()
     return json.dumps({k: d[k] for k in ("max_document_len", "position_mode")}, sort_keys=True)
 
@@ -59,8 +63,6 @@ def _layout_json(model) -> str:
 @contextlib.contextmanager
 def locked(path: str, timeout: float = 600.0):
     """Holds ``PATH.lock`` (an OS file lock, released when its process dies) for the block."""
-    from filelock import FileLock, Timeout
-
     lock = FileLock(path + ".lock", mode=new_file_mode(path + ".lock"))
     try:
         lock.acquire(timeout=timeout)
@@ -104,8 +106,6 @@ def remove_stale_temporaries(path: str) -> int:
 def write_atomically(tensors: dict, path: str, metadata: dict) -> None:
     """A safetensors file at ``path``, all or nothing: written to a temporary file in the same folder,
     flushed to disk, then renamed over ``path``. Temporaries left by killed writers are removed first."""
-    from safetensors.torch import save_file
-
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(path)
@@ -155,8 +155,6 @@ class DocumentVectors:
 
     def add(self, model, texts, **encode_kwargs) -> torch.Tensor:
         """Encodes the texts not stored yet and appends them; returns the row of every text ``[N]``."""
-        from .inference import as_texts, encode_texts
-
         self.check(model)
         texts = as_texts(texts, "document")
         new: dict[bytes, str] = {}
@@ -166,7 +164,7 @@ class DocumentVectors:
                 new[k] = t
         if new:
             encode_kwargs.setdefault("output_device", "cpu")
-            v = encode_texts(model, list(new.values()), "document", **encode_kwargs)
+            v = inference.encode_texts(model, list(new.values()), "document", **encode_kwargs)
             bad = int((~torch.isfinite(v).all(-1)).sum())
             if bad:  # a damaged checkpoint (or a dtype overflow): never store such vectors
                 raise ValueError(f"the model produced non-finite document vectors (NaN or inf) for {bad} of {len(new)} "
@@ -273,10 +271,6 @@ class DocumentVectors:
     def read(cls, path: str) -> tuple["DocumentVectors", dict]:
         """A store or shard file and its metadata, unchecked against any model. A missing file raises
         FileNotFoundError; a truncated, damaged or foreign one ValueError naming it."""
-        from safetensors import safe_open
-
-        from ..checkpoint import CheckpointFileError, check_safetensors_file
-
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no document vectors at {path}")
         # size against header first: a cut file gets a message that says so, not safetensors' own

@@ -36,14 +36,16 @@ What it changes in Trainer:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 
 import torch
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .. import checkpoint
 from .._files import fsync_dir, fsync_tree
@@ -148,8 +150,6 @@ def save_ugd_checkpoint(model: UGDModel, path: str, tokenizer=None, state_dict: 
 
 def load_ugd_weights(model: UGDModel, path: str) -> None:
     """Loads the weights of the UGD checkpoint ``path`` into ``model`` in place (same architecture)."""
-    from safetensors.torch import load_file
-
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         raise FileNotFoundError(f"{path} is not a UGD checkpoint ({CONFIG_NAME} is missing)")
     saved = checkpoint.read_config(path)
@@ -221,8 +221,6 @@ def fsdp_unsupported_reason(args) -> str | None:
 def parameter_checksum(model) -> str:
     """A short hex digest of every parameter's values (float64 sum and sum of squares per tensor, in
     ``named_parameters`` order): equal for bit-identical replicas; what the ranks of a DDP run compare."""
-    import hashlib
-
     with torch.no_grad():
         stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
                              for _, p in model.named_parameters()]).cpu()
@@ -300,8 +298,6 @@ class UGDTrainer(Trainer):
         return loss
 
     def _last_checkpoint(self) -> str | None:
-        from transformers.trainer_utils import get_last_checkpoint
-
         d = self.args.output_dir
         return get_last_checkpoint(d) if d and os.path.isdir(d) else None
 
@@ -398,8 +394,6 @@ class UGDTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, written under ``.ugd-staging/`` and renamed into place when complete."""
-        from transformers.trainer_utils import rotate_checkpoints
-
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staged = os.path.join(run_dir, STAGING_DIR, name)
