@@ -1,11 +1,11 @@
 """The inference peers of benchmarks/test_bench_inference.py: the same model served by stock transformers.
 
 The benchmark compares ugd's plug-and-play inference (docs/spec.md section 7: ``encode_documents``,
-``predict`` in both modes, ``ugd.generate.generate_reason_ids``) against one peer, "sdpa-padded"
+``predict`` in both modes, ``ugd.serving.generate.generate_reason_ids``) against one peer, "sdpa-padded"
 (``PEER``): a deep copy of the same model (same weights, ``make_peer``), its backbone switched to
 ``attn_implementation="sdpa"``, served the way a plain transformers pipeline serves the UGD layout --
 a padded ``[B, L]`` batch with a dense additive ``[B, 1, L, L]`` mask of the partition
-(``padded_batch``, built from ``ugd_ops.row_intervals`` through ``ugd.collator.pack``: each span
+(``padded_batch``, built from ``ugd_ops.row_intervals`` through ``ugd.data.collator.pack``: each span
 sees what it sees in training; padding rows see only themselves so that no softmax row is empty).
 
 Peers, one per figure:
@@ -20,10 +20,10 @@ Peers, one per figure:
                        mask and ``use_cache=True``.
     peer_generate_ids  greedy reason token ids: ``peer_prefill``, then the very ``backbone.generate``
                        call the UGD path makes (prompts + ``[Start]``, a 2D padding mask) continuing
-                       from that cache. Peer of ``ugd.generate.generate_reason_ids``.
+                       from that cache. Peer of ``ugd.serving.generate.generate_reason_ids``.
 
 Why the comparison is fair: both sides run the same weights, the same tokenization and truncation
-(``ugd.layout.encode_sample`` / ``ugd.generate.prompt_samples``), inputs sorted by length, and the
+(``ugd.data.layout.encode_sample`` / ``ugd.serving.generate.prompt_samples``), inputs sorted by length, and the
 same token budget per batch (``batch_tokens``; the peer counts its padding against it,
 ``padded_groups``); the decode loop is the same transformers ``generate`` on both sides. What differs
 is only what the UGD path is about: packing without padding and the partitioned attention kernel,
@@ -55,8 +55,8 @@ def make_peer(model):
 
 
 def _layout_and_ids(model):
-    from ugd.inference import layout_of
-    from ugd.layout import special_token_ids
+    from ugd.serving.inference import layout_of
+    from ugd.data.layout import special_token_ids
 
     return layout_of(model), special_token_ids(model.tokenizer)
 
@@ -73,7 +73,7 @@ def padded_batch(samples, mask: str, device, dtype, *, left: bool = False) -> di
     Returns input_ids, position_ids, attention_mask, valid ``[B, L]`` (False on padding) and last
     ``[B]`` (the column of each sample's last token).
     """
-    from ugd.collator import pack
+    from ugd.data.collator import pack
 
     p = pack(samples, mask)  # the partition intervals of every token, relative to its sample
     lengths = p["spans"].to(torch.int64).sum(1)
@@ -114,7 +114,7 @@ def padded_groups(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 @torch.no_grad()
 def peer_encode(peer, texts: list[str], side: str, batch_tokens: int) -> torch.Tensor:
     """V_Q or V_D ``[N, H]`` of lone texts: right-padded, each span bidirectional within itself."""
-    from ugd.layout import encode_sample
+    from ugd.data.layout import encode_sample
 
     layout, ids = _layout_and_ids(peer)
     part = {"query": "q", "document": "d"}[side]
@@ -133,7 +133,7 @@ def peer_encode(peer, texts: list[str], side: str, batch_tokens: int) -> torch.T
 @torch.no_grad()
 def peer_predict(peer, pairs, mode: str, batch_tokens: int) -> torch.Tensor:
     """Class probabilities ``[N, C]`` (float32, CPU) of the padded peer, as ``model.predict``."""
-    from ugd.layout import PARADIGMS, encode_sample, prompt_ids
+    from ugd.data.layout import check_paradigm, encode_sample, prompt_ids
 
     if mode == "two_tower":
         v_q = peer_encode(peer, [q for q, _ in pairs], "query", batch_tokens)
@@ -143,7 +143,7 @@ def peer_predict(peer, pairs, mode: str, batch_tokens: int) -> torch.Tensor:
     prompt = prompt_ids(peer.tokenizer, ids, layout)
     samples = [encode_sample(peer.tokenizer, ids, q, d, None, None, config=layout, parts="qdp", _prompt=prompt)
                for q, d in pairs]
-    mask = PARADIGMS[peer.config.paradigm][1]
+    mask = check_paradigm(peer.config.paradigm)[1]
     w = peer.heads.classifier.weight
     out = torch.empty((len(pairs), peer.config.num_labels), dtype=torch.float32)
     decoder = peer.backbone.get_decoder()
@@ -157,8 +157,8 @@ def peer_predict(peer, pairs, mode: str, batch_tokens: int) -> torch.Tensor:
 
 
 def prompts(model, pairs):
-    """The Q D P prompt samples of ``pairs``, as ``ugd.generate`` builds them."""
-    from ugd.generate import prompt_samples
+    """The Q D P prompt samples of ``pairs``, as ``ugd.serving.generate`` builds them."""
+    from ugd.serving.generate import prompt_samples
 
     return prompt_samples(model, model.tokenizer, pairs)
 
@@ -166,10 +166,10 @@ def prompts(model, pairs):
 @torch.no_grad()
 def peer_prefill(peer, samples):
     """The peer's prefill of Q D P prompts: left-padded, dense partition mask, one forward with a cache."""
-    from ugd.generate import PREFILL_MASK
+    from ugd import paradigms
 
     w = peer.heads.classifier.weight
-    b = padded_batch(samples, PREFILL_MASK[peer.config.paradigm], w.device, w.dtype, left=True)
+    b = padded_batch(samples, paradigms.get(peer.config.paradigm).prefill_mask, w.device, w.dtype, left=True)
     out = peer.backbone.get_decoder()(input_ids=b["input_ids"], position_ids=b["position_ids"],
                                       attention_mask=b["attention_mask"], use_cache=True)
     return b, out
@@ -178,9 +178,9 @@ def peer_prefill(peer, samples):
 @torch.no_grad()
 def peer_generate_ids(peer, pairs, *, max_new_tokens: int, batch_size: int, **generate_kwargs) -> list[list[int]]:
     """Reason token ids of the padded peer: dense-mask prefill, then the same ``generate`` call as
-    ``ugd.generate`` makes (left-padded prompts + ``[Start]``, a 2D padding mask from which ``generate``
+    ``ugd.serving.generate`` makes (left-padded prompts + ``[Start]``, a 2D padding mask from which ``generate``
     numbers the new tokens)."""
-    from ugd.layout import special_token_ids
+    from ugd.data.layout import special_token_ids
 
     tok = peer.tokenizer
     ids = special_token_ids(tok)
@@ -234,13 +234,13 @@ def check_predict(model, peer, pairs, mode, batch_tokens):
 @torch.no_grad()
 def check_prefill(model, peer, pairs):
     """The peer's left-padded prefill states equal the UGD packed prefill's (``model.encode``)."""
-    from ugd.collator import pack
-    from ugd.generate import PREFILL_MASK
+    from ugd import paradigms
+    from ugd.data.collator import pack
     from ugd.model import move_batch
 
     samples = prompts(model, pairs)
     device = model.heads.classifier.weight.device
-    ours = model.encode(move_batch(pack(samples, PREFILL_MASK[model.config.paradigm]), device))
+    ours = model.encode(move_batch(pack(samples, paradigms.get(model.config.paradigm).prefill_mask), device))
     b, out = peer_prefill(peer, samples)
     theirs = out.last_hidden_state[b["valid"]]  # row-major: sample by sample, token by token, as packed
     _, rel = TOLERANCE[ours.dtype]

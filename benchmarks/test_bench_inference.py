@@ -14,7 +14,7 @@ host-to-device copies and the result's way back are inside the timed region, on 
   ``model.score_documents`` of a few queries against a ``DocumentVectors`` store, "rank", or against
   V_D as a plain tensor, "rank-tensor"): no backbone runs there, so a stock pipeline runs exactly
   the same code and has no peer;
-* reason tokens per second -- ``ugd.generate.generate_reason_ids`` (packed prefill under the
+* reason tokens per second -- ``ugd.serving.generate.generate_reason_ids`` (packed prefill under the
   partition mask, the cache re-batched left-padded, then ``backbone.generate``). Every pair decodes
   exactly ``new_tokens`` tokens on both sides (``min_new_tokens = max_new_tokens``: EOS is suppressed
   until the limit), greedy. The same test with ``max_new_tokens=1`` ("ttft") times the prefill plus
@@ -27,7 +27,7 @@ what it sees in training; padding rows see only themselves so that no softmax ro
 Documents and single-tower pairs are right-padded and read at their last ``[CLS]``; reason prompts
 are left-padded, prefilled with the dense mask in one forward, and ``generate`` continues from that
 cache with a 2D padding mask -- the very decode call the UGD path makes. The peer gets the same
-help as the UGD path: the same tokenization and truncation (``ugd.layout.encode_sample``), inputs
+help as the UGD path: the same tokenization and truncation (``ugd.data.layout.encode_sample``), inputs
 sorted by length, and the same token budget per batch (``batch_tokens``, padding counted). Before a
 figure is taken, the peer must agree with the UGD path on the same inputs (vectors, probabilities,
 prefill states; the greedy tokens too in fp32), else the test fails and no figure comes out. The
@@ -113,7 +113,7 @@ def workload_texts(workload: str, n: int, seed: int = 0) -> tuple[list[str], lis
 @functools.lru_cache(maxsize=1)
 def make_tokenizer():
     """A lowercased word-level tokenizer over ``w0 .. w{VOCAB_WORDS-1}`` and the prompt's words."""
-    from ugd.demo_data import build_tokenizer
+    from ugd.data.demo import build_tokenizer
 
     return build_tokenizer([], extra_texts=[" ".join(f"w{i}" for i in range(VOCAB_WORDS))])
 
@@ -123,8 +123,8 @@ def build_models(shape_name: str):
     """(ugd model, sdpa-padded peer) of a shape: the same random weights, eval mode, on the shape's device."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    import ugd.attention  # noqa: F401  registers attn_implementation="ugd"
-    from ugd.layout import LayoutConfig
+    import ugd.modules.attention  # noqa: F401  registers attn_implementation="ugd"
+    from ugd.data.layout import LayoutConfig
     from ugd.model import UGDConfig, UGDModel
 
     shape = SHAPES[shape_name]
@@ -246,7 +246,7 @@ def run_predict(benchmark, bench_record, ugd_backend, impl, mode, shape_name, wo
 
 
 def run_scoring(benchmark, bench_record, ugd_backend, kind, shape_name):
-    from ugd.doc_vectors import DocumentVectors
+    from ugd.serving.doc_vectors import DocumentVectors
 
     shape = _shape(shape_name)
     model, _ = _models(shape_name)
@@ -285,7 +285,7 @@ def run_scoring(benchmark, bench_record, ugd_backend, kind, shape_name):
 
 
 def run_reason(benchmark, bench_record, ugd_backend, impl, phase, shape_name, workload):
-    from ugd.generate import generate_reason_ids
+    from ugd.serving.generate import generate_reason_ids
 
     shape = _shape(shape_name)
     model, peer = _models(shape_name)
@@ -404,7 +404,7 @@ def test_reason_qwen25_1p5b_gpu(benchmark, bench_record, ugd_backend, phase, imp
 @pytest.mark.parametrize("workload", ["qlq", "bq"])
 def test_workload_texts_have_the_workload_lengths(workload):
     """One word is one token: the lone query and document spans have make_spans' Lq and Ld exactly."""
-    from ugd.layout import LayoutConfig, add_special_tokens, encode_sample
+    from ugd.data.layout import LayoutConfig, add_special_tokens, encode_sample
 
     tok = copy.deepcopy(make_tokenizer())
     ids = add_special_tokens(tok)
@@ -429,7 +429,7 @@ def test_padded_peer_agrees_with_ugd_cpu_small(cpu_threads):
     for mode in ("two_tower", "single_tower"):
         ip.check_predict(model, peer, pairs, mode, budget)
     ip.check_prefill(model, peer, pairs)
-    from ugd.generate import generate_reason_ids
+    from ugd.serving.generate import generate_reason_ids
 
     kw = dict(max_new_tokens=5, min_new_tokens=5, batch_size=4)
     ours = generate_reason_ids(model, model.tokenizer, pairs, **kw)

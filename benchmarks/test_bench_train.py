@@ -54,8 +54,8 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40
 
 def make_batch(spans: torch.Tensor, vocab: int, seed: int = 0) -> dict:
     """A packed ugd-ttm batch of random tokens with the layout of ``spans`` (as UGDCollator builds it)."""
-    from ugd.collator import pack
-    from ugd.layout import EncodedSample
+    from ugd.data.collator import pack
+    from ugd.data.layout import EncodedSample
 
     gen = torch.Generator().manual_seed(seed)
     samples = []
@@ -97,7 +97,7 @@ def padded_inputs(batch: dict, dtype: torch.dtype, device) -> dict:
 def build_model(impl: str, shape: dict, seed: int = 0):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    import ugd.attention  # noqa: F401
+    import ugd.modules.attention  # noqa: F401
     from ugd.model import UGDConfig, UGDModel
 
     class PaddedSDPAModel(UGDModel):

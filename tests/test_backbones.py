@@ -116,7 +116,7 @@ def tiny(tmp_path_factory):
 def test_gguf_resolves_to_a_folder_with_the_same_logits_and_tokens_then_reuses_it(tiny, tmp_path, caplog):
     from transformers import AutoModelForCausalLM
 
-    from ugd.layout import load_tokenizer
+    from ugd.data.layout import load_tokenizer
 
     cache = str(tmp_path / "cache")
     with caplog.at_level("WARNING", logger="ugd.backbones"):
@@ -141,7 +141,7 @@ def test_gguf_resolves_to_a_folder_with_the_same_logits_and_tokens_then_reuses_i
 
 @needs_gguf
 def test_from_backbone_accepts_a_gguf_path(tiny, tmp_path, monkeypatch):
-    from ugd.layout import load_tokenizer
+    from ugd.data.layout import load_tokenizer
     from ugd.model import UGDConfig, UGDModel
 
     monkeypatch.setenv(backbones.CACHE_ENV, str(tmp_path / "cache"))
@@ -208,8 +208,8 @@ def test_train_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
 @needs_gguf
 @pytest.mark.filterwarnings("ignore:.*truncated")  # the tiny BPE cuts texts into many tokens; limits kept small
 def test_train_from_gguf_saves_a_ugd_checkpoint_that_loads_and_serves(tiny, tmp_path, monkeypatch, capsys):
-    from ugd.data import write_jsonl
-    from ugd.demo_data import demo_splits
+    from ugd.data.records import write_jsonl
+    from ugd.data.demo import demo_splits
     from ugd.model import UGDModel
     from ugd.predict import cli as predict
     from ugd.train import cli as train
@@ -247,7 +247,7 @@ def test_train_from_gguf_saves_a_ugd_checkpoint_that_loads_and_serves(tiny, tmp_
 def test_real_smollm2_135m_resolves_loads_and_generates(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from ugd.layout import load_tokenizer
+    from ugd.data.layout import load_tokenizer
 
     # the user's cache when set (a conversion takes ~30 s), else a temporary one
     cache = os.environ.get(backbones.CACHE_ENV) or str(tmp_path_factory.mktemp("smollm2-cache"))

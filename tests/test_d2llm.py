@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-import ugd.attention  # noqa: F401  registers attn_implementation="ugd"
+import ugd.modules.attention  # noqa: F401  registers attn_implementation="ugd"
 from ugd import DocumentVectors, paradigms
-from ugd.collator import UGDCollator
-from ugd.layout import LayoutConfig
+from ugd.data.collator import UGDCollator
+from ugd.data.layout import LayoutConfig
 from ugd.model import UGDConfig, UGDModel
 from ugd.paradigms.d2llm import (
     IEM,

@@ -1,4 +1,4 @@
-"""ugd.data: the readers of docs/spec.md section 8 on small hand-written files."""
+"""ugd.data.records: the readers of docs/spec.md section 8 on small hand-written files."""
 
 import csv
 import io
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ugd.data import NLI_LABELS, DataError, ReadStats, RecordDataset, read_records, write_jsonl
+from ugd.data.records import NLI_LABELS, DataError, ReadStats, RecordDataset, read_records, write_jsonl
 
 
 def write(tmp_path, name, text):
@@ -383,9 +383,9 @@ def test_esnli_errors_name_file_line_and_column(tmp_path):
 
 
 def test_esnli_records_pass_the_collator_and_jsonl(tmp_path):
-    from ugd.collator import UGDCollator
-    from ugd.demo_data import build_tokenizer
-    from ugd.layout import LayoutConfig, add_special_tokens
+    from ugd.data.collator import UGDCollator
+    from ugd.data.demo import build_tokenizer
+    from ugd.data.layout import LayoutConfig, add_special_tokens
 
     p = write(tmp_path, "esnli_dev.csv", esnli_csv(DEV_HEADER, [
         ("1r", "neutral", "a man sleeps", "a man runs", "one can not sleep and run", "two", "three"),

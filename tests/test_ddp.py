@@ -19,11 +19,11 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from ugd import paradigms
-from ugd.collator import UGDCollator
-from ugd.demo_data import build_tokenizer, demo_splits, tiny_backbone_config
-from ugd.layout import LayoutConfig
+from ugd.data.collator import UGDCollator
+from ugd.data.demo import build_tokenizer, demo_splits, tiny_backbone_config
+from ugd.data.layout import LayoutConfig
 from ugd.model import UGDConfig, UGDModel
-from ugd.trainer import freeze_unused_parameters, parameter_checksum, unused_parameters
+from ugd.training.trainer import freeze_unused_parameters, parameter_checksum, unused_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BACKBONE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -49,7 +49,8 @@ def make_model(records, paradigm, *, tied=True, lora=False, **overrides):
     model = UGDModel.from_backbone(backbone, tok, UGDConfig(paradigm=paradigm, num_labels=4, kl_dim=8,
                                                             layout=LAYOUT.to_dict(), **overrides))
     if lora:
-        from ugd.train import ModelArguments, apply_lora
+        from ugd.training.args import ModelArguments
+        from ugd.training.build import apply_lora
 
         apply_lora(model, ModelArguments(lora_r=4))
     collate = UGDCollator(tok, paradigm=paradigm, config=LAYOUT, model_config=model.config)
@@ -174,7 +175,7 @@ def test_torchrun_two_processes_train_identical_replicas(ddp_run):
 @pytest.mark.slow
 @gloo
 def test_torchrun_checkpoints_are_written_once_by_rank_zero(ddp_run):
-    from ugd.checkpoint_files import check_checkpoint_files
+    from ugd.checkpoint import check_checkpoint_files
 
     proc, tmp = ddp_run
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -1,4 +1,4 @@
-"""ugd.demo_data: the generated demo set is deterministic, balanced, tokenizable and learnable."""
+"""ugd.data.demo: the generated demo set is deterministic, balanced, tokenizable and learnable."""
 
 import collections
 import re
@@ -6,11 +6,11 @@ import re
 import pytest
 import torch
 
-from ugd import demo_data
-from ugd.collator import UGDCollator
-from ugd.data import read_records, write_jsonl
-from ugd.demo_data import build_tokenizer, demo_splits, generate_records, tiny_backbone_config
-from ugd.layout import LayoutConfig, add_special_tokens
+from ugd.data import demo as demo_data
+from ugd.data.collator import UGDCollator
+from ugd.data.records import read_records, write_jsonl
+from ugd.data.demo import build_tokenizer, demo_splits, generate_records, tiny_backbone_config
+from ugd.data.layout import LayoutConfig, add_special_tokens
 
 
 def words(text):

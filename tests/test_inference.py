@@ -15,10 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from ugd import DocumentVectors
-from ugd.collator import UGDCollator, pack
-from ugd.demo_data import build_tokenizer, demo_splits, tiny_backbone_config
-from ugd.generate import PREFILL_MASK, generate_reason_ids, prompt_samples
-from ugd.layout import EncodedSample, LayoutConfig
+from ugd.data.collator import UGDCollator, pack
+from ugd.data.demo import build_tokenizer, demo_splits, tiny_backbone_config
+from ugd.serving.generate import generate_reason_ids, prompt_samples
+from ugd.data.layout import EncodedSample, LayoutConfig
 from ugd.model import UGDConfig, UGDModel
 
 LAYOUT = LayoutConfig(max_query_len=16, max_document_len=40, max_reason_len=16)
@@ -241,7 +241,7 @@ def recompute_greedy(model, pair, steps):
                             position_ids=s.position_ids + [s.position_ids[-1] + 1 + i for i in range(n + 1)],
                             lm_labels=[-100] * (len(s) + 1 + n), spans=(Lq, Ld, Lp, 1 + n))
         with torch.no_grad():
-            hidden = model.encode(pack([seq], PREFILL_MASK[model.config.paradigm]))
+            hidden = model.encode(pack([seq], model.paradigm.prefill_mask))
             token = int(model.backbone.get_output_embeddings()(hidden[-1]).argmax())
         if token == eos:
             break

@@ -1,4 +1,4 @@
-"""ugd.layout and ugd.collator: special tokens, spans, positions, LM targets, packing, paradigms."""
+"""ugd.data.layout and ugd.data.collator: special tokens, spans, positions, LM targets, packing, paradigms."""
 
 import dataclasses
 import warnings
@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import ugd_ops
-from ugd.collator import UGDCollator, budget_batches, pack
-from ugd.layout import (
+from ugd.data.collator import UGDCollator, budget_batches, pack
+from ugd.data.layout import (
     IGNORE_INDEX,
-    PARADIGMS,
     SPECIAL_TOKENS,
     LayoutConfig,
     add_special_tokens,
@@ -362,7 +361,7 @@ def test_pack_errors(tok, ids):
 # their own batches: tests/test_ullme.py, tests/test_flipped_kd.py)
 @pytest.mark.parametrize("paradigm", sorted(p.name for p in all_paradigms() if type(p).collate is Paradigm.collate))
 def test_collator_paradigms(tok, ids, paradigm):
-    parts, mask = PARADIGMS[paradigm]
+    parts, mask = check_paradigm(paradigm)
     batch = UGDCollator(tok, paradigm=paradigm)(RECORDS)
     if paradigm == "ttm":
         assert set(batch) == {"query", "document", "labels"}

@@ -1,4 +1,4 @@
-"""ugd.metrics: accuracy, AUC, macro-F1 and the confusion matrix checked against hand computations
+"""ugd.training.metrics: accuracy, AUC, macro-F1 and the confusion matrix checked against hand computations
 (and against scikit-learn where it is installed)."""
 
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ugd.metrics import accuracy, binary_auc, confusion_matrix, head_metrics, macro_f1, roc_auc, softmax
+from ugd.training.metrics import accuracy, binary_auc, confusion_matrix, head_metrics, macro_f1, roc_auc, softmax
 
 
 def pairwise_auc(scores, positives):

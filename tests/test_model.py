@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-import ugd.attention  # noqa: F401  registers attn_implementation="ugd"
-from ugd.collator import UGDCollator
-from ugd.layout import LayoutConfig
+import ugd.modules.attention  # noqa: F401  registers attn_implementation="ugd"
+from ugd.data.collator import UGDCollator
+from ugd.data.layout import LayoutConfig
 from ugd import paradigms
-from ugd.model import PARADIGM_TERMS, UGDConfig, UGDModel
+from ugd.model import UGDConfig, UGDModel
 from ugd.testing import make_test_tokenizer
 
 RECORDS = [
@@ -160,7 +160,7 @@ def test_every_paradigm_trains_its_terms(paradigm):
     model, tok = make_model(paradigm=paradigm)
     model.train()
     out = model(collate(tok, paradigm))
-    assert set(out.terms) == set(PARADIGM_TERMS[paradigm])
+    assert set(out.terms) == set(paradigms.get(paradigm).terms)
     out.loss.backward()
 
 
@@ -210,7 +210,7 @@ def test_bad_config():
 def test_generation_loss_is_per_sample_mean_then_batch_mean():
     """L_gen (docs/spec.md section 5, paper eq. 3): mean over each sample's reason tokens, then over the
     samples that have a reason."""
-    from ugd.losses import generation_loss
+    from ugd.modules.losses import generation_loss
 
     torch.manual_seed(0)
     hidden = torch.randn(9, 6, dtype=torch.float64)

@@ -10,11 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-import ugd.attention  # noqa: F401  registers attn_implementation="ugd"
+import ugd.modules.attention  # noqa: F401  registers attn_implementation="ugd"
 from ugd import paradigms
-from ugd.collator import UGDCollator
-from ugd.layout import PARADIGMS, LayoutConfig, check_paradigm
-from ugd.model import CONFIG_NAME, UGDConfig, UGDModel
+from ugd.checkpoint import CONFIG_NAME
+from ugd.data.collator import UGDCollator
+from ugd.data.layout import LayoutConfig, check_paradigm
+from ugd.model import UGDConfig, UGDModel
 from ugd.paradigms.base import CAPABILITIES, MODE_NEEDS
 from ugd.paradigms.ugd_paradigms import UGDParadigm
 from ugd.testing import make_test_tokenizer
@@ -46,7 +47,7 @@ def test_builtin_paradigms_are_registered_with_their_old_names():
     assert UGD_FIVE <= set(paradigms.names())
     assert set(paradigms.names(family="ugd")) == UGD_FIVE
     # layouts and terms of docs/spec.md section 6
-    assert PARADIGMS["ugd-ttm"] == ("qdpg", "ttm") and PARADIGMS["ttm"] == ("q|d", None)
+    assert check_paradigm("ugd-ttm") == ("qdpg", "ttm") and check_paradigm("ttm") == ("q|d", None)
     assert paradigms.get("ugd-ttm").terms == ("cls_t", "cls_s", "gen", "kl", "kl_emb")
     assert paradigms.get("stm").terms == ("cls_s",)
     assert paradigms.get("ugd-stm").prefill_mask == "stm"
@@ -132,7 +133,7 @@ def plugged():
 
 
 def test_a_new_paradigm_plugs_into_config_collator_model_and_inference(plugged, tmp_path):
-    assert "test-half-stm" in paradigms.names() and PARADIGMS["test-half-stm"] == ("qdp", "stm")
+    assert "test-half-stm" in paradigms.names() and check_paradigm("test-half-stm") == ("qdp", "stm")
     model, tok = make_model("test-half-stm", options={"ce_weight": 0.25})
     assert model.paradigm is plugged and model.config.weight("cls_s") == 0.25
     collator = UGDCollator(tok, paradigm="test-half-stm", config=LAYOUT, model_config=model.config)
@@ -155,17 +156,18 @@ def test_a_new_paradigm_plugs_into_config_collator_model_and_inference(plugged, 
 
 
 def test_train_and_predict_ask_the_registry(plugged):
-    from ugd import predict, train
+    from ugd import predict
+    from ugd.training import args
 
-    parser = train._make_parser()
+    parser = args._make_parser()
     action = next(a for a in parser._actions if a.dest == "paradigm")
     assert "test-half-stm" in action.choices and "ugd-ttm" in action.choices
     predict.check_paradigm("test-half-stm", "single_tower")
     with pytest.raises(ValueError, match="has no head for --mode two-tower; use --mode single-tower"):
         predict.check_paradigm("test-half-stm", "two_tower")
-    assert train.paradigm_options('{"ce_weight": 2}') == {"ce_weight": 2}
-    with pytest.raises(train.ConfigError, match="JSON object"):
-        train.paradigm_options("[1]")
+    assert args.paradigm_options('{"ce_weight": 2}') == {"ce_weight": 2}
+    with pytest.raises(args.ConfigError, match="JSON object"):
+        args.paradigm_options("[1]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def _exists(module: str, root: Path) -> bool:
 
 
 def test_no_import_cycles_in_ugd():
-    root = Path(ugd.attention.__file__).resolve().parent.parent
+    root = Path(ugd.__file__).resolve().parent.parent
     graph = {}
     for path in (root / "ugd").rglob("*.py"):
         rel = path.relative_to(root).with_suffix("")
@@ -256,7 +258,7 @@ def test_no_import_cycles_in_ugd():
     for node in sorted(graph):
         if node != "ugd" and not state.get(node):
             visit(node, [])
-    assert "ugd.inference" not in graph["ugd.model"] or "ugd.model" not in graph["ugd.inference"]
+    assert "ugd.serving.inference" not in graph["ugd.model"] or "ugd.model" not in graph["ugd.serving.inference"]
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
@@ -264,7 +266,7 @@ def test_compare_script_writes_a_table(tmp_path):
     """benchmarks/compare_paradigms.py (the docs/paradigms.md table), one tiny row."""
     import importlib.util
 
-    root = Path(ugd.attention.__file__).resolve().parent.parent
+    root = Path(ugd.__file__).resolve().parent.parent
     spec = importlib.util.spec_from_file_location("compare_paradigms", root / "benchmarks" / "compare_paradigms.py")
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
@@ -293,7 +295,7 @@ def test_train_defaults_is_a_base_attribute():
     ({"query": "q", "document": "d", "label": "x"}, "record 3: 'label' must be an int, got 'x'"),
 ])
 def test_record_errors_of_collator_and_embedding_paradigms(record, message):
-    """The collator and the embedding paradigms check records with the same code (ugd.layout.record_texts,
+    """The collator and the embedding paradigms check records with the same code (ugd.data.layout.record_texts,
     record_label): the same messages, each naming what its records hold."""
     from ugd.paradigms._embedding import pair_fields
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_checkpoints import save_tiny_checkpoint
 
-import ugd.inference
+import ugd.serving.inference
 from ugd.model import UGDModel
 from ugd.predict import cli
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from ugd.demo_data import demo_splits
+    from ugd.data.demo import demo_splits
 
     root = tmp_path_factory.mktemp("predict")
     records, extra = demo_splits(16, 4)
@@ -167,7 +167,7 @@ def count_encodes(monkeypatch):
     """Counts the texts encoded per side, and the backbone runs made outside any query encoding."""
     counts = {"query": 0, "document": 0, "backbone_not_for_queries": 0}
     sides = []
-    encode_texts, encode = ugd.inference.encode_texts, UGDModel.encode
+    encode_texts, encode = ugd.serving.inference.encode_texts, UGDModel.encode
 
     def counting_encode_texts(model, texts, side, **kwargs):
         texts = list(texts)
@@ -183,7 +183,7 @@ def count_encodes(monkeypatch):
             counts["backbone_not_for_queries"] += 1
         return encode(self, *args, **kwargs)
 
-    monkeypatch.setattr(ugd.inference, "encode_texts", counting_encode_texts)
+    monkeypatch.setattr(ugd.serving.inference, "encode_texts", counting_encode_texts)
     monkeypatch.setattr(UGDModel, "encode", counting_encode)
     return counts
 
@@ -226,7 +226,7 @@ def test_doc_vectors_are_stored_then_reused_without_encoding_documents(env, tmp_
 
 
 def test_documents_mode_builds_and_extends_the_store(env, tmp_path, count_encodes):
-    from ugd.doc_vectors import DocumentVectors
+    from ugd.serving.doc_vectors import DocumentVectors
 
     store = tmp_path / "docs.safetensors"
     docs = [{"document": r["document"], "id": i} for i, r in enumerate(env["records"])]  # no query needed
@@ -342,7 +342,7 @@ def test_an_empty_input_file_gives_an_empty_output_and_a_warning(env, tmp_path, 
     assert code == 0, stderr
     assert "0 records" in stderr and f"warning: {path} holds no records" in stderr
     if mode == "documents":
-        from ugd.doc_vectors import DocumentVectors
+        from ugd.serving.doc_vectors import DocumentVectors
 
         assert len(DocumentVectors.load(str(store), env["model"])) == 0
     else:
@@ -407,7 +407,7 @@ def test_kill_9_during_a_store_write_then_a_rerun(env, tmp_path, existing):
     code, _, stderr = run(*args)
     assert code == 0, stderr
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".docs.safetensors.tmp-")]  # cleaned up
-    from ugd.doc_vectors import DocumentVectors
+    from ugd.serving.doc_vectors import DocumentVectors
 
     docs = [r["document"] for r in env["records"]]
     stored = DocumentVectors.load(str(store), env["model"])

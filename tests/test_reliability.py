@@ -19,7 +19,7 @@ import pytest
 import torch
 from tiny_checkpoints import TINY_BACKBONE, save_tiny_checkpoint
 
-from ugd.checkpoint_files import CheckpointFileError
+from ugd.checkpoint import CheckpointFileError
 from ugd.model import UGDModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from ugd.demo_data import demo_splits
+    from ugd.data.demo import demo_splits
 
     root = tmp_path_factory.mktemp("reliability")
     records, extra = demo_splits(24, 8)
@@ -169,7 +169,7 @@ def test_nan_in_the_input_is_a_bad_line_so_the_output_stays_json(env):
 
 
 def test_write_jsonl_never_writes_bare_nan(tmp_path):
-    from ugd.data import write_jsonl
+    from ugd.data.records import write_jsonl
 
     with pytest.raises(ValueError):
         write_jsonl([{"x": float("nan")}], tmp_path / "out.jsonl")
@@ -217,7 +217,7 @@ def test_fingerprint_follows_backbone_weights_and_config(env):
 
 
 def test_two_stores_merged_into_one_file_keep_both(env, tmp_path):
-    from ugd.doc_vectors import DocumentVectors
+    from ugd.serving.doc_vectors import DocumentVectors
 
     model = UGDModel.from_pretrained(env["ckpt"]).eval()
     path = str(tmp_path / "docs.safetensors")
@@ -248,7 +248,7 @@ def test_concurrent_predict_processes_do_not_lose_documents(env, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
-    from ugd.doc_vectors import DocumentVectors
+    from ugd.serving.doc_vectors import DocumentVectors
 
     stored = DocumentVectors.load(str(store))
     assert len(stored) == 800
@@ -330,12 +330,12 @@ def test_checkpoint_weight_files_follow_the_umask(env, tmp_path, mask):
 @pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="reads the umask from Linux /proc")
 def test_reading_the_umask_leaves_it_alone(tmp_path, monkeypatch):
     # os.umask(0) to read it would give files other threads create meanwhile mode 0666
-    from ugd import data
+    from ugd import _files
 
     old = os.umask(0o027)
     try:
         monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask was called"))
-        assert data.new_file_mode(tmp_path / "new.jsonl") == 0o640
+        assert _files.new_file_mode(tmp_path / "new.jsonl") == 0o640
     finally:
         monkeypatch.undo()
         os.umask(old)
@@ -348,7 +348,7 @@ def test_encode_queries_warning_is_spelled_right(env):
 
 
 def test_checkpoint_file_names_agree_with_the_model():
-    import ugd.checkpoint_files as cf
+    import ugd.checkpoint as cf
     import ugd.model as m
 
     assert (cf.HEADS_NAME, cf.DOCUMENT_BACKBONE_DIR) == (m.HEADS_NAME, m.DOCUMENT_BACKBONE_DIR)
@@ -407,7 +407,7 @@ def test_malformed_line_names_the_cli_flag(env, tmp_path):
 
 
 def test_resume_from_a_truncated_checkpoint_is_one_line_naming_the_file(env, tmp_path):
-    from ugd.trainer import STAGING_DIR
+    from ugd.training.trainer import STAGING_DIR
 
     f = _data_file(tmp_path, env["records"])
     code, err = train_cli(tmp_path, "--train_file", f, "--max_steps", "2", "--save_strategy", "steps",
@@ -452,7 +452,7 @@ def test_a_layout_beyond_the_backbones_positions_is_a_config_error(env, tmp_path
 def test_starting_from_a_backbone_with_truncated_weights_is_one_line(env, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ugd.demo_data import build_tokenizer, tiny_backbone_config
+    from ugd.data.demo import build_tokenizer, tiny_backbone_config
 
     folder = tmp_path / "backbone"
     tok = build_tokenizer(env["records"])

@@ -133,7 +133,7 @@ def test_every_row_maps_to_its_train_arguments():
 
 
 def test_no_detach_row_parses_as_detach_false():
-    from ugd.train import parse_args
+    from ugd.training.args import parse_args
 
     run = parse_args(_train_args("ugd-ttm:no-detach", train_args=[]))
     assert run.ugd.detach is False and run.ugd.lam == 10.0
@@ -290,7 +290,7 @@ TINY = '{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "nu
 def test_end_to_end_tiny_backbone(files, tmp_path):
     """Two rows, one seed, a tiny random-init backbone: ugd.train and ugd.evaluate for real."""
     pytest.importorskip("ugd.evaluate")
-    from ugd import reason_scores
+    from ugd.serving import reason_scores
 
     if not reason_scores.available():
         pytest.skip("rouge-score / sacrebleu are not installed")

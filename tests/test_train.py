@@ -1,4 +1,4 @@
-"""python -m ugd.train and ugd.trainer on tiny configs (CPU): the demo end to end, data errors, resume
+"""python -m ugd.train and ugd.training.trainer on tiny configs (CPU): the demo end to end, data errors, resume
 after a SIGKILL, atomic checkpoints, NaN stop, checkpoint loading, config files and presets, DDP with
 two processes, LoRA, and the reason generator."""
 
@@ -17,9 +17,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from ugd.data import DataError
-from ugd.train import ConfigError, cli, main, parse_args
-from ugd.trainer import STAGING_DIR, NonFiniteLossError, UGDTrainer
+from ugd.data.records import DataError
+from ugd.train import cli, main
+from ugd.training.args import ConfigError, parse_args
+from ugd.training.trainer import STAGING_DIR, NonFiniteLossError, UGDTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,10 +63,10 @@ def read_weights(path) -> dict:
 def test_demo_end_to_end_writes_model_curves_tensorboard_and_loadable_checkpoints(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from ugd.collator import UGDCollator
-    from ugd.demo_data import demo_splits
-    from ugd.layout import LayoutConfig
-    from ugd.metrics import head_metrics
+    from ugd.data.collator import UGDCollator
+    from ugd.data.demo import demo_splits
+    from ugd.data.layout import LayoutConfig
+    from ugd.training.metrics import head_metrics
     from ugd.model import UGDModel
 
     out = tmp_path / "demo"
@@ -97,7 +98,7 @@ def test_demo_end_to_end_writes_model_curves_tensorboard_and_loadable_checkpoint
     assert isinstance(UGDModel.from_pretrained(str(out / "checkpoint-15")), UGDModel)
     assert type(AutoModelForCausalLM.from_pretrained(str(out))).__name__ == "Qwen2ForCausalLM"
     # ... and gives the metrics the run reported (load_tokenizer: see its docstring for why not AutoTokenizer)
-    from ugd.layout import load_tokenizer
+    from ugd.data.layout import load_tokenizer
 
     tok = load_tokenizer(str(out))
     assert tok.convert_ids_to_tokens(tok("red running shoes")["input_ids"]) == ["red", "running", "shoes"]
@@ -114,7 +115,7 @@ def test_demo_end_to_end_writes_model_curves_tensorboard_and_loadable_checkpoint
 def test_own_checkpoint_and_data_then_continue_from_the_ugd_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ugd.demo_data import demo_splits, tiny_backbone_config, word_level_tokenizer
+    from ugd.data.demo import demo_splits, tiny_backbone_config, word_level_tokenizer
     from ugd.model import UGDModel
 
     # a plain local causal-LM checkpoint (as a user's Qwen folder would be) and JSONL data
@@ -126,7 +127,7 @@ def test_own_checkpoint_and_data_then_continue_from_the_ugd_checkpoint(tmp_path)
     lm = AutoModelForCausalLM.from_config(tiny_backbone_config(len(tok), **TINY_BACKBONE))
     lm.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
-    from ugd.data import write_jsonl
+    from ugd.data.records import write_jsonl
 
     write_jsonl(train, tmp_path / "train.jsonl")
     write_jsonl(dev, tmp_path / "dev.jsonl")
@@ -295,11 +296,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     ("ugd-ttm", ("--gradient_checkpointing", "--gamma", "0")),  # activation checkpointing; a term off
 ])
 def test_every_paradigm_trains_evaluates_and_saves(tmp_path, paradigm, extra):
-    from ugd.model import SINGLE_TOWER, TWO_TOWER, UGDModel
+    from ugd import paradigms
+    from ugd.model import UGDModel
 
     summary = main(run_args(tmp_path, "p", "--paradigm", paradigm, "--max_steps", "2", *extra))
     ev = summary["eval"]
-    assert ("eval_acc_t" in ev) == (paradigm in TWO_TOWER) and ("eval_acc_s" in ev) == (paradigm in SINGLE_TOWER)
+    assert ("eval_acc_t" in ev) == (paradigm in paradigms.names(capability="score_pairs")) and ("eval_acc_s" in ev) == (
+        paradigm in paradigms.names(capability="single_tower"))
     model = UGDModel.from_pretrained(str(tmp_path / "p"))
     assert model.config.paradigm == paradigm
     if paradigm == "ugd-ttm":  # gamma = 0: no generation term
@@ -413,8 +416,8 @@ def test_merged_state_dict_equals_peft_merge_and_unload():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ugd.demo_data import tiny_backbone_config
-    from ugd.trainer import merged_backbone_state_dict
+    from ugd.data.demo import tiny_backbone_config
+    from ugd.training.trainer import merged_backbone_state_dict
 
     for tied in (True, False):
         torch.manual_seed(0)

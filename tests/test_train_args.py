@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from ugd import paradigms
-from ugd.data import BadRecord, DataError, json_object, read_records
-from ugd.train import ConfigError, cli, load_data, parse_args
+from ugd.data.records import BadRecord, DataError, json_object, read_records
+from ugd.train import cli
+from ugd.training.args import ConfigError, parse_args
+from ugd.training.build import load_data
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone_config", json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

@@ -4,9 +4,9 @@
   run (extra batch fields, GRL candidates drawn at random), then ``--resume_from_checkpoint true``:
   the logged losses after resuming and the final weights equal an uninterrupted run's, bit for bit;
 * SIGTERM mid-step: a checkpoint of that step is saved, the process exits 143 with one line saying
-  where to resume from, and the resumed run equals the uninterrupted one (``ugd.training_signals``);
+  where to resume from, and the resumed run equals the uninterrupted one (``ugd.training.signals``);
 * ``--resume_from_checkpoint`` at another paradigm's or another backbone's checkpoint, or ``true``
-  without any checkpoint: one line naming the mismatch, exit 2, before any step (``ugd.resume_check``).
+  without any checkpoint: one line naming the mismatch, exit 2, before any step (``ugd.training.resume_check``).
 
 The interrupted runs are real processes (``subprocess``) killed by real signals, as in
 ``tests/test_train.py``'s SIGKILL test, whose approach this reuses.
@@ -111,7 +111,7 @@ def teacher(tmp_path_factory):
     """A frozen ugd-ttm teacher sharing the demo run's tokenizer (built from the same demo records)."""
     from tiny_checkpoints import save_tiny_checkpoint
 
-    from ugd.demo_data import demo_splits
+    from ugd.data.demo import demo_splits
 
     train, dev = demo_splits(64, 32, seed=0)
     return save_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "ugd-ttm", train + dev, "ugd-ttm", seed=3)
@@ -177,7 +177,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_is_bit_exact(tmp_path):
 def test_sigterm_in_process_raises_systemexit_143_and_restores_the_handler(tmp_path):
     from transformers import TrainerCallback
 
-    from ugd.training_signals import EXIT_STATUS, TrainingInterrupted
+    from ugd.training.signals import EXIT_STATUS, TrainingInterrupted
 
     class TermInStep2(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -274,7 +274,7 @@ def test_resume_true_without_a_checkpoint_is_one_line(tmp_path):
 
 def test_mismatch_accepts_its_own_checkpoint(ttm_run):
     from ugd.model import UGDModel
-    from ugd.resume_check import mismatch
+    from ugd.training.resume_check import mismatch
 
     model = UGDModel.from_pretrained(str(ttm_run / "checkpoint-2"))
     assert mismatch(model, str(ttm_run / "checkpoint-2")) is None

@@ -167,7 +167,7 @@ def test_cosine_matrix():
 
 def test_pack_groups_concatenates_layouts():
     import ugd_ops
-    from ugd.layout import EncodedSample
+    from ugd.data.layout import EncodedSample
 
     def sample(spans):
         n = sum(spans)
@@ -204,8 +204,8 @@ RECORDS = [
 def make_model(paradigm="ullme", seed=0, attn="ugd", **options):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    import ugd.attention  # noqa: F401
-    from ugd.layout import LayoutConfig
+    import ugd.modules.attention  # noqa: F401
+    from ugd.data.layout import LayoutConfig
     from ugd.model import UGDConfig, UGDModel
     from ugd.testing import make_test_tokenizer
 
@@ -223,8 +223,8 @@ def make_model(paradigm="ullme", seed=0, attn="ugd", **options):
 
 
 def make_batch(model, tok, records=RECORDS):
-    from ugd.collator import UGDCollator
-    from ugd.layout import LayoutConfig
+    from ugd.data.collator import UGDCollator
+    from ugd.data.layout import LayoutConfig
 
     collator = UGDCollator(tok, paradigm=model.config.paradigm, config=LayoutConfig(**model.config.layout),
                            model_config=model.config)
@@ -264,7 +264,7 @@ def test_collator_reports_truncated_texts_once():
 
 
 def test_collator_needs_the_model_config():
-    from ugd.collator import UGDCollator
+    from ugd.data.collator import UGDCollator
 
     model, tok = make_model()
     with pytest.raises(ValueError, match="model_config"):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ugd_ops
-from ugd.collator import pack
-from ugd.layout import LayoutConfig, add_special_tokens, encode_sample
+from ugd.data.collator import pack
+from ugd.data.layout import LayoutConfig, add_special_tokens, encode_sample
 from ugd.testing import make_test_tokenizer
 from ugd.viz import EXAMPLE, MASKED_COLOR, draw_partition, main, partition
 

@@ -13,8 +13,8 @@ def save_tiny_checkpoint(path, records, paradigm: str, seed: int) -> str:
     """A ``paradigm`` model with a one-layer random backbone (tokenizer built from ``records``) saved to ``path``."""
     from transformers import AutoModelForCausalLM
 
-    from ugd.demo_data import build_tokenizer, tiny_backbone_config
-    from ugd.layout import LayoutConfig
+    from ugd.data.demo import build_tokenizer, tiny_backbone_config
+    from ugd.data.layout import LayoutConfig
     from ugd.model import UGDConfig, UGDModel
 
     torch.manual_seed(seed)

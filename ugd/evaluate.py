@@ -6,13 +6,13 @@
 
 Modes: ``two-tower`` and ``single-tower`` (classification: ACC, AUC, macro-F1 and the confusion
 matrix, rows = true label, columns = predicted) and ``reason`` (the generated reasons against the
-gold ones: ROUGE-L and corpus BLEU, see ``ugd.reason_scores``). By default every one of them the
+gold ones: ROUGE-L and corpus BLEU, see ``ugd.serving.reason_scores``). By default every one of them the
 checkpoint's paradigm serves; naming one it does not serve is an error naming those it does.
 
-Input: any format of ``ugd.data.read_records`` (``--data_format``, default auto); every record needs a
+Input: any format of ``ugd.data.records.read_records`` (``--data_format``, default auto); every record needs a
 label in ``[0, num_labels)`` of the checkpoint. ``--max_records N`` keeps the first N records.
 
-Reasons: generated (greedy, batched, KV cache: ``ugd.generate``) for the first ``--reason_samples``
+Reasons: generated (greedy, batched, KV cache: ``ugd.serving.generate``) for the first ``--reason_samples``
 records of the file -- the same records on every run, whatever the model -- and scored on those of
 them that have a gold reason (a ``references`` list, else ``reason``); the others are counted in the
 report (``without_gold_reason``). ``--reason_samples 0`` generates nothing.
@@ -51,9 +51,22 @@ import datetime
 import json
 import math
 import os
+import platform
 import sys
-import tempfile
 import time
+from importlib import metadata
+
+import torch
+from tqdm.auto import tqdm
+
+from . import paradigms
+from ._files import atomic_text_file
+from .data.records import read_records, write_jsonl
+from .predict import load_model, read_checkpoint_config, resolve_device, set_threads
+from .serving.generate import generate_reason
+from .serving.inference import as_pairs, check_count, predict, tokenizer_of, tqdm_disable
+from .serving.reason_scores import ReasonScoresUnavailable, gold_references, require, score_reasons
+from .training.metrics import accuracy, confusion_matrix, macro_f1, roc_auc
 
 #: the modes evaluated, in report order (``ugd.paradigms`` names them with underscores)
 EVAL_MODES = ("two-tower", "single-tower", "reason")
@@ -109,7 +122,7 @@ def _finite_or_none(x):
 
 @contextlib.contextmanager
 def _with_tokenizer(model, tokenizer):
-    """``model.tokenizer`` set to ``tokenizer`` for the block (ugd.inference reads it from the model)."""
+    """``model.tokenizer`` set to ``tokenizer`` for the block (ugd.serving.inference reads it from the model)."""
     saved = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         model.tokenizer = tokenizer
@@ -120,11 +133,6 @@ def _with_tokenizer(model, tokenizer):
 
 
 def _score_mode(model, pairs, labels, mode, batch_size, bar) -> tuple[dict, list]:
-    import torch
-
-    from .inference import predict
-    from .metrics import accuracy, confusion_matrix, macro_f1, roc_auc
-
     chunks = []
     seconds = 0.0
     for lo in range(0, len(pairs), batch_size):
@@ -137,7 +145,7 @@ def _score_mode(model, pairs, labels, mode, batch_size, bar) -> tuple[dict, list
     if bad:
         raise ValueError(f"the model produced non-finite scores (NaN or inf) for {bad} of {len(probs)} pairs in "
                          f"{mode} mode: its weights are damaged (or overflow in this dtype)")
-    # log-probabilities are logits with the same softmax, so ugd.metrics gets exactly these probabilities
+    # log-probabilities are logits with the same softmax, so ugd.training.metrics gets exactly these probabilities
     logits = probs.double().log()
     y = torch.tensor(labels, dtype=torch.int64)
     result = {
@@ -153,9 +161,6 @@ def _score_mode(model, pairs, labels, mode, batch_size, bar) -> tuple[dict, list
 
 
 def _reason_mode(model, tokenizer, records, reason_samples, max_new_tokens, batch_size, layout, bar):
-    from .generate import generate_reason
-    from .reason_scores import gold_references, score_reasons
-
     chosen = records[:reason_samples]
     t = time.perf_counter()
     texts = []
@@ -197,7 +202,7 @@ def evaluate_model(model, tokenizer, records, modes=None, *, reason_samples: int
 
     Args:
         tokenizer: the model's tokenizer (None: ``model.tokenizer``).
-        records: ``{"query", "document", "label", "reason"?, "references"?}`` dicts (``ugd.data.read_records``);
+        records: ``{"query", "document", "label", "reason"?, "references"?}`` dicts (``ugd.data.records.read_records``);
             every label an int in ``[0, num_labels)``.
         modes: some of ``"two-tower"``, ``"single-tower"``, ``"reason"`` (underscores work too); None: every
             one the model's paradigm serves.
@@ -215,13 +220,9 @@ def evaluate_model(model, tokenizer, records, modes=None, *, reason_samples: int
 
     Raises:
         ValueError: an unknown mode or one the paradigm cannot serve, bad counts, unlabelled records or
-            labels out of range. ``ugd.reason_scores.ReasonScoresUnavailable``: reasons asked for without
+            labels out of range. ``ugd.serving.reason_scores.ReasonScoresUnavailable``: reasons asked for without
             rouge-score / sacrebleu installed.
     """
-    from tqdm.auto import tqdm
-
-    from .inference import as_pairs, check_count, tokenizer_of, tqdm_disable
-
     modes = resolve_modes(model.paradigm, model.config, modes)
     check_count("reason_samples", reason_samples, minimum=0)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
@@ -237,8 +238,6 @@ def evaluate_model(model, tokenizer, records, modes=None, *, reason_samples: int
         labels.append(y)
     pairs = as_pairs([(r["query"], r["document"]) for r in records])
     if "reason" in modes and reason_samples > 0:
-        from .reason_scores import require
-
         require()  # before any model work
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(model)
 
@@ -274,7 +273,7 @@ def _make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ugd.evaluate", description=__doc__, formatter_class=Formatter)
     p.add_argument("--model", required=True, help="A UGD checkpoint folder (python -m ugd.train writes one).")
     p.add_argument("--input", required=True, help="The labelled data file.")
-    p.add_argument("--data_format", default="auto", help="auto, jsonl, lcqmc, qqp or nli (see ugd.data).")
+    p.add_argument("--data_format", default="auto", help="auto, jsonl, lcqmc, qqp or nli (see ugd.data.records).")
     p.add_argument("--modes", nargs="+", default=None, metavar="MODE",
                    help="Some of two-tower single-tower reason. Default: every one the checkpoint's paradigm serves.")
     p.add_argument("--max_records", type=int, default=None, help="Evaluate only the first N records.")
@@ -312,8 +311,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_labelled(path: str, fmt: str, num_labels: int, *, skip_bad: bool = False, max_records: int | None = None):
     """The labelled records of ``path`` (the first ``max_records``) and the ``ReadStats``; ValueError with
     one line for every problem (a missing file, ``file:line`` of a bad record, no records)."""
-    from .data import read_records
-
     if os.path.isdir(path):
         raise ValueError(f"--input {path} is a folder; name the data file")
     if not os.path.isfile(path):
@@ -330,11 +327,6 @@ def read_labelled(path: str, fmt: str, num_labels: int, *, skip_bad: bool = Fals
 
 
 def _versions() -> dict:
-    import platform
-    from importlib import metadata
-
-    import torch
-
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     for dist in ("transformers", "ugd", "rouge-score", "sacrebleu"):
         try:
@@ -346,23 +338,9 @@ def _versions() -> dict:
 
 def write_json_atomic(obj, path: str) -> None:
     """``obj`` as JSON at ``path``: a temp file in the same folder, then ``os.replace``."""
-    from .data import new_file_mode
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.chmod(tmp, new_file_mode(path))
-            json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_text_file(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -389,16 +367,11 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs one evaluation; returns the report (written to ``--output`` when given, printed as a table)."""
-    from . import paradigms
-    from .predict import load_model, read_checkpoint_config, resolve_device, set_threads
-
     args = parse_args(argv)
     # everything cheap is checked before the model is loaded (which may take minutes)
     cfg = read_checkpoint_config(args.model)
     modes = resolve_modes(paradigms.get(cfg.paradigm), cfg, args.modes)
     if "reason" in modes and args.reason_samples > 0:
-        from .reason_scores import require
-
         require()
     device = resolve_device(args.device)
     set_threads(args.cpu_threads)
@@ -415,8 +388,6 @@ def main(argv: list[str] | None = None) -> dict:
               "load_seconds": load_seconds, "versions": _versions(),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if args.predictions:
-        from .data import write_jsonl
-
         write_jsonl(predictions, args.predictions)
     if args.output:
         write_json_atomic(report, args.output)
@@ -427,8 +398,6 @@ def main(argv: list[str] | None = None) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     """The console entry: a problem with the arguments, the checkpoint or the input is one line on stderr
     and exit status 2."""
-    from .reason_scores import ReasonScoresUnavailable
-
     try:
         main(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)

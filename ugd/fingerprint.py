@@ -1,6 +1,6 @@
 """``UGDModel.fingerprint()``: a name for everything that determines the document vectors V_D.
 
-Stored document vectors (``ugd.doc_vectors``) are only right for the model that made them, so they
+Stored document vectors (``ugd.serving.doc_vectors``) are only right for the model that made them, so they
 carry its fingerprint and a model with another one is refused. V_D depends on the backbone weights,
 the backbone's configuration (layers, rotary settings, ...), the UGD configuration (special token
 ids, layout, paradigm options) and, for scoring, the heads. The fingerprint is the SHA-256 of
@@ -27,6 +27,9 @@ import os
 import struct
 
 import torch
+from safetensors.torch import save
+
+from .checkpoint import DOCUMENT_BACKBONE_DIR, backbone_weight_files
 
 # UGDConfig fields that do not change what a trained model computes
 TRAINING_ONLY_FIELDS = ("alpha", "beta", "gamma", "lam", "mu", "detach", "kl_temperature")
@@ -96,8 +99,6 @@ def _weights_digest(entries: list[str]) -> str:
 def note_checkpoint_files(model, path: str) -> None:
     """Called by ``from_pretrained``: the backbone weights are those of the safetensors files in ``path``
     (hashed lazily, on the first ``fingerprint()``), as long as no parameter changes."""
-    from .checkpoint_files import DOCUMENT_BACKBONE_DIR, backbone_weight_files
-
     files = {"backbone": backbone_weight_files(path)}
     if model.document_backbone is not None:
         files["document_backbone"] = backbone_weight_files(os.path.join(path, DOCUMENT_BACKBONE_DIR))
@@ -127,7 +128,6 @@ def heads_digest(model) -> str:
     versions = model._heads_versions()
     if model._heads_digest is not None and model._heads_digest[1] == versions:
         return model._heads_digest[0]
-    from safetensors.torch import save
 
     digest = hashlib.sha256(save(model._heads_state())).hexdigest()
     model._heads_digest = (digest, versions)  # computed once until the heads change

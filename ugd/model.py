@@ -8,6 +8,7 @@ and ``ugd_heads.safetensors``; the `ttm` baseline keeps its document backbone in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -15,21 +16,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+from . import checkpoint
 from . import paradigms as _paradigms
-from .checkpoint_files import DOCUMENT_BACKBONE_DIR, HEADS_NAME
-from .data import give_ordinary_modes
-from .packed import UGDOutput, encode_packed, move_batch, packed_inputs  # noqa: F401  (packed_inputs: re-exported)
-
-CONFIG_NAME = "ugd_config.json"
-
-# Read-only views of the registry (``ugd.paradigms`` is the source) under names callers import from here:
-# the loss terms of each paradigm and which paradigms have a two-tower / single-tower head / reasons,
-# for the paradigms registered when this module was imported. ``ugd.paradigms.get(name)`` is the full answer.
-PARADIGM_TERMS = {p.name: p.terms for p in _paradigms.all_paradigms()}
-TWO_TOWER = set(_paradigms.names(capability="score_pairs"))
-SINGLE_TOWER = set(_paradigms.names(capability="single_tower"))
-GENERATIVE = set(_paradigms.names(capability="generate"))
+from .backbones import resolve_backbone
+from .checkpoint import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME  # noqa: F401  (the checkpoint's file names)
+from .data.layout import add_special_tokens
+from .fingerprint import model_fingerprint, note_checkpoint_files
+from .modules import attention  # noqa: F401  registers attn_implementation="ugd"
+from .modules.packed import UGDOutput, encode_packed, move_batch, packed_inputs  # noqa: F401  (packed_inputs: re-exported)
+# the serving functions are looked up at each call (ugd.serving.inference.encode_texts may be replaced, as tests do)
+from .serving import generate, inference
 
 
 @dataclass
@@ -48,7 +46,7 @@ class UGDConfig:
     detach: bool = True
     kl_temperature: float = 1.0
     head_activation: str = "gelu"
-    layout: dict = field(default_factory=dict)  # ugd.layout.LayoutConfig as a dict
+    layout: dict = field(default_factory=dict)  # ugd.data.layout.LayoutConfig as a dict
     special_token_ids: dict = field(default_factory=dict)  # {"cls", "gmask", "start", "eos"}
     # the paradigm's own settings (ugd.paradigms.base: Paradigm.options), only those set; a checkpoint
     # without this field loads as {}
@@ -150,15 +148,8 @@ class UGDModel(nn.Module):
     def from_backbone(cls, backbone, tokenizer, config: UGDConfig | None = None, **overrides) -> "UGDModel":
         """Wraps a causal LM (a model; or a local folder, a .gguf file or a name of ``ugd.backbones``) for UGD: adds the
         special tokens to ``tokenizer`` and resizes the embeddings."""
-        from transformers import AutoModelForCausalLM
-
-        from . import attention  # noqa: F401  registers attn_implementation="ugd"
-        from .layout import add_special_tokens
-
         config = dataclasses.replace(config or UGDConfig(), **overrides)
         if isinstance(backbone, (str, os.PathLike)):
-            from .backbones import resolve_backbone
-
             path = resolve_backbone(backbone)  # a folder as it is; a .gguf file or a registered name dequantised once
             backbone = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ugd")
             document = (AutoModelForCausalLM.from_pretrained(path, attn_implementation="ugd")
@@ -167,8 +158,6 @@ class UGDModel(nn.Module):
             backbone.set_attn_implementation("ugd")
             document = None
             if config.paradigm_impl.two_backbones:
-                import copy
-
                 document = copy.deepcopy(backbone)
         ids = add_special_tokens(tokenizer, backbone)
         if document is not None:
@@ -181,19 +170,9 @@ class UGDModel(nn.Module):
     def save_pretrained(self, path: str, tokenizer=None, **kwargs) -> None:
         """Writes the checkpoint (backbone, heads, ugd_config.json) and ``tokenizer`` (default: the
         model's own, ``self.tokenizer``) to ``path``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        self.backbone.save_pretrained(path, **kwargs)
-        if self.document_backbone is not None:
-            self.document_backbone.save_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR), **kwargs)
-        save_file(self._heads_state(), os.path.join(path, HEADS_NAME))
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        give_ordinary_modes(path)  # safetensors creates its files 0600
+        checkpoint.write_checkpoint(path, backbone=self.backbone, document_backbone=self.document_backbone,
+                                    heads_state=self._heads_state(), config=self.config.to_dict(),
+                                    tokenizer=tokenizer if tokenizer is not None else self.tokenizer, save_kwargs=kwargs)
 
     def _heads_state(self) -> dict:
         return {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
@@ -212,8 +191,6 @@ class UGDModel(nn.Module):
         (``ugd.fingerprint``). Remembered until a parameter is written in place or replaced, so calling
         it per request costs nothing.
         """
-        from .fingerprint import model_fingerprint
-
         return model_fingerprint(self)
 
     @classmethod
@@ -224,42 +201,20 @@ class UGDModel(nn.Module):
         ``backbone_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...;
         ``attn_implementation`` defaults to "ugd").
         """
-        import hashlib
-
-        from safetensors.torch import load
-        from transformers import AutoModelForCausalLM
-
-        from . import attention  # noqa: F401
-
-        cfg_file = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{path} is not a UGD checkpoint: {CONFIG_NAME} is missing "
-                                    "(to start from a plain causal LM, use UGDModel.from_backbone)")
-        with open(cfg_file) as f:
-            config = UGDConfig.from_dict(json.load(f))
-        from .checkpoint_files import check_checkpoint_files, has_tokenizer_files, load_checked_tokenizer
-        from .fingerprint import note_checkpoint_files
-
-        # one error naming a missing/empty/truncated weight file, instead of safetensors' traceback
-        check_checkpoint_files(path, document_backbone=config.paradigm_impl.two_backbones)
+        config = UGDConfig.from_dict(checkpoint.read_config(path))
         backbone_kwargs.setdefault("attn_implementation", "ugd")
-        backbone = AutoModelForCausalLM.from_pretrained(path, **backbone_kwargs)
-        document = None
-        if config.paradigm_impl.two_backbones:
-            document = AutoModelForCausalLM.from_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR),
-                                                            **backbone_kwargs)
+        backbone, document = checkpoint.load_backbones(path, two_backbones=config.paradigm_impl.two_backbones,
+                                                       **backbone_kwargs)
         model = cls(backbone, config, document)
-        with open(os.path.join(path, HEADS_NAME), "rb") as f:
-            heads_bytes = f.read()
-        model.heads.load_state_dict(load(heads_bytes))
+        heads, digest = checkpoint.read_heads(path)
+        model.heads.load_state_dict(heads)
         first = next(backbone.parameters())
         model = model.to(first.dtype)
         model.heads.to(first.device)  # with device_map the backbone is already placed; the heads follow it
-        model._heads_digest = (hashlib.sha256(heads_bytes).hexdigest(), model._heads_versions())
+        model._heads_digest = (digest, model._heads_versions())
         note_checkpoint_files(model, path)  # the fingerprint hashes the backbone's files, lazily
-        if tokenizer is None and has_tokenizer_files(path):
-            # refused (naming the file) when it cannot serve the checkpoint, e.g. tokenizer.json missing
-            tokenizer = load_checked_tokenizer(path, config.special_token_ids)
+        if tokenizer is None:
+            tokenizer = checkpoint.read_tokenizer(path, config.special_token_ids)
         model.tokenizer = tokenizer
         return model
 
@@ -282,7 +237,7 @@ class UGDModel(nn.Module):
         return needed(self, compute)
 
     def forward(self, batch: dict, *, compute: tuple[str, ...] | None = None) -> UGDOutput:
-        """One packed batch (``ugd.collator``) -> UGDOutput with the loss, each term, and the outputs.
+        """One packed batch (``ugd.data.collator``) -> UGDOutput with the loss, each term, and the outputs.
 
         In training mode the active loss terms decide what runs; ``compute`` adds outputs. The paradigm
         (``self.paradigm.forward``) does the work.
@@ -290,51 +245,36 @@ class UGDModel(nn.Module):
         return self.paradigm.forward(self, move_batch(batch, self.head_device), compute)
 
     # ------------------------------------------------------------------ inference (docs/spec.md section 7)
-    # Thin wrappers over ugd.inference and ugd.generate, which document the costs and the checks.
+    # Thin wrappers over ugd.serving.inference and ugd.serving.generate, which document the costs and the checks.
 
     def encode_queries(self, texts, **kwargs):
-        """V_Q ``[N, H]`` of each query, encoded alone (``ugd.inference.encode_texts``: ``batch_tokens``,
+        """V_Q ``[N, H]`` of each query, encoded alone (``ugd.serving.inference.encode_texts``: ``batch_tokens``,
         ``show_progress``, ``output_device``, ``return_numpy``)."""
-        from .inference import encode_texts
-
-        return encode_texts(self, texts, "query", **kwargs)
+        return inference.encode_texts(self, texts, "query", **kwargs)
 
     def encode_documents(self, texts, **kwargs):
         """V_D ``[M, H]`` of each document, encoded alone (see ``encode_queries``); for a store that finds
         vectors by text and saves them, use ``ugd.DocumentVectors.build(model, texts)``."""
-        from .inference import encode_texts
-
-        return encode_texts(self, texts, "document", **kwargs)
+        return inference.encode_texts(self, texts, "document", **kwargs)
 
     def score_pairs(self, query_vectors, document_vectors) -> torch.Tensor:
         """Two-tower probabilities ``[N, C]`` of aligned stored vectors (no backbone)."""
-        from .inference import score_pairs
-
-        return score_pairs(self, query_vectors, document_vectors)
+        return inference.score_pairs(self, query_vectors, document_vectors)
 
     def score_documents(self, query_vectors, documents) -> torch.Tensor:
         """Two-tower probabilities ``[Nq, M, C]`` of queries against stored documents (no backbone)."""
-        from .inference import score_documents
-
-        return score_documents(self, query_vectors, documents)
+        return inference.score_documents(self, query_vectors, documents)
 
     def predict(self, pairs, mode: str = "two_tower", **kwargs) -> torch.Tensor:
         """Class probabilities ``[N, C]`` of (query, document) pairs; ``mode`` "two_tower" or "single_tower"."""
-        from .inference import predict
-
-        return predict(self, pairs, mode, **kwargs)
+        return inference.predict(self, pairs, mode, **kwargs)
 
     def rank(self, query: str, documents, top_k: int | None = 10, mode: str = "two_tower", **kwargs):
         """``[(index, score), ...]`` of the best ``top_k`` documents (texts or stored vectors) for ``query``."""
-        from .inference import rank
-
-        return rank(self, query, documents, top_k=top_k, mode=mode, **kwargs)
+        return inference.rank(self, query, documents, top_k=top_k, mode=mode, **kwargs)
 
     def generate_reason(self, pairs, max_new_tokens: int = 64, do_sample: bool = False, **kwargs) -> list[str]:
         """The reason for each (query, document) pair: packed prefill, then batched cached decoding
-        (``ugd.generate.generate_reason_ids``: ``batch_size``, ``generate`` keywords)."""
-        from .generate import generate_reason
-        from .inference import tokenizer_of
-
-        return generate_reason(self, tokenizer_of(self), pairs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                               **kwargs)
+        (``ugd.serving.generate.generate_reason_ids``: ``batch_size``, ``generate`` keywords)."""
+        return generate.generate_reason(self, inference.tokenizer_of(self), pairs, max_new_tokens=max_new_tokens,
+                                        do_sample=do_sample, **kwargs)

@@ -9,7 +9,7 @@
     python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents --doc_vectors docs.safetensors
     python -m ugd.predict --model out/demo --input pairs.jsonl --doc_vectors docs.safetensors
 
-    # the documents of a large corpus encoded by n processes or machines, then merged (ugd.doc_shards):
+    # the documents of a large corpus encoded by n processes or machines, then merged (ugd.serving.doc_shards):
     python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents \\
         --doc_vectors docs.safetensors --shard 0/2
     python -m ugd.predict --model out/demo --input corpus.jsonl --mode documents \\
@@ -59,14 +59,24 @@ on stderr). A summary (records, mode, seconds, pairs/s) goes to stderr at the en
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-from .data import BadRecord, decode_lines, json_object
-from .inference import DEFAULT_BATCH_TOKENS, unique_texts
+import torch
+from transformers import HfArgumentParser
+from transformers.utils import logging as hf_logging
+
+from . import paradigms
+from .checkpoint import CONFIG_NAME
+from .data.records import MAX_KEPT_ERRORS, BadRecord, DataError, ReadStats, decode_lines, json_object, write_jsonl
+from .model import UGDConfig, UGDModel
+from .serving.doc_shards import build_part, launcher_device, merge_parts, parse_shard
+from .serving.doc_vectors import DocumentVectors
+from .serving.inference import DEFAULT_BATCH_TOKENS, unique_texts
 
 MODES = ("two_tower", "single_tower", "reason", "documents")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -114,10 +124,6 @@ class PredictArguments:
 
 
 def _make_parser():
-    import argparse
-
-    from transformers import HfArgumentParser
-
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Defaults in the help, and the module docstring's examples as written."""
 
@@ -147,8 +153,6 @@ def parse_args(argv: list[str] | None = None) -> PredictArguments:
         if args.output != STDIO:
             raise ValueError("--mode documents writes only --doc_vectors; drop --output")
     if args.shard is not None:
-        from .doc_shards import parse_shard
-
         if args.mode != "documents":
             raise ValueError(f"--shard serves --mode documents only (it splits the encoding of a corpus's documents); "
                              f"drop it for --mode {_show(args.mode)}")
@@ -174,8 +178,6 @@ def _show(mode: str) -> str:
 
 def read_checkpoint_config(path: str):
     """The checkpoint's ``UGDConfig``, read before the (possibly large) backbone is loaded."""
-    from .model import CONFIG_NAME, UGDConfig
-
     if os.path.isfile(path):
         raise ValueError(f"--model {path} is a file, not a folder: name the checkpoint folder (it holds "
                          "ugd_config.json, the weights and the tokenizer)")
@@ -195,12 +197,8 @@ def read_checkpoint_config(path: str):
 def check_paradigm(paradigm: str, mode: str, config=None) -> None:
     """A clear error when the checkpoint's paradigm cannot serve ``mode`` (the registry says what each
     paradigm serves: ``ugd.paradigms``; ``config``, the checkpoint's ``UGDConfig``, may narrow it)."""
-    from . import paradigms
-
     impl = paradigms.get(paradigm)
     if config is None:
-        from .model import UGDConfig
-
         config = UGDConfig(paradigm=paradigm)
     usable = [m for m in MODES if m in impl.modes(config)]
     if mode not in usable:
@@ -210,8 +208,6 @@ def check_paradigm(paradigm: str, mode: str, config=None) -> None:
 
 
 def resolve_device(name: str | None):
-    import torch
-
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -232,11 +228,6 @@ def resolve_device(name: str | None):
 
 
 def load_model(path: str, device, dtype: str, progress: bool | None = None):
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from .model import UGDModel
-
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if device.type == "cuda":  # load straight onto the GPU instead of through host memory
         kwargs["device_map"] = {"": str(device)}
@@ -298,8 +289,6 @@ def read_inputs(path: str, fields: tuple[str, ...], *, skip_bad: bool = False):
 
     A malformed line raises ``DataError`` (``path:line: problem``), or with ``skip_bad`` is counted.
     """
-    from .data import MAX_KEPT_ERRORS, DataError, ReadStats
-
     shown = "<stdin>" if path == STDIO else path
     stats = ReadStats(path=shown, fmt="jsonl")
     records = []
@@ -327,8 +316,6 @@ def read_inputs(path: str, fields: tuple[str, ...], *, skip_bad: bool = False):
 
 
 def _open_store(model, path: str):
-    from .doc_vectors import DocumentVectors
-
     if not os.path.exists(path):
         return DocumentVectors.empty(model)
     try:
@@ -357,8 +344,6 @@ def _extend_store(model, store, path: str, documents: list[str], args) -> tuple:
 def score_with_store(model, records: list[dict], args) -> tuple:
     """Two-tower probabilities ``[N, C]`` from ``--doc_vectors``: each distinct query encoded once, each
     document looked up (encoded only when not stored yet), then the heads alone."""
-    import torch
-
     store = _open_store(model, args.doc_vectors)
     rows, added = _extend_store(model, store, args.doc_vectors, [r["document"] for r in records], args)
     queries, qi = unique_texts([r["query"] for r in records])
@@ -374,8 +359,6 @@ def score_with_store(model, records: list[dict], args) -> tuple:
 
 def check_finite(probs, model_path: str) -> None:
     """Non-finite probabilities come from damaged weights (or an overflow): an error, never a prediction."""
-    import torch
-
     bad = int((~torch.isfinite(probs).all(-1)).sum())
     if bad:
         raise ValueError(f"the model produced non-finite scores (NaN or inf) for {bad} of {len(probs)} pairs: the "
@@ -394,8 +377,6 @@ def default_threads() -> int:
 
 def set_threads(threads: int | None) -> int:
     """Applies --threads (or the default; $OMP_NUM_THREADS, which torch already follows, wins over it)."""
-    import torch
-
     if threads is None:
         if os.environ.get("OMP_NUM_THREADS", "").strip():
             return torch.get_num_threads()
@@ -413,8 +394,6 @@ def _add_scores(records: list[dict], probs, positive_label: int) -> None:
 
 
 def _write(records: list[dict], path: str) -> None:
-    from .data import write_jsonl
-
     if path != STDIO:
         write_jsonl(records, path)
         return
@@ -439,8 +418,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mode in ("two_tower", "single_tower") and not 0 <= args.positive_label < cfg.num_labels:
         raise ValueError(f"--positive_label must be a class index in [0, {cfg.num_labels}), got {args.positive_label}")
     if args.shard is not None and args.device is None:
-        from .doc_shards import launcher_device
-
         args.device = launcher_device()  # torchrun on a GPU machine: one GPU per local process
     device = resolve_device(args.device)
     set_threads(args.threads)
@@ -453,16 +430,12 @@ def main(argv: list[str] | None = None) -> dict:
     t_load = t1 - t0
     summary = {"mode": _show(args.mode), "records": len(records), "skipped": stats.skipped_malformed}
     if args.shard is not None:
-        from .doc_shards import build_part
-
         part = build_part(model, args.doc_vectors, [r["document"] for r in records], *args.shard,
                           batch_tokens=args.batch_tokens, show_progress=args.progress)
     elif args.mode == "documents":
         store = _open_store(model, args.doc_vectors)
         _, added = _extend_store(model, store, args.doc_vectors, [r["document"] for r in records], args)
     elif args.mode == "reason":
-        import torch
-
         torch.manual_seed(args.seed)  # seeds CUDA too
         reasons = model.generate_reason([(r["query"], r["document"]) for r in records],
                                         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
@@ -505,10 +478,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def merge_main(argv: list[str] | None = None) -> dict:
     """``python -m ugd.predict merge-shards --doc_vectors STORE PARTS...``; returns its summary."""
-    import argparse
-
-    from .doc_shards import merge_parts
-
     parser = argparse.ArgumentParser(
         prog="python -m ugd.predict merge-shards",
         description="Merges the part files of python -m ugd.predict --mode documents --shard i/n into one store, "

@@ -41,6 +41,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data.records import DataError, read_records, write_jsonl
+from .training.metrics import accuracy, roc_auc
 
 PARADIGM_ROWS = ("ugd-ttm", "shared-ttm", "ttm", "ugd-stm", "stm")
 RESAMPLES = 1000
@@ -201,8 +206,6 @@ def write_json(obj, path: str) -> None:
 
 
 def _read(path: str, flag: str):
-    from .data import DataError, read_records
-
     if not os.path.isfile(path):
         raise StudyError(f"{flag} {path}: {'a folder, not a data file' if os.path.isdir(path) else 'no such file'}")
     try:
@@ -223,8 +226,6 @@ def subset(records: list, size: int | None, data_seed: int, stream: int) -> list
 
 def prepare_data(out: str, s: Settings) -> dict:
     """Writes the subsets once into ``<out>/data/``; returns {"train", "dev" (or None), "eval"} paths."""
-    from .data import write_jsonl
-
     folder = os.path.join(out, "data")
     os.makedirs(folder, exist_ok=True)
     paths = {}
@@ -323,7 +324,6 @@ def _tail(path: str, chars: int = 3000) -> str:
 def _last_checkpoint(model_dir: str) -> str | None:
     if not os.path.isdir(model_dir):
         return None
-    from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(model_dir)
 
@@ -429,8 +429,6 @@ def _now() -> str:
 
 
 def host_line() -> str:
-    import torch
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.node() or 'host'}: {platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
 
@@ -474,14 +472,10 @@ def _f(x):
 
 
 def _acc(d, idx):
-    from .metrics import accuracy
-
     return accuracy(d[0][idx], d[1][idx])
 
 
 def _auc(d, idx):
-    from .metrics import roc_auc
-
     return roc_auc(d[0][idx], d[1][idx])
 
 
@@ -604,7 +598,7 @@ def render_table(results: dict, study: dict, data: dict | None = None) -> str:
         f"reasons: the first {s['reason_samples']} of them with a gold reason, at most {s['max_new_tokens']} new "
         f"tokens; seeds {', '.join(map(str, seeds))}.",
         f"Cells: value [95 % interval]: percentile bootstrap over the evaluation records ({RESAMPLES} resamples, "
-        f"RNG seed {BOOTSTRAP_SEED}; ACC/AUC/ROUGE-L recomputed per resample from preds.jsonl with ugd.metrics). "
+        f"RNG seed {BOOTSTRAP_SEED}; ACC/AUC/ROUGE-L recomputed per resample from preds.jsonl with ugd.training.metrics). "
         "With several seeds the value is the mean over seeds and the interval that of this mean, each resample "
         "drawing one set of records for all seeds; sd = the standard deviation across seeds. "
         "AUC: binary, or macro one-vs-rest with more than two classes. –: the row does not serve that head.",

@@ -6,14 +6,15 @@
 The tokenizer is a ``transformers.PreTrainedTokenizerFast`` with ``eos_token="</s>"``,
 ``pad_token="<pad>"`` and ``unk_token="<unk>"``, a whitespace/punctuation pre-tokenizer and no
 normalizer (words are case-sensitive). It does *not* hold the UGD special tokens: call
-``ugd.layout.add_special_tokens(tok)`` as for a real backbone.
+``ugd.data.layout.add_special_tokens(tok)`` as for a real backbone.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from .demo_data import EOS, PAD, UNK  # noqa: F401  (the builder lives in ugd.demo_data)
+from .data.demo import word_level_tokenizer
+from .data.demo import EOS, PAD, UNK  # noqa: F401  (the builder lives in ugd.data.demo)
 
 DEFAULT_TEXTS = (
     "how do I reset my online banking password",
@@ -35,6 +36,4 @@ def make_test_tokenizer(texts: Iterable[str] | None = None):
     Every word and punctuation mark of the given texts is in the vocabulary (no ``<unk>`` for them).
     Ids: ``<pad>`` 0, ``<unk>`` 1, ``</s>`` 2, then the words.
     """
-    from .demo_data import word_level_tokenizer
-
     return word_level_tokenizer(list(DEFAULT_TEXTS) + [t for t in (texts or ()) if t])

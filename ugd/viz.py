@@ -4,8 +4,8 @@
     python -m ugd.viz --query "..." --document "..." --reason "..." --paradigm ugd-stm --output stm.png
     python -m ugd.viz --tokenizer /path/to/local/tokenizer --output partition.png
 
-The mask is not drawn by hand: the sample goes through ``ugd.layout.encode_sample`` and
-``ugd.collator.pack`` and the picture is ``ugd_ops.dense_mask`` of the packed batch's
+The mask is not drawn by hand: the sample goes through ``ugd.data.layout.encode_sample`` and
+``ugd.data.collator.pack`` and the picture is ``ugd_ops.dense_mask`` of the packed batch's
 ``cu_seqlens, kv_start, kv_end`` (from ``ugd_ops.row_intervals``). Row i, column j is coloured when
 token i may attend to token j, by the span of row i: Q green, D purple, P (prompt and the
 single-tower ``[CLS]``) orange, G (reason) yellow; masked cells are grey. Allowed cells where a Q or
@@ -20,12 +20,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 import ugd_ops
 
-from .collator import pack
-from .layout import PARADIGMS, SPECIAL_TOKENS, LayoutConfig, add_special_tokens, check_paradigm, encode_sample
+from . import paradigms
+from .data.collator import pack
+from .data.layout import SPECIAL_TOKENS, LayoutConfig, add_special_tokens, check_paradigm, encode_sample
+from .testing import make_test_tokenizer
 
 EXAMPLE = {
     "query": "how do I reset my online banking password",
@@ -91,8 +95,6 @@ def partition(tokenizer, query: str, document: str, reason: str | None = None, *
 
 def mask_image(part: dict):
     """The RGB image [T, T, 3] (numpy, float) of a ``partition`` dict: span colours where allowed, grey elsewhere."""
-    import numpy as np
-
     mask = part["mask"].cpu().numpy()
     span_of = part["span_of"]
     T = len(span_of)
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--query", default=EXAMPLE["query"])
     p.add_argument("--document", default=EXAMPLE["document"])
     p.add_argument("--reason", default=EXAMPLE["reason"], help="'' for no G span")
-    p.add_argument("--paradigm", default="ugd-ttm", choices=sorted(PARADIGMS))
+    p.add_argument("--paradigm", default="ugd-ttm", choices=sorted(paradigms.names()))
     p.add_argument("--prompt", default=LayoutConfig.prompt)
     p.add_argument("--position-mode", default="restart", choices=["restart", "continuous"])
     p.add_argument("--max-query-len", type=int, default=LayoutConfig.max_query_len)
@@ -226,12 +228,8 @@ def main(argv=None) -> int:
                               max_document_len=args.max_document_len, max_reason_len=args.max_reason_len,
                               position_mode=args.position_mode)
         if args.tokenizer:
-            from transformers import AutoTokenizer
-
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
         else:
-            from .testing import make_test_tokenizer
-
             prompt_words = config.prompt
             for special in SPECIAL_TOKENS.values():
                 prompt_words = prompt_words.replace(special, " ")

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import EncodedSample, encode_sample, record_label, record_texts
-from ..packed import UGDOutput
+from ..data.layout import EncodedSample, encode_sample, record_label, record_texts
+from ..modules.packed import UGDOutput
 from ._contrastive import POOLINGS, ScoreReadout, cosine_matrix, pack_groups, pool
 from .base import Paradigm
 

@@ -6,9 +6,9 @@ branching on names. Adding a paradigm = one module under ``ugd/paradigms/`` with
 ``Paradigm`` and one ``register(MyParadigm())`` call (``from .registry import register``: the registry
 module, not the package, so that the package's ``__init__`` -> module import stays one-way), plus
 the module's name in ``ugd.paradigms.BUILTIN_MODULES`` (or any import of the module before use, for
-a third-party one). Paradigm modules must not import ``ugd.model``, ``ugd.inference``,
-``ugd.collator`` or ``ugd.train`` at import time (those import the registry); ``ugd.layout``,
-``ugd.packed``, ``ugd.heads``, ``ugd.losses`` and ``ugd_ops`` are fine.
+a third-party one). Paradigm modules must not import ``ugd.model``, ``ugd.serving.inference``,
+``ugd.data.collator`` or ``ugd.train`` at import time (those import the registry); ``ugd.data.layout``,
+``ugd.modules.packed``, ``ugd.modules.heads``, ``ugd.modules.losses`` and ``ugd_ops`` are fine.
 
 What a paradigm declares (class attributes)
 -------------------------------------------
@@ -18,14 +18,14 @@ What a paradigm declares (class attributes)
     never changes once released. ``family`` groups paradigms of one paper (``"ugd"``, ``"d2llm"``).
 
 ``parts``, ``mask``  -- the layout
-    ``parts``: which spans of ``ugd.layout`` a training sample has: ``"qdpg"``, ``"qdp"``, ``"qd"``
-    (see ``ugd.layout.PARTS``), or ``"q|d"`` for a query and a document laid out as two *separate*
+    ``parts``: which spans of ``ugd.data.layout`` a training sample has: ``"qdpg"``, ``"qdp"``, ``"qd"``
+    (see ``ugd.data.layout.PARTS``), or ``"q|d"`` for a query and a document laid out as two *separate*
     packed batches (then ``mask`` is ``None`` and each pack uses ``"bidirectional"``).
     ``mask``: the ``ugd_ops.row_intervals`` paradigm of the packed batch: ``"ttm"`` (Q and D each see
     only themselves, P and G see everything before them), ``"stm"`` (Q D P see each other), ``"causal"``
     or ``"bidirectional"``. The collator packs samples with it and ``UGDModel.encode`` runs the packed
     batch through ``ugd_ops.partitioned_attention`` (``attn_implementation="ugd"``), no T x T mask.
-    ``ugd.layout.PARADIGMS`` / ``check_paradigm`` expose ``(parts, mask)`` of every registered paradigm.
+    ``ugd.data.layout.check_paradigm`` exposes ``(parts, mask)`` of every registered paradigm.
 
 ``terms``, ``term_weights``, ``options``  -- loss terms and their weights
     ``terms``: the loss terms the paradigm trains, in a fixed order (``UGDOutput.terms`` keys, logged
@@ -65,7 +65,7 @@ What a paradigm implements (methods; each gets the model, never imports ``ugd.mo
     ``[B, C]``), ``logits_s`` (single-tower ``[B, C]``). In training mode the active terms decide what
     runs; ``compute`` (a tuple of ``"two_tower"``, ``"single_tower"``, ``"gen"``) asks for outputs in
     eval mode (then no loss term is computed unless ``compute`` is None). ``model.encode(pack)`` gives
-    the last hidden states ``[T, H]`` of a packed batch; ``ugd.packed`` has the gather/pad helpers;
+    the last hidden states ``[T, H]`` of a packed batch; ``ugd.modules.packed`` has the gather/pad helpers;
     reuse ``ugd_ops.detached_kl`` (distillation KL, teacher side detached) and
     ``ugd_ops.linear_cross_entropy`` (LM likelihoods, never the whole ``[N, V]`` logits).
 ``collate(collator, records) -> dict``
@@ -79,7 +79,7 @@ What a paradigm implements (methods; each gets the model, never imports ``ugd.mo
     Names (as in ``model.named_parameters()``) of trainable parameters no training step uses: DDP
     needs ``find_unused_parameters=True`` exactly when this is not empty.
 
-Inference hooks (``ugd.inference`` and ``ugd.doc_vectors`` call these; only for the capabilities
+Inference hooks (``ugd.serving.inference`` and ``ugd.serving.doc_vectors`` call these; only for the capabilities
 the paradigm has):
 
 ``side_backbone(model, side)`` / ``side_vectors(model, hidden, pack, side) -> [N, V]``
@@ -101,8 +101,8 @@ term weights from ``weight``; ``UGDModel.__init__`` calls ``build_heads`` and ``
 ``UGDModel.forward`` calls ``forward``; ``UGDCollator`` calls ``collate`` (``parts``/``mask``);
 ``ugd.train`` lists ``names()`` for ``--paradigm``, and generates reasons when ``"generate"`` is
 served; the trainer asks ``serves`` which heads to evaluate and ``unused_parameters`` for DDP;
-``ugd.predict`` calls ``check_mode`` before loading the model; ``ugd.inference`` /
-``ugd.generate`` call ``check_mode`` and the inference hooks.
+``ugd.predict`` calls ``check_mode`` before loading the model; ``ugd.serving.inference`` /
+``ugd.serving.generate`` call ``check_mode`` and the inference hooks.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..packed import UGDOutput, gather_rows
+from ..modules.packed import UGDOutput, gather_rows
 
 #: What a paradigm can do at inference.
 CAPABILITIES = ("encode_queries", "encode_documents", "score_pairs", "rank", "single_tower", "generate")

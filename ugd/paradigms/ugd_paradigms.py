@@ -1,7 +1,7 @@
 """The five paradigms of the UGD paper (docs/spec.md sections 5-7): ugd-ttm, ugd-stm, shared-ttm, ttm, stm.
 
-One class, five instances: they share the heads (``ugd.heads.UGDHeads``: FC_t, the shared
-classifier FC, the KL projections), the losses of ``ugd.losses`` and the forward; they differ in
+One class, five instances: they share the heads (``ugd.modules.heads.UGDHeads``: FC_t, the shared
+classifier FC, the KL projections), the losses of ``ugd.modules.losses`` and the forward; they differ in
 layout, loss terms and which towers exist.
 
     ugd-ttm     Q D P G, TTM mask   L_t = a CE_t + b CE_s + g L_gen + lam KL(P||sg Q) + mu KL(T||sg S)
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ..heads import UGDHeads
-from ..losses import TERM_WEIGHTS, classification_loss, distillation_loss, generation_loss
-from ..packed import UGDOutput, gather_rows
+from ..modules.heads import UGDHeads
+from ..modules.losses import TERM_WEIGHTS, classification_loss, distillation_loss, generation_loss
+from ..modules.packed import UGDOutput, gather_rows
 from .registry import register
 from .base import Paradigm
 

@@ -26,7 +26,7 @@ import random
 
 import torch
 
-from ..layout import EncodedSample
+from ..data.layout import EncodedSample
 from .registry import register
 from ._contrastive import dpo_loss, generation_kl, in_batch_contrastive, sequence_logprobs
 from ._embedding import EmbeddingParadigm

@@ -4,7 +4,7 @@ A scheduler (Slurm, Kubernetes, torchrun's agent) sends SIGTERM some seconds bef
 default would end the run at once and lose every step since the last ``--save_steps`` checkpoint.
 ``StopOnSignal`` (a ``TrainerCallback``, registered by ``python -m ugd.train``) only records the signal
 in the handler; at the end of the current optimizer step it asks Trainer to log, save a checkpoint
-(atomically, ``ugd.trainer``) and stop. When Trainer has finished (its other callbacks included:
+(atomically, ``ugd.training.trainer``) and stop. When Trainer has finished (its other callbacks included:
 TensorBoard closed, curves drawn), it prints
 
     ugd.train: stopped by SIGTERM after step 7; checkpoint saved: out/run/checkpoint-7 (resume with --resume_from_checkpoint true)

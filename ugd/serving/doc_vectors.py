@@ -14,7 +14,7 @@ File format (safetensors; ``FORMAT`` in the metadata):
                 layout (the JSON of the prompt/length settings: max_document_len decides truncation),
                 paradigm
 
-A shard of a sharded build (``ugd.doc_shards``) is the same file with format ``SHARD_FORMAT`` and the
+A shard of a sharded build (``ugd.serving.doc_shards``) is the same file with format ``SHARD_FORMAT`` and the
 shard's metadata; ``load`` refuses it (merge the shards first), ``read`` reads either.
 
 A document is found by its exact text. Loading checks the fingerprint and the layout against the
@@ -37,11 +37,17 @@ import os
 import socket
 
 import torch
+from filelock import FileLock, Timeout
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .data import new_file_mode
+from .._files import fsync_dir, new_file_mode
+from ..checkpoint import CheckpointFileError, check_safetensors_file
+from . import inference  # inference.encode_texts looked up at each call (tests count the encodes)
+from .inference import as_texts, layout_of
 
 FORMAT = "ugd-document-vectors/1"
-SHARD_FORMAT = "ugd-document-vector-shard/1"  # one part of a sharded build (ugd.doc_shards)
+SHARD_FORMAT = "ugd-document-vector-shard/1"  # one part of a sharded build (ugd.serving.doc_shards)
 
 
 def text_key(text: str) -> bytes:
@@ -50,8 +56,6 @@ def text_key(text: str) -> bytes:
 
 
 def _layout_json(model) -> str:
-    from .inference import layout_of
-
     d = layout_of(model).to_dict()
     return json.dumps({k: d[k] for k in ("max_document_len", "position_mode")}, sort_keys=True)
 
@@ -59,8 +63,6 @@ def _layout_json(model) -> str:
 @contextlib.contextmanager
 def locked(path: str, timeout: float = 600.0):
     """Holds ``PATH.lock`` (an OS file lock, released when its process dies) for the block."""
-    from filelock import FileLock, Timeout
-
     lock = FileLock(path + ".lock", mode=new_file_mode(path + ".lock"))
     try:
         lock.acquire(timeout=timeout)
@@ -104,8 +106,6 @@ def remove_stale_temporaries(path: str) -> int:
 def write_atomically(tensors: dict, path: str, metadata: dict) -> None:
     """A safetensors file at ``path``, all or nothing: written to a temporary file in the same folder,
     flushed to disk, then renamed over ``path``. Temporaries left by killed writers are removed first."""
-    from safetensors.torch import save_file
-
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(path)
@@ -116,12 +116,7 @@ def write_atomically(tensors: dict, path: str, metadata: dict) -> None:
         with open(tmp, "rb+") as f:  # the data reaches the disk before the rename makes it the store
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # the rename itself (not every file system lets a folder be fsynced)
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_dir(folder)  # the rename itself (not every file system lets a folder be fsynced)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -160,8 +155,6 @@ class DocumentVectors:
 
     def add(self, model, texts, **encode_kwargs) -> torch.Tensor:
         """Encodes the texts not stored yet and appends them; returns the row of every text ``[N]``."""
-        from .inference import as_texts, encode_texts
-
         self.check(model)
         texts = as_texts(texts, "document")
         new: dict[bytes, str] = {}
@@ -171,7 +164,7 @@ class DocumentVectors:
                 new[k] = t
         if new:
             encode_kwargs.setdefault("output_device", "cpu")
-            v = encode_texts(model, list(new.values()), "document", **encode_kwargs)
+            v = inference.encode_texts(model, list(new.values()), "document", **encode_kwargs)
             bad = int((~torch.isfinite(v).all(-1)).sum())
             if bad:  # a damaged checkpoint (or a dtype overflow): never store such vectors
                 raise ValueError(f"the model produced non-finite document vectors (NaN or inf) for {bad} of {len(new)} "
@@ -254,7 +247,7 @@ class DocumentVectors:
     def save(self, path: str, *, shard: dict | None = None) -> None:
         """Writes the safetensors file atomically (a temporary file in the same folder, flushed to disk, then
         a rename): a reader sees the old file or the new one, never a part, even when the writer is killed.
-        ``shard`` (``ugd.doc_shards``): the file is one shard of a sharded build, with this metadata."""
+        ``shard`` (``ugd.serving.doc_shards``): the file is one shard of a sharded build, with this metadata."""
         keys = torch.frombuffer(bytearray(b"".join(self.keys)), dtype=torch.uint8).reshape(len(self.keys), 20) \
             if self.keys else torch.empty((0, 20), dtype=torch.uint8)
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "layout": self.layout, "paradigm": self.paradigm,
@@ -278,10 +271,6 @@ class DocumentVectors:
     def read(cls, path: str) -> tuple["DocumentVectors", dict]:
         """A store or shard file and its metadata, unchecked against any model. A missing file raises
         FileNotFoundError; a truncated, damaged or foreign one ValueError naming it."""
-        from safetensors import safe_open
-
-        from .checkpoint_files import CheckpointFileError, check_safetensors_file
-
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no document vectors at {path}")
         # size against header first: a cut file gets a message that says so, not safetensors' own

@@ -7,7 +7,7 @@ One training sample is one sequence of four spans, in this order::
     P  because [gMask], the correlation score is [CLS]      Lp >= 0   (V_s at its last token)
     G  [Start] r1 .. rn            (targets r1 .. rn [EOS])  Lg >= 0
 
-``encode_sample`` builds one such sequence as python lists (an ``EncodedSample``); ``ugd.collator``
+``encode_sample`` builds one such sequence as python lists (an ``EncodedSample``); ``ugd.data.collator``
 packs samples into padding-free batches and computes the attention intervals with
 ``ugd_ops.row_intervals``.
 
@@ -42,46 +42,19 @@ POSITION_MODES = ("restart", "continuous")
 #: The spans each ``parts`` string selects (Q, D, P, G); the rest have length 0.
 PARTS = ("qdpg", "qdp", "qd", "q", "d")
 
-class _ParadigmLayouts(Mapping):
-    """Training paradigm -> (parts, mask paradigm of ``ugd_ops.row_intervals``), read from the paradigm
-    registry (``ugd.paradigms``: each paradigm's ``parts`` and ``mask``) whenever it is looked at, so
-    it includes paradigms registered later. E.g. ``"ugd-ttm"`` -> ``("qdpg", "ttm")``; the two-backbone
-    ``"ttm"`` baseline encodes queries and documents as two *separate* packed batches -- parts ``"q"``
-    and ``"d"``, each span alone with the ``"bidirectional"`` mask -- one per backbone; ``"q|d"`` and
-    the mask ``None`` say so."""
-
-    @staticmethod
-    def _registry():
-        from . import paradigms  # the registry imports its paradigm modules, which may import this one
-
-        return paradigms
-
-    def __getitem__(self, name):
-        reg = self._registry()
-        if name not in reg.names():
-            raise KeyError(name)
-        p = reg.get(name)
-        return (p.parts, p.mask)
-
-    def __iter__(self):
-        return iter(self._registry().names())
-
-    def __len__(self):
-        return len(self._registry().names())
-
-    def __repr__(self):
-        return repr(dict(self))
-
-
-#: Training paradigm (docs/spec.md section 6) -> (parts, mask): a live view of ``ugd.paradigms``.
-PARADIGMS = _ParadigmLayouts()
-
-
 def check_paradigm(paradigm: str) -> tuple[str, str | None]:
-    """``PARADIGMS[paradigm]``, or a ValueError naming the unknown paradigm and the known ones."""
-    if paradigm not in PARADIGMS:
-        raise ValueError(f"unknown paradigm {paradigm!r}; expected one of {sorted(PARADIGMS)}")
-    return PARADIGMS[paradigm]
+    """(parts, mask paradigm of ``ugd_ops.row_intervals``) of the registered training paradigm ``paradigm``
+    (``ugd.paradigms``: its ``parts`` and ``mask``, read whenever asked, so paradigms registered later are
+    included), or a ValueError naming the unknown paradigm and the known ones. E.g. ``"ugd-ttm"`` ->
+    ``("qdpg", "ttm")``; the two-backbone ``"ttm"`` baseline encodes queries and documents as two
+    *separate* packed batches -- parts ``"q"`` and ``"d"``, each span alone with the ``"bidirectional"``
+    mask -- one per backbone; ``"q|d"`` and the mask ``None`` say so."""
+    from .. import paradigms  # the registry imports its paradigm modules, which may import this one
+
+    if paradigm not in paradigms.names():
+        raise ValueError(f"unknown paradigm {paradigm!r}; expected one of {sorted(paradigms.names())}")
+    p = paradigms.get(paradigm)
+    return (p.parts, p.mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +115,7 @@ def special_token_ids(tokenizer) -> dict:
     if absent:
         raise ValueError(
             f"the tokenizer lacks the UGD special tokens {absent}; call "
-            "ugd.layout.add_special_tokens(tokenizer, model) first (it also resizes the model's embeddings)"
+            "ugd.data.layout.add_special_tokens(tokenizer, model) first (it also resizes the model's embeddings)"
         )
     ids = {k: int(vocab[t]) for k, t in SPECIAL_TOKENS.items()}
     ids["eos"] = eos
@@ -245,7 +218,7 @@ def prompt_ids(tokenizer, ids: dict, config: LayoutConfig) -> list[int]:
     if not p or p[-1] != ids["cls"] or ids["gmask"] not in p:
         raise ValueError(
             f"the tokenizer does not keep the prompt's special tokens whole (got {p} for {config.prompt!r}); "
-            "call ugd.layout.add_special_tokens(tokenizer) first"
+            "call ugd.data.layout.add_special_tokens(tokenizer) first"
         )
     return p
 
@@ -347,7 +320,6 @@ def encode_sample(
 
 __all__ = [
     "IGNORE_INDEX",
-    "PARADIGMS",
     "PARTS",
     "POSITION_MODES",
     "SPECIAL_TOKENS",

@@ -4,7 +4,7 @@ A record is ``{"query": str, "document": str, "label": int, "reason": str | None
 
     records, stats = read_records("data/train.jsonl", num_labels=4)
     print(stats)                       # data/train.jsonl (jsonl): read 1000, kept 1000, ...
-    dataset = RecordDataset(records)   # dataset[i] is the record; ugd.collator.UGDCollator encodes
+    dataset = RecordDataset(records)   # dataset[i] is the record; ugd.data.collator.UGDCollator encodes
     write_jsonl(records, "out/train.jsonl")
 
 Formats (``fmt``):
@@ -56,11 +56,12 @@ import csv
 import errno
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
+
+from .._files import atomic_text_file
 
 FORMATS = ("jsonl", "lcqmc", "qqp", "nli", "esnli")
 FORMAT_ALIASES = {"ugd": "jsonl", "bq": "lcqmc", "atec": "lcqmc", "snli": "nli", "mnli": "nli", "multinli": "nli",
@@ -394,7 +395,7 @@ def _parse_esnli(row: list, header: tuple, label_map) -> dict:
     record = {"query": row[index["Sentence1"]], "document": row[index["Sentence2"]], "label": mapping[gold],
               "reason": explanations[0] or None, "id": row[index["pairID"]]}
     references = [e for e in explanations if e]
-    if references:  # all gold explanations, for multi-reference reason scores (ugd.reason_scores)
+    if references:  # all gold explanations, for multi-reference reason scores (ugd.serving.reason_scores)
         record["references"] = references
     return record
 
@@ -538,7 +539,7 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
 
 class RecordDataset(torch.utils.data.Dataset):
     """A list of records as a map-style Dataset: ``dataset[i]`` is the record dict (the collator,
-    ``ugd.collator.UGDCollator``, encodes lists of them)."""
+    ``ugd.data.collator.UGDCollator``, encodes lists of them)."""
 
     def __init__(self, records: Sequence[Mapping]):
         self.records = list(records)
@@ -570,71 +571,17 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
-def new_file_mode(path) -> int:
-    """The permission bits a file written at ``path`` gets: those of the file it replaces, else what
-    ``open()`` would give a new file (0666 less the process umask). Temporary files (mkstemp,
-    safetensors) are created 0600, so atomic writers chmod them to this before the rename."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        pass
-    return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    # Linux reports it in /proc: reading it there does not change it. os.umask can only read it by
-    # setting it, and for that instant a file another thread creates would get mode 0666.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)  # the portable way; set back at once
-    os.umask(mask)
-    return mask
-
-
-def give_ordinary_modes(folder) -> None:
-    """Gives the ``.safetensors`` files under ``folder`` that safetensors created private (0600) the mode
-    an ordinary new file gets (:func:`new_file_mode`): checkpoints are outputs like any other, readable by
-    whoever the umask allows (a serving account, a colleague)."""
-    mode = new_file_mode(os.path.join(os.fspath(folder), ".no-such-file"))
-    for root, _, files in os.walk(folder):
-        for name in files:
-            p = os.path.join(root, name)
-            if name.endswith(".safetensors") and os.stat(p).st_mode & 0o777 == 0o600 and mode != 0o600:
-                os.chmod(p, mode)
-
-
 def write_jsonl(records: Iterable[Mapping], path) -> int:
     """Writes records as UTF-8 JSON Lines, atomically (a temp file in the same folder, then
     ``os.replace``): a reader never sees a half-written file. Creates the folder if needed.
     Returns the number of records written."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            # mkstemp makes the file private (0600); give it the mode an ordinary new file would have
-            os.chmod(tmp, new_file_mode(path))
-            for r in records:
-                # allow_nan=False: bare NaN / Infinity are not JSON, and no reader should get them
-                out.write(json.dumps(dict(r), ensure_ascii=False, default=_json_default, allow_nan=False))
-                out.write("\n")
-                n += 1
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_text_file(path, newline="\n") as out:
+        for r in records:
+            # allow_nan=False: bare NaN / Infinity are not JSON, and no reader should get them
+            out.write(json.dumps(dict(r), ensure_ascii=False, default=_json_default, allow_nan=False))
+            out.write("\n")
+            n += 1
     return n
 
 

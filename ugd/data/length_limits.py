@@ -20,13 +20,13 @@ from __future__ import annotations
 import copy
 import warnings
 
+from .layout import SPECIAL_TOKENS, LayoutConfig, add_special_tokens, prompt_ids
+
 _SPANS = {"q": ("queries", "max_query_len"), "d": ("documents", "max_document_len"), "g": ("reasons", "max_reason_len")}
 
 
 def prompt_length(tokenizer, layout) -> int:
     """Tokens of the P span; ``tokenizer`` need not hold the UGD special tokens yet (a copy gets them)."""
-    from .layout import SPECIAL_TOKENS, add_special_tokens, prompt_ids
-
     vocab = tokenizer.get_vocab()
     if any(t not in vocab for t in SPECIAL_TOKENS.values()):
         tokenizer = copy.deepcopy(tokenizer)
@@ -78,8 +78,6 @@ class TruncationNotice:
 
 def check_model_positions(model, tokenizer, max_new_tokens: int = 0, *, error=ValueError) -> None:
     """``check_positions`` for a ``UGDModel`` and its layout (and its document backbone, if any)."""
-    from .layout import LayoutConfig
-
     layout = LayoutConfig(**model.config.layout) if model.config.layout else LayoutConfig()
     n = prompt_length(tokenizer, layout)
     for backbone in (model.backbone, model.document_backbone):

@@ -1,6 +1,6 @@
 """Checks ``python -m ugd.train`` runs on its arguments and data before building a model.
 
-Each returns a one-line problem (the caller raises it as ``ugd.train.ConfigError``: one line on
+Each returns a one-line problem (the caller raises it as ``ugd.training.args.ConfigError``: one line on
 stderr, exit 2) or None::
 
     problem = training_numbers_problem(run.training)   # --max_steps -5, --per_device_train_batch_size 0
@@ -60,7 +60,7 @@ def output_dir_problem(path) -> str | None:
 def label_gaps_warning(stats, num_labels: int) -> str | None:
     """A warning when the training labels, from which ``num_labels`` was taken (max + 1), are not
     0, 1, ..., max: the classes in the gap would be trained as never occurring. ``stats`` is the
-    training file's ``ugd.data.ReadStats`` (its ``label_lines``: label -> first line)."""
+    training file's ``ugd.data.records.ReadStats`` (its ``label_lines``: label -> first line)."""
     seen = stats.label_lines
     missing = [c for c in range(num_labels) if c not in seen]
     if not missing:

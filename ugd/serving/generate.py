@@ -6,8 +6,8 @@ decoding with a KV cache through transformers' ``generate``.
 
 Per batch of up to ``batch_size`` pairs (sorted by length first, so that little padding is decoded):
 
-1. Prefill. Lay out Q D P for each pair (``ugd.layout`` parts ``"qdp"``) and pack them into one
-   padding-free sequence with the mask the paradigm was trained with (``PREFILL_MASK``: ``ttm`` for
+1. Prefill. Lay out Q D P for each pair (``ugd.data.layout`` parts ``"qdp"``) and pack them into one
+   padding-free sequence with the mask the paradigm was trained with (the paradigm's ``prefill_mask``: ``ttm`` for
    ugd-ttm, where the query and the document see only themselves, ``stm`` for ugd-stm). One forward
    of the decoder (no LM head) with the packing metadata and ``use_cache=True`` fills a cache whose
    keys and values were computed under the partition mask.
@@ -29,15 +29,11 @@ from __future__ import annotations
 
 import torch
 
-from . import paradigms
-from .collator import pack
+from ..data.collator import pack
 from .inference import as_pairs, check_count, eval_mode, layout_of, require, tqdm_disable, warn_truncated
-from .layout import LayoutConfig, encode_sample, special_token_ids
-from .packed import move_batch, packed_inputs
+from ..data.layout import LayoutConfig, encode_sample, special_token_ids
+from ..modules.packed import move_batch, packed_inputs
 
-#: the mask a reason is prefilled with, per paradigm (those with a generative task), as registered when
-#: this module was imported (``ugd.paradigms.get(name).prefill_mask`` is the source)
-PREFILL_MASK = {p.name: p.prefill_mask for p in paradigms.all_paradigms() if "generate" in p.capabilities}
 
 #: ``generate`` keywords that would change the batch shape; the re-batched cache is made for one
 #: sequence per pair.
@@ -142,7 +138,7 @@ def generate_reason_ids(model, tokenizer, pairs, *, max_new_tokens: int = 64, do
     """Token ids of the reason for each pair (EOS not included), in the order of ``pairs``.
 
     Args:
-        pairs: (query, document) tuples or ``{"query", "document"}`` mappings (``ugd.inference.as_pairs``).
+        pairs: (query, document) tuples or ``{"query", "document"}`` mappings (``ugd.serving.inference.as_pairs``).
         max_new_tokens: length limit of a reason (>= 0).
         do_sample: sample instead of greedy decoding (then ``temperature``, ``top_k``, ``top_p``, ... apply).
         batch_size: pairs decoded together (>= 1).
@@ -188,4 +184,4 @@ def generate_reason(model, tokenizer, pairs, **kwargs) -> list[str]:
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
 
 
-__all__ = ["PREFILL_MASK", "check_generative", "generate_reason", "generate_reason_ids", "prompt_samples"]
+__all__ = ["check_generative", "generate_reason", "generate_reason_ids", "prompt_samples"]

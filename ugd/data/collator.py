@@ -3,7 +3,7 @@
 A packed batch is one sequence of T tokens holding B samples back to back (no padding), as a dict:
 
     input_ids     int64 [1, T]
-    position_ids  int64 [1, T]   (per sample, see ugd.layout: restart or continuous)
+    position_ids  int64 [1, T]   (per sample, see ugd.data.layout: restart or continuous)
     lm_labels     int64 [1, T]   -100 except on G spans, where position t holds the target of position t
                                  (already aligned: do NOT shift); ``lm_labels != -100`` marks the G tokens
     spans         int32 [B, 4]   (Lq, Ld, Lp, Lg) per sample
@@ -27,17 +27,9 @@ import torch
 
 import ugd_ops
 
-from .layout import (
-    IGNORE_INDEX,
-    EncodedSample,
-    LayoutConfig,
-    check_paradigm,
-    encode_sample,
-    prompt_ids,
-    record_label,
-    record_texts,
-    special_token_ids,
-)
+from .layout import (IGNORE_INDEX, EncodedSample, LayoutConfig, check_paradigm, encode_sample, prompt_ids, record_label,
+                     record_texts, special_token_ids)
+from .length_limits import TruncationNotice
 
 MASKS = ("ttm", "stm", "causal", "bidirectional")
 
@@ -160,14 +152,14 @@ class UGDCollator:
     ``max_tokens``: an optional token budget per packed batch. The collator only warns when a batch
     exceeds it; a batch sampler enforces it with ``budget_batches(collator.lengths(records), max_tokens)``.
 
-    The tokenizer must already hold the UGD special tokens (``ugd.layout.add_special_tokens``).
+    The tokenizer must already hold the UGD special tokens (``ugd.data.layout.add_special_tokens``).
     """
 
     def __init__(self, tokenizer, *, paradigm: str = "ugd-ttm", config: LayoutConfig | None = None,
                  max_tokens: int | None = None, model_config=None):
         self.parts, self.mask = check_paradigm(paradigm)
         self.paradigm = paradigm
-        from . import paradigms  # the registry (its modules do not import this one at import time)
+        from .. import paradigms  # the registry (its modules do not import this one at import time)
 
         self.paradigm_impl = paradigms.get(paradigm)
         # the model's UGDConfig, for paradigms whose batches depend on their options (ullme, flipped-kd);
@@ -182,7 +174,6 @@ class UGDCollator:
         self.max_tokens = max_tokens
         self.ids = special_token_ids(tokenizer)
         self._prompt = prompt_ids(tokenizer, self.ids, self.config) if "p" in self.parts else None
-        from .length_limits import TruncationNotice
 
         self._truncation = TruncationNotice(self.config)  # texts cut to the layout's limits: warned once
 

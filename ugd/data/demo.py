@@ -9,7 +9,7 @@ words), and the reasons follow one short template per level.
 
     train, eval = demo_splits()                          # 2000 / 400 records, deterministic
     tok = build_tokenizer(train + eval)                  # word-level, lowercased, built offline
-    ugd.layout.add_special_tokens(tok)                   # [CLS] [gMask] [Start], as for any backbone
+    ugd.data.layout.add_special_tokens(tok)                   # [CLS] [gMask] [Start], as for any backbone
     config = tiny_backbone_config(len(tok))              # a Qwen2Config (or family="llama")
 
 Relevance of a page to a query ``[brand] colour product`` (a product is ``modifier head``, e.g.
@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import random
 from typing import Iterable, Sequence
+
+from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from .layout import SPECIAL_TOKENS, LayoutConfig
 
 PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
 
@@ -191,10 +195,9 @@ def word_level_tokenizer(texts: Iterable[str], *, lowercase: bool = False):
     or ``[^\\w\\s]+``); other words map to ``<unk>``. Ids: ``<pad>`` 0, ``<unk>`` 1, ``</s>`` 2 (the
     EOS), then the words. With ``lowercase`` a Lowercase normalizer is set (text is matched
     case-insensitively; special tokens added later, such as UGD's, are not normalized). The UGD
-    special tokens are not included: ``ugd.layout.add_special_tokens`` adds them.
+    special tokens are not included: ``ugd.data.layout.add_special_tokens`` adds them.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel(unk_token=UNK))
     if lowercase:
@@ -206,8 +209,6 @@ def word_level_tokenizer(texts: Iterable[str], *, lowercase: bool = False):
 
 
 def _prompt_words() -> str:
-    from .layout import SPECIAL_TOKENS, LayoutConfig
-
     prompt = LayoutConfig().prompt
     for t in SPECIAL_TOKENS.values():
         prompt = prompt.replace(t, " ")
@@ -219,7 +220,7 @@ def build_tokenizer(records: Iterable[dict], *, extra_texts: Iterable[str] = ())
     of the default UGD prompt ("because ..., the correlation score is") and ``extra_texts``.
 
     Built offline, deterministically; ``<pad>``, ``<unk>`` and ``</s>`` (EOS) as in
-    ``word_level_tokenizer``. Call ``ugd.layout.add_special_tokens(tok)`` before use.
+    ``word_level_tokenizer``. Call ``ugd.data.layout.add_special_tokens(tok)`` before use.
     """
     texts = [_prompt_words()]
     for r in records:
@@ -236,8 +237,6 @@ def tiny_backbone_config(vocab_size: int, *, family: str = "qwen2", **overrides)
     embeddings) that trains on a CPU in minutes. ``family``: "qwen2" (``Qwen2Config``) or "llama"
     (``LlamaConfig``). Token ids follow ``word_level_tokenizer``: pad 0, eos 2, no BOS. ``overrides``
     replace any field."""
-    from transformers import LlamaConfig, Qwen2Config
-
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 4:
         raise ValueError(f"vocab_size must be an int >= 4, got {vocab_size!r}")
     classes = {"qwen2": Qwen2Config, "llama": LlamaConfig}

@@ -34,9 +34,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .collator import budget_batches, pack
-from .layout import LayoutConfig, encode_sample, prompt_ids, special_token_ids
-from .packed import move_batch
+from ..data.collator import budget_batches, pack
+from ..data.layout import LayoutConfig, encode_sample, prompt_ids, special_token_ids
+from ..modules.packed import move_batch
 
 MODES = ("two_tower", "single_tower")
 DEFAULT_BATCH_TOKENS = 16384
@@ -261,7 +261,7 @@ def score_documents(model, query_vectors, documents, *, max_elements: int = 1 <<
 
 def is_store(documents) -> bool:
     """Whether ``documents`` is a store of document vectors (``ugd.DocumentVectors``: it has ``projected``).
-    Duck-typed, so that this module need not import ``ugd.doc_vectors`` (which imports this one)."""
+    Duck-typed, so that this module need not import ``ugd.serving.doc_vectors`` (which imports this one)."""
     return callable(getattr(documents, "projected", None)) and hasattr(documents, "vectors")
 
 

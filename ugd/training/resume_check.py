@@ -13,7 +13,11 @@ from __future__ import annotations
 import json
 import os
 
-from .checkpoint_files import DOCUMENT_BACKBONE_DIR, HEADS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from safetensors import safe_open
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..checkpoint import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .trainer import _clean_peft_key, is_peft_model
 
 #: UGDConfig fields a checkpoint must share with the model to resume it (the heads' shapes and meaning)
 UGD_FIELDS = ("paradigm", "num_labels", "kl_dim", "head_activation")
@@ -33,9 +37,7 @@ def _json(path: str) -> dict:
 
 def _shapes(files: list[str]) -> dict[str, tuple] | None:
     """tensor name -> shape, from the safetensors headers only; None when a file cannot be read (the
-    loader then names the damaged file: ``ugd.checkpoint_files``)."""
-    from safetensors import safe_open
-
+    loader then names the damaged file: ``ugd.checkpoint``)."""
     shapes = {}
     try:
         for file in files:
@@ -58,9 +60,7 @@ def _weight_files(folder: str) -> list[str]:
 
 def _model_shapes(module) -> dict[str, tuple]:
     """The shapes the checkpoint files hold for ``module``: a peft-wrapped backbone is saved merged,
-    under its base model's names (``ugd.trainer.merged_backbone_state_dict``)."""
-    from .trainer import _clean_peft_key, is_peft_model
-
+    under its base model's names (``ugd.training.trainer.merged_backbone_state_dict``)."""
     if is_peft_model(module):
         return {_clean_peft_key(k): tuple(v.shape) for k, v in module.get_base_model().state_dict().items()
                 if not any(p.startswith(("lora_", "trainable_tokens_")) for p in k.split("."))}
@@ -86,8 +86,6 @@ def _compare(what: str, file: str, saved: dict[str, tuple] | None, mine: dict[st
 
 def mismatch(model, path: str) -> str | None:
     """Why the UGD checkpoint ``path`` cannot be resumed into ``model`` (one line), or None when it fits."""
-    from .model import CONFIG_NAME
-
     cfg_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_file):
         return f"{path} is not a UGD checkpoint ({CONFIG_NAME} is missing)"
@@ -128,7 +126,6 @@ def resolve_resume(trainer, value, error=ValueError):
     ``error(one line)`` otherwise, before anything is loaded or trained. ``None`` stays ``None``."""
     if value is None or value is False:
         return None
-    from transformers.trainer_utils import get_last_checkpoint
 
     out = trainer.args.output_dir
     if value is True:

@@ -17,7 +17,7 @@ What it changes in Trainer:
   written after it, so the last checkpoint on disk is the last good one.
 * ``prediction_step`` returns the logits of both heads (``[B, 2, C]``: two-tower, single-tower; NaN
   for a head the paradigm lacks) and the labels; ``compute_metrics`` turns them into ACC and AUC per
-  head (``ugd.metrics``; AUC is macro one-vs-rest beyond two classes) and adds the eval loss terms.
+  head (``ugd.training.metrics``; AUC is macro one-vs-rest beyond two classes) and adds the eval loss terms.
 * Saving: every checkpoint directory, and ``save_model``'s output, is a UGD checkpoint
   (``UGDModel.from_pretrained`` loads it; its backbone loads with ``AutoModelForCausalLM``). Trainer
   adds the optimizer, scheduler, RNG and trainer state as usual. With LoRA the backbone is saved with
@@ -36,26 +36,26 @@ What it changes in Trainer:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 
 import torch
-from torch import nn
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from .data import give_ordinary_modes
+from .. import checkpoint
+from .._files import fsync_dir, fsync_tree
+from ..checkpoint import CONFIG_NAME, LORA_ADAPTER_DIR
+from ..model import UGDModel
 from .metrics import head_metrics
-from .model import CONFIG_NAME, DOCUMENT_BACKBONE_DIR, HEADS_NAME, UGDModel
 
 logger = logging.getLogger("ugd.trainer")
 
 STAGING_DIR = ".ugd-staging"
-LORA_ADAPTER_DIR = "lora_adapter"
-CURVES_NAME = "training_curves.png"
 TRAINING_ARGS_NAME = "training_args.bin"
 HEAD_NAMES = ("t", "s")  # two-tower, single-tower: the order of the logits in prediction_step
 
@@ -116,15 +116,6 @@ def merged_backbone_state_dict(peft_model) -> dict:
     return out
 
 
-def _write_heads_and_config(model: UGDModel, path: str, heads_state: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    state = heads_state if heads_state is not None else model.heads.state_dict()
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, HEADS_NAME))
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(model.config.to_dict(), f, indent=2)
-
-
 def save_ugd_checkpoint(model: UGDModel, path: str, tokenizer=None, state_dict: dict | None = None) -> None:
     """Writes ``model`` as a UGD checkpoint to ``path`` (the layout of ``UGDModel.save_pretrained``).
 
@@ -133,7 +124,6 @@ def save_ugd_checkpoint(model: UGDModel, path: str, tokenizer=None, state_dict: 
     A peft-wrapped backbone is saved merged (``merged_backbone_state_dict``), its adapter state in
     ``lora_adapter/`` (for resuming).
     """
-    os.makedirs(path, exist_ok=True)
     peft = is_peft_model(model.backbone)
     if state_dict is None and not peft:
         model.save_pretrained(path, tokenizer=tokenizer)
@@ -145,71 +135,30 @@ def save_ugd_checkpoint(model: UGDModel, path: str, tokenizer=None, state_dict: 
             if prefix not in parts:
                 raise ValueError(f"unexpected key {k!r} in the UGDModel state dict")
             parts[prefix][rest] = v
-        model.backbone.save_pretrained(path, state_dict=parts["backbone"])
-        if model.document_backbone is not None:
-            model.document_backbone.save_pretrained(os.path.join(path, DOCUMENT_BACKBONE_DIR),
-                                                    state_dict=parts["document_backbone"])
-        _write_heads_and_config(model, path, parts["heads"])
+        checkpoint.write_checkpoint(path, backbone=model.backbone, backbone_state=parts["backbone"],
+                                    document_backbone=model.document_backbone,
+                                    document_state=parts["document_backbone"], heads_state=parts["heads"],
+                                    config=model.config.to_dict(), tokenizer=tokenizer)
     else:  # peft
         if model.document_backbone is not None:
             raise NotImplementedError("LoRA with the two-backbone 'ttm' baseline is not supported")
-        model.backbone.get_base_model().save_pretrained(path, state_dict=merged_backbone_state_dict(model.backbone))
-        model.backbone.save_pretrained(os.path.join(path, LORA_ADAPTER_DIR))
-        _write_heads_and_config(model, path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    give_ordinary_modes(path)
-
-
-def _read_weights(path: str) -> dict | None:
-    """The tensors of a transformers checkpoint folder (single or sharded safetensors), or None."""
-    from safetensors.torch import load_file
-
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for name in files:
-            state.update(load_file(os.path.join(path, name)))
-        return state
-    return None
-
-
-def _load_backbone(backbone: nn.Module, path: str) -> None:
-    state = _read_weights(path)
-    if state is None:
-        raise FileNotFoundError(f"{path}: no model.safetensors (or sharded index) to resume from")
-    result = backbone.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"{path}: weights not in the model: {result.unexpected_keys[:5]}")
-    # a key missing from the file is fine only when it is tied to one the file has (lm_head <-> embeddings)
-    params = dict(backbone.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in state if k in params}
-    missing = [k for k in result.missing_keys if not (k in params and id(params[k]) in loaded)]
-    if missing:
-        raise ValueError(f"{path}: weights missing from the checkpoint: {missing[:5]}")
+        checkpoint.write_checkpoint(path, backbone=model.backbone.get_base_model(),
+                                    backbone_state=merged_backbone_state_dict(model.backbone),
+                                    lora_adapter=model.backbone, heads_state=model.heads.state_dict(),
+                                    config=model.config.to_dict(), tokenizer=tokenizer)
 
 
 def load_ugd_weights(model: UGDModel, path: str) -> None:
     """Loads the weights of the UGD checkpoint ``path`` into ``model`` in place (same architecture)."""
-    from safetensors.torch import load_file
-
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         raise FileNotFoundError(f"{path} is not a UGD checkpoint ({CONFIG_NAME} is missing)")
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        saved = json.load(f)
+    saved = checkpoint.read_config(path)
     for key in ("paradigm", "num_labels", "kl_dim"):
         if saved.get(key) != getattr(model.config, key):
             raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r}, the model {getattr(model.config, key)!r}")
-    from .checkpoint_files import check_checkpoint_files
-
     # a missing/empty/truncated weight file: one error naming it (python -m ugd.train exits 2)
-    check_checkpoint_files(path, document_backbone=model.document_backbone is not None,
-                           lora_adapter=os.path.join(path, LORA_ADAPTER_DIR) if is_peft_model(model.backbone) else None)
+    checkpoint.check_checkpoint_files(path, document_backbone=model.document_backbone is not None,
+                                      lora_adapter=os.path.join(path, LORA_ADAPTER_DIR) if is_peft_model(model.backbone) else None)
     if is_peft_model(model.backbone):
         from peft import set_peft_model_state_dict
 
@@ -220,10 +169,11 @@ def load_ugd_weights(model: UGDModel, path: str) -> None:
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{adapter}: unexpected adapter weights {result.unexpected_keys[:5]}")
     else:
-        _load_backbone(model.backbone, path)
+        checkpoint.load_backbone_weights(model.backbone, path)
         if model.document_backbone is not None:
-            _load_backbone(model.document_backbone, os.path.join(path, DOCUMENT_BACKBONE_DIR))
-    heads = load_file(os.path.join(path, HEADS_NAME))
+            checkpoint.load_backbone_weights(model.document_backbone,
+                                             os.path.join(path, checkpoint.DOCUMENT_BACKBONE_DIR))
+    heads, _ = checkpoint.read_heads(path)
     model.heads.load_state_dict({k: v.to(model.head_device) for k, v in heads.items()})
 
 
@@ -271,8 +221,6 @@ def fsdp_unsupported_reason(args) -> str | None:
 def parameter_checksum(model) -> str:
     """A short hex digest of every parameter's values (float64 sum and sum of squares per tensor, in
     ``named_parameters`` order): equal for bit-identical replicas; what the ranks of a DDP run compare."""
-    import hashlib
-
     with torch.no_grad():
         stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
                              for _, p in model.named_parameters()]).cpu()
@@ -350,8 +298,6 @@ class UGDTrainer(Trainer):
         return loss
 
     def _last_checkpoint(self) -> str | None:
-        from transformers.trainer_utils import get_last_checkpoint
-
         d = self.args.output_dir
         return get_last_checkpoint(d) if d and os.path.isdir(d) else None
 
@@ -448,8 +394,6 @@ class UGDTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, written under ``.ugd-staging/`` and renamed into place when complete."""
-        from transformers.trainer_utils import rotate_checkpoints
-
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staged = os.path.join(run_dir, STAGING_DIR, name)
@@ -467,7 +411,7 @@ class UGDTrainer(Trainer):
             self.args.save_total_limit = limit
         self._barrier()  # every process has written its files (rng_state_<rank>.pth)
         if self.args.should_save:
-            _fsync_tree(staged)
+            fsync_tree(staged)
             if os.path.exists(final):  # the same step saved again (e.g. after resuming): replace it
                 old = final + ".old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -480,7 +424,7 @@ class UGDTrainer(Trainer):
                 os.rmdir(os.path.join(run_dir, STAGING_DIR))
             except OSError:
                 pass  # not empty (another save's leftovers) or already gone
-            _fsync_dir(run_dir)
+            fsync_dir(run_dir)
             if self.state.best_global_step:
                 best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
                 if os.path.exists(best):
@@ -497,95 +441,9 @@ class UGDTrainer(Trainer):
         load_ugd_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: str) -> None:
-    """Flushes every file of a checkpoint to disk before it is renamed into place."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                with open(os.path.join(root, name), "rb") as f:
-                    os.fsync(f.fileno())
-            except OSError:
-                pass
-        _fsync_dir(root)
-
-
 # ---------------------------------------------------------------------------------------------
-# callbacks and curves
+# callbacks
 # ---------------------------------------------------------------------------------------------
-
-
-def plot_training_curves(log_history: list[dict], path: str) -> str | None:
-    """A PNG of the training curves: every loss term over steps (training, and evaluation as dashed
-    lines), and the eval ACC/AUC of each head. Returns ``path``, or None when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, evals = {}, {}
-    for entry in log_history:
-        step = entry.get("step")
-        if step is None:
-            continue
-        for key, value in entry.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                continue
-            if key == "loss" or key.startswith("loss_"):
-                train.setdefault(key, []).append((step, value))
-            elif key == "eval_loss" or key.startswith("eval_loss_") or key.startswith(("eval_acc_", "eval_auc_")):
-                evals.setdefault(key, []).append((step, value))
-    if not train and not evals:
-        return None
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(13, 4.8))
-    colors = {}
-    for key, points in sorted(train.items()):
-        line, = ax_loss.plot(*zip(*points), label=f"train {key}", lw=1.4)
-        colors[key] = line.get_color()
-    for key, points in sorted(evals.items()):
-        if key.startswith("eval_loss"):
-            base = key[len("eval_"):]
-            ax_loss.plot(*zip(*points), ls="--", marker="o", ms=3, color=colors.get(base), label=f"eval {base}")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss (terms unweighted)")
-    if any(v > 0 for pts in train.values() for _, v in pts):
-        ax_loss.set_yscale("log")
-    ax_loss.set_title("losses")
-    ax_loss.legend(fontsize=7, ncol=2)
-    ax_loss.grid(alpha=0.3)
-    names = {"t": "two-tower", "s": "single-tower"}
-    drawn = False
-    for key, points in sorted(evals.items()):
-        if key.startswith(("eval_acc_", "eval_auc_")):
-            metric, head = key[len("eval_"):].split("_", 1)
-            ax_metric.plot(*zip(*points), marker="o", ms=3, ls="-" if metric == "acc" else "--",
-                           label=f"{metric.upper()} {names.get(head, head)}")
-            drawn = True
-    ax_metric.set_xlabel("step")
-    ax_metric.set_title("evaluation")
-    ax_metric.set_ylim(0, 1.02)
-    ax_metric.grid(alpha=0.3)
-    if drawn:
-        ax_metric.legend(fontsize=8)
-    else:
-        ax_metric.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=ax_metric.transAxes)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 class ReplicaCheckCallback(TrainerCallback):
@@ -608,22 +466,9 @@ class ReplicaCheckCallback(TrainerCallback):
                                ", ".join(f"rank {r}: {d}" for r, d in enumerate(digests)))
 
 
-class CurvesCallback(TrainerCallback):
-    """Writes ``training_curves.png`` into the output folder at the end of training (main process)."""
-
-    def __init__(self, filename: str = CURVES_NAME):
-        self.filename = filename
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and args.output_dir:
-            plot_training_curves(state.log_history, os.path.join(args.output_dir, self.filename))
-
-
 __all__ = [
-    "CURVES_NAME",
     "LORA_ADAPTER_DIR",
     "STAGING_DIR",
-    "CurvesCallback",
     "NonFiniteLossError",
     "ReplicaCheckCallback",
     "UGDTrainer",
@@ -632,7 +477,6 @@ __all__ = [
     "load_ugd_weights",
     "merged_backbone_state_dict",
     "parameter_checksum",
-    "plot_training_curves",
     "save_ugd_checkpoint",
     "unused_parameters",
 ]
