@@ -45,7 +45,12 @@ import shutil
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+try:  # a function in newer transformers 5.x; 5.0 has only the Trainer method _rotate_checkpoints
+    from transformers.trainer_utils import rotate_checkpoints
+except ImportError:
+    rotate_checkpoints = None
 
 from .. import checkpoint
 from .._files import fsync_dir, fsync_tree
@@ -429,8 +434,11 @@ class UGDTrainer(Trainer):
                 best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
                 if os.path.exists(best):
                     self.state.best_model_checkpoint = best
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            if rotate_checkpoints is not None:
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            else:  # reads args.save_total_limit (restored above) and state.best_model_checkpoint
+                self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
         self._barrier()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
