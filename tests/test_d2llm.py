@@ -47,7 +47,7 @@ def make_model(seed=0, tok=None, **options):
 
 
 def batch_of(tok, records=RECORDS):
-    return UGDCollator(tok, paradigm="d2llm", config=LAYOUT)(records)
+    return UGDCollator(tok, paradigm="d2llm", layout=LAYOUT)(records)
 
 
 # ---------------------------------------------------------------------------------------------

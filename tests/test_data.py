@@ -393,7 +393,7 @@ def test_esnli_records_pass_the_collator_and_jsonl(tmp_path):
     records, _ = read_records(p)
     tok = build_tokenizer(records)
     add_special_tokens(tok)
-    batch = UGDCollator(tok, config=LayoutConfig(max_query_len=16, max_document_len=16, max_reason_len=16))(records)
+    batch = UGDCollator(tok, layout=LayoutConfig(max_query_len=16, max_document_len=16, max_reason_len=16))(records)
     assert batch["labels"].tolist() == [1, 0]
     # written as jsonl and read back, the references stay (the id, like any other key, does not)
     write_jsonl(records, tmp_path / "esnli.jsonl")

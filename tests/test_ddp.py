@@ -53,7 +53,7 @@ def make_model(records, paradigm, *, tied=True, lora=False, **overrides):
         from ugd.training.build import apply_lora
 
         apply_lora(model, ModelArguments(lora_r=4))
-    collate = UGDCollator(tok, paradigm=paradigm, config=LAYOUT, model_config=model.config)
+    collate = UGDCollator(tok, paradigm=paradigm, layout=LAYOUT, model_config=model.config)
     return model, collate(records)
 
 

@@ -110,7 +110,7 @@ def test_tokenizer_covers_generated_data_and_the_prompt():
     # the UGD special tokens survive the lowercasing normalizer, and the default prompt has no <unk>
     ids = add_special_tokens(tok)
     layout = LayoutConfig(max_query_len=16, max_document_len=80, max_reason_len=24)
-    batch = UGDCollator(tok, paradigm="ugd-ttm", config=layout)(train[:4])
+    batch = UGDCollator(tok, paradigm="ugd-ttm", layout=layout)(train[:4])
     assert unk not in batch["input_ids"][0].tolist()
     assert (batch["input_ids"][0] == ids["start"]).sum() == 4
     assert batch["labels"].tolist() == [r["label"] for r in train[:4]]

@@ -56,7 +56,7 @@ def pairs(n=6, start=0):
 
 
 def training_outputs(model, ps, compute):
-    collator = UGDCollator(model.tokenizer, paradigm=model.config.paradigm, config=LAYOUT)
+    collator = UGDCollator(model.tokenizer, paradigm=model.config.paradigm, layout=LAYOUT)
     batch = collator([{"query": q, "document": d, "reason": r["reason"]} for (q, d), r in zip(ps, RECORDS)])
     with torch.no_grad():
         return model(batch, compute=compute)

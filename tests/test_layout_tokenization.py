@@ -404,7 +404,7 @@ def test_collator_record_errors_and_missing_label(tok):
 
 def test_collator_config_and_lengths(tok):
     cfg = LayoutConfig(max_document_len=2, position_mode="continuous")
-    c = UGDCollator(tok, paradigm="stm", config=cfg)
+    c = UGDCollator(tok, paradigm="stm", layout=cfg)
     b = c(RECORDS)
     assert b["spans"][:, 1].tolist() == [2, 2, 2]
     assert b["position_ids"][0, :12].tolist() == list(range(12))

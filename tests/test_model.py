@@ -40,7 +40,7 @@ def make_model(kind="qwen2", paradigm="ugd-ttm", seed=0, **overrides):
 
 
 def collate(tok, paradigm, records=RECORDS):
-    return UGDCollator(tok, paradigm=paradigm, config=LAYOUT)(records)
+    return UGDCollator(tok, paradigm=paradigm, layout=LAYOUT)(records)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
@@ -71,7 +71,7 @@ def test_two_tower_vectors_equal_lone_encodings():
     full = collate(tok, "ugd-ttm")
     with torch.no_grad():
         out = model(full, compute=("two_tower",))
-        coll = UGDCollator(tok, paradigm="ttm", config=LAYOUT)(RECORDS)  # queries and documents alone
+        coll = UGDCollator(tok, paradigm="ttm", layout=LAYOUT)(RECORDS)  # queries and documents alone
         v_q = model.encode(coll["query"])[coll["query"]["cls_index"][:, 0]]
         v_d = model.encode(coll["document"])[coll["document"]["cls_index"][:, 1]]
     torch.testing.assert_close(out.v_q, v_q, atol=1e-5, rtol=1e-5)

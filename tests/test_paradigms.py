@@ -136,7 +136,7 @@ def test_a_new_paradigm_plugs_into_config_collator_model_and_inference(plugged, 
     assert "test-half-stm" in paradigms.names() and check_paradigm("test-half-stm") == ("qdp", "stm")
     model, tok = make_model("test-half-stm", options={"ce_weight": 0.25})
     assert model.paradigm is plugged and model.config.weight("cls_s") == 0.25
-    collator = UGDCollator(tok, paradigm="test-half-stm", config=LAYOUT, model_config=model.config)
+    collator = UGDCollator(tok, paradigm="test-half-stm", layout=LAYOUT, model_config=model.config)
     assert collator.model_config is model.config and collator.paradigm_impl is plugged
     batch = collator(RECORDS)
     model.train()
@@ -178,7 +178,7 @@ def test_train_and_predict_ask_the_registry(plugged):
 def test_a_checkpoint_written_before_the_registry_still_loads(tmp_path):
     model, tok = make_model("ugd-ttm", seed=3)
     model.eval()
-    batch = UGDCollator(tok, paradigm="ugd-ttm", config=LAYOUT)(RECORDS)
+    batch = UGDCollator(tok, paradigm="ugd-ttm", layout=LAYOUT)(RECORDS)
     with torch.no_grad():
         before = model(batch, compute=("two_tower", "single_tower"))
     model.save_pretrained(str(tmp_path))

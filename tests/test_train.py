@@ -103,7 +103,7 @@ def test_demo_end_to_end_writes_model_curves_tensorboard_and_loadable_checkpoint
     tok = load_tokenizer(str(out))
     assert tok.convert_ids_to_tokens(tok("red running shoes")["input_ids"]) == ["red", "running", "shoes"]
     _, dev = demo_splits(64, 32, seed=0)
-    batch = UGDCollator(tok, paradigm="ugd-ttm", config=LayoutConfig(**model.config.layout))(dev)
+    batch = UGDCollator(tok, paradigm="ugd-ttm", layout=LayoutConfig(**model.config.layout))(dev)
     with torch.no_grad():
         o = model(batch, compute=("two_tower", "single_tower"))
     for head, logits in (("t", o.logits_t), ("s", o.logits_s)):

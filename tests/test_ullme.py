@@ -226,7 +226,7 @@ def make_batch(model, tok, records=RECORDS):
     from ugd.data.collator import UGDCollator
     from ugd.data.layout import LayoutConfig
 
-    collator = UGDCollator(tok, paradigm=model.config.paradigm, config=LayoutConfig(**model.config.layout),
+    collator = UGDCollator(tok, paradigm=model.config.paradigm, layout=LayoutConfig(**model.config.layout),
                            model_config=model.config)
     return collator(records)
 

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
 
     layout = LayoutConfig(**model.config.layout) if model.config.layout else LayoutConfig()
     # model_config: paradigms whose batches depend on their options (ullme, flipped-kd)
-    collator = UGDCollator(tokenizer, paradigm=model.config.paradigm, config=layout, model_config=model.config)
+    collator = UGDCollator(tokenizer, paradigm=model.config.paradigm, layout=layout, model_config=model.config)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer = UGDTrainer(model=model, args=targs, train_dataset=RecordDataset(train),

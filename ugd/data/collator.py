@@ -155,7 +155,7 @@ class UGDCollator:
     The tokenizer must already hold the UGD special tokens (``ugd.data.layout.add_special_tokens``).
     """
 
-    def __init__(self, tokenizer, *, paradigm: str = "ugd-ttm", config: LayoutConfig | None = None,
+    def __init__(self, tokenizer, *, paradigm: str = "ugd-ttm", layout: LayoutConfig | None = None,
                  max_tokens: int | None = None, model_config=None):
         self.parts, self.mask = check_paradigm(paradigm)
         self.paradigm = paradigm
@@ -166,16 +166,16 @@ class UGDCollator:
         # ugd.train passes it
         self.model_config = model_config
         self.tokenizer = tokenizer
-        self.config = config if config is not None else LayoutConfig()
-        if not isinstance(self.config, LayoutConfig):
-            raise ValueError(f"config must be a LayoutConfig, got {type(self.config).__name__}")
+        self.layout = layout if layout is not None else LayoutConfig()
+        if not isinstance(self.layout, LayoutConfig):
+            raise ValueError(f"layout must be a LayoutConfig, got {type(self.layout).__name__}")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
         self.max_tokens = max_tokens
         self.ids = special_token_ids(tokenizer)
-        self._prompt = prompt_ids(tokenizer, self.ids, self.config) if "p" in self.parts else None
+        self._prompt = prompt_ids(tokenizer, self.ids, self.layout) if "p" in self.parts else None
 
-        self._truncation = TruncationNotice(self.config)  # texts cut to the layout's limits: warned once
+        self._truncation = TruncationNotice(self.layout)  # texts cut to the layout's limits: warned once
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -190,7 +190,7 @@ class UGDCollator:
     def _encode(self, record, i: int, parts: str) -> EncodedSample:
         query, document, reason, label = self._fields(record, i)
         sample = encode_sample(self.tokenizer, self.ids, query, document, reason, label,
-                               config=self.config, parts=parts, _prompt=self._prompt)
+                               config=self.layout, parts=parts, _prompt=self._prompt)
         self._truncation(sample.truncated)
         return sample
 

@@ -127,7 +127,7 @@ class EmbeddingParadigm(Paradigm):
     def collate(self, collator, records) -> dict:
         if len(records) == 0:
             raise ValueError(f"the {self.name} collator got an empty list of records")
-        tok, ids, layout = collator.tokenizer, collator.ids, collator.config
+        tok, ids, layout = collator.tokenizer, collator.ids, collator.layout
         fields = [pair_fields(r, i) for i, r in enumerate(records)]
         queries = [encode_sample(tok, ids, q, d, None, y, config=layout, parts="q") for q, d, y in fields]
         documents = [encode_sample(tok, ids, q, d, None, y, config=layout, parts="d") for q, d, y in fields]

@@ -72,7 +72,7 @@ What a paradigm implements (methods; each gets the model, never imports ``ugd.mo
     Default: ``collator.pack_records(records)`` (one pack of ``parts`` with ``mask``, or two packs for
     ``"q|d"``). Override to add fields (e.g. teacher scores read from the records). The collator
     holds the tokenizer (``collator.tokenizer``, special ids ``collator.ids``), the layout
-    (``collator.config``) and, when ``ugd.train`` built it, the model's config (``collator.model_config``).
+    (``collator.layout``) and, when ``ugd.train`` built it, the model's config (``collator.model_config``).
 ``setup(model)``
     Called once at the end of ``UGDModel.__init__`` (e.g. to check the backbone).
 ``unused_parameters(model) -> list[str]``
