@@ -2,12 +2,11 @@
 checkpoints (CPU): the merged store equals one unsharded build bit for bit, and parts that do not make
 up one build (missing, repeated, another checkpoint, another corpus) are one line and exit 2."""
 
-import io
 import json
-import sys
 
 import pytest
 import torch
+from cli_runs import run_cli
 from tiny_checkpoints import save_tiny_checkpoint
 
 from ugd.serving.doc_shards import parse_shard, part_path, shard_bounds
@@ -36,14 +35,7 @@ def env(tmp_path_factory):
 
 def run(*args):
     """cli(args) in-process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, err
-    try:
-        code = cli([str(a) for a in args])
-    finally:
-        sys.stdout, sys.stderr = saved
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(cli, args)
 
 
 def build(env, store, shard=None, *, model="ckpt", corpus="corpus", extra=()):

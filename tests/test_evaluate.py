@@ -2,12 +2,12 @@
 ``ugd.training.metrics`` on the predictions file, reason scores equal to rouge-score / sacrebleu called directly,
 ``--max_records``, and one-line errors with exit status 2. Runs in-process (``ugd.evaluate.cli``)."""
 
-import io
 import json
 import sys
 
 import pytest
 import torch
+from cli_runs import run_cli
 from tiny_checkpoints import NUM_LABELS, save_tiny_checkpoint
 
 from ugd.training import metrics
@@ -38,14 +38,7 @@ def env(tmp_path_factory):
 
 def run(*args):
     """cli(args) in-process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, err
-    try:
-        code = cli([str(a) for a in args])
-    finally:
-        sys.stdout, sys.stderr = saved
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(cli, args)
 
 
 def read_jsonl(path) -> list[dict]:

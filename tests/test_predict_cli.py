@@ -2,13 +2,13 @@
 document vectors are reused without encoding them again, and bad input or arguments exit 2 with a
 message naming the problem. Runs in-process (``ugd.predict.cli``); one subprocess proves the module entry."""
 
-import io
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from cli_runs import run_cli
 from tiny_checkpoints import save_tiny_checkpoint
 
 import ugd.serving.inference
@@ -45,20 +45,8 @@ def env(tmp_path_factory):
 
 
 def run(*args, stdin: str | bytes | None = None):
-    """cli(args) in-process: (exit status, stdout, stderr). Bytes on stdin come through a text stream with
-    a binary buffer underneath, as a real stdin."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.stdin, sys.stdout, sys.stderr
-    if isinstance(stdin, bytes):
-        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
-    elif stdin is not None:
-        sys.stdin = io.StringIO(stdin)
-    sys.stdout, sys.stderr = out, err
-    try:
-        code = cli([str(a) for a in args])
-    finally:
-        sys.stdin, sys.stdout, sys.stderr = saved
-    return code, out.getvalue(), err.getvalue()
+    """cli(args) in-process: (exit status, stdout, stderr); ``stdin`` as ``cli_runs.run_cli`` takes it."""
+    return run_cli(cli, args, stdin=stdin)
 
 
 def read_jsonl(text: str) -> list[dict]:

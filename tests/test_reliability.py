@@ -7,7 +7,6 @@ one line on stderr); the concurrent writers are two real processes."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from cli_runs import one_error_line, run_cli
 from tiny_checkpoints import TINY_BACKBONE, save_tiny_checkpoint
 
 from ugd.checkpoint import CheckpointFileError
@@ -46,17 +46,8 @@ def predict(*args, stdin: str | None = None):
     """``ugd.predict.cli(args)`` in-process: (exit status, stdout, stderr)."""
     from ugd.predict import cli
 
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.stdin, sys.stdout, sys.stderr
-    if stdin is not None:
-        sys.stdin = io.StringIO(stdin)
-    sys.stdout, sys.stderr = out, err
-    try:
-        threads = [] if "--threads" in args else ["--threads", "1"]
-        code = cli([*map(str, args), "--no_progress", *threads])
-    finally:
-        sys.stdin, sys.stdout, sys.stderr = saved
-    return code, out.getvalue(), err.getvalue()
+    threads = [] if "--threads" in args else ["--threads", "1"]
+    return run_cli(cli, [*args, "--no_progress", *threads], stdin=stdin)
 
 
 def one_line_error(err: str, *needles: str) -> str:
@@ -368,22 +359,12 @@ def train_cli(tmp_path, *args):
     """``ugd.train.cli`` in-process: (exit status, stderr)."""
     from ugd.train import cli
 
-    err = io.StringIO()
-    saved = sys.stderr
-    sys.stderr = err
-    try:
-        code = cli([*TRAIN, "--output_dir", str(tmp_path / "run"), *map(str, args)])
-    finally:
-        sys.stderr = saved
-    return code, err.getvalue()
+    code, _, err = run_cli(cli, [*TRAIN, "--output_dir", tmp_path / "run", *args])
+    return code, err
 
 
 def one_line_train_error(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("ugd.train: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    return one_error_line(err, "ugd.train: error: ", *needles)
 
 
 def _data_file(tmp_path, records, name="train.jsonl", extra_lines=()):

@@ -7,16 +7,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
+from cli_runs import sigkill_once_written
 from ugd.data.records import DataError
 from ugd.train import cli, main
 from ugd.training.args import ConfigError, parse_args
@@ -217,16 +216,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, *run_args(tmp_path, "killed", *RESUME)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not (killed / "checkpoint-5" / "trainer_state.json").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "checkpoint-5 never appeared"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    sigkill_once_written(proc, killed / "checkpoint-5" / "trainer_state.json")
     assert not (killed / "checkpoint-10").exists()
 
     main(run_args(tmp_path, "killed", *RESUME, "--resume_from_checkpoint", "true"))

@@ -14,17 +14,16 @@ The interrupted runs are real processes (``subprocess``) killed by real signals,
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
+from cli_runs import one_error_line, run_cli, sigkill_once_written
 from tiny_checkpoints import TINY_BACKBONE
 
 from ugd.train import main
@@ -133,16 +132,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, paradigm, teacher):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", HANG_AFTER_SAVE, *args(killed, *extra)], cwd=ROOT,
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not (killed / "checkpoint-5" / "trainer_state.json").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "checkpoint-5 never appeared"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    sigkill_once_written(proc, killed / "checkpoint-5" / "trainer_state.json")
     assert not (killed / "checkpoint-10").exists()
 
     main(args(killed, *extra, "--resume_from_checkpoint", "true"))
@@ -208,21 +198,12 @@ def train_cli(*argv):
     """``ugd.train.cli`` in-process: (exit status, stderr)."""
     from ugd.train import cli
 
-    err, saved = io.StringIO(), sys.stderr
-    sys.stderr = err
-    try:
-        code = cli([*map(str, argv)])
-    finally:
-        sys.stderr = saved
-    return code, err.getvalue()
+    code, _, err = run_cli(cli, argv)
+    return code, err
 
 
 def one_line(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("ugd.train: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    return one_error_line(err, "ugd.train: error: ", *needles)
 
 
 @pytest.fixture(scope="module")
