@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from transformers.trainer_utils import get_last_checkpoint
 
+from ._files import atomic_text_file
 from .data.records import DataError, read_records, write_jsonl
 from .training.metrics import accuracy, roc_auc
 
@@ -190,14 +191,10 @@ def save_study(out: str, settings: Settings, rows: list[str], seeds: list[int]) 
 
 
 def write_json(obj, path: str) -> None:
-    """``obj`` as JSON at ``path``, atomically (a temp file beside it, then ``os.replace``)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """``obj`` as JSON at ``path``, atomically (``ugd._files.atomic_text_file``)."""
+    with atomic_text_file(path) as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from .training.build import (apply_lora, build_model, enable_activation_checkpoi
 from .training.curves import CURVES_NAME, CurvesCallback
 from .training.resume_check import resolve_resume  # another paradigm's/backbone's checkpoint: one line, exit 2
 from .training.signals import StopOnSignal  # SIGTERM: checkpoint, then exit 143 (docs/training.md)
-from .training.trainer import NonFiniteLossError, UGDTrainer, freeze_unused_parameters, fsdp_unsupported_reason
+from .training.trainer import NonFiniteLossError, UGDTrainer, fsdp_unsupported_reason
 
 logger = logging.getLogger("ugd.train")
 
@@ -110,10 +110,6 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     # transformers >= 5.23 calls it activation_checkpointing; older 5.x (the GPU image's 5.17) gradient_checkpointing
     if getattr(targs, "activation_checkpointing", None) or getattr(targs, "gradient_checkpointing", False):
         enable_activation_checkpointing(model)
-    # parameters no step of this config trains are frozen (FC_s^kl behind the stop-gradient, a head whose
-    # loss weight is 0, ...: ugd.training.trainer.freeze_unused_parameters), so DDP needs no unused-parameter search;
-    # UGDTrainer does it too, this is for the count printed below
-    freeze_unused_parameters(model)
     if dev is None and str(getattr(targs.eval_strategy, "value", targs.eval_strategy)) != "no":
         logger.warning("no --eval_file: evaluation during training is off")
         targs.eval_strategy = IntervalStrategy.NO
@@ -121,11 +117,12 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     layout = LayoutConfig(**model.config.layout) if model.config.layout else LayoutConfig()
     # model_config: paradigms whose batches depend on their options (ullme, flipped-kd)
     collator = UGDCollator(tokenizer, paradigm=model.config.paradigm, layout=layout, model_config=model.config)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer = UGDTrainer(model=model, args=targs, train_dataset=RecordDataset(train),
                          eval_dataset=RecordDataset(dev) if dev else None, data_collator=collator,
                          tokenizer=tokenizer, callbacks=[CurvesCallback(), StopOnSignal(), *callbacks])
+    # counted after UGDTrainer froze the parameters no step of this config trains (freeze_unused_parameters)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     main_process = trainer.is_world_process_zero()
     if main_process:
         print(f"[ugd.train] paradigm {model.config.paradigm}, {num_labels} labels, {n_params / 1e6:.2f}M parameters "

@@ -267,10 +267,10 @@ class UGDTrainer(Trainer):
             raise ValueError(why)
         # before Trainer builds the accelerator, which reads ddp_find_unused_parameters
         if hasattr(model, "paradigm"):  # a UGDModel
-            freeze_unused_parameters(model)
+            freeze_unused_parameters(model)  # every parameter still trainable is now used by every step
             if targs is not None and targs.ddp_find_unused_parameters is None:
                 # Trainer's own default for a model that is not a PreTrainedModel is True: a graph walk per step
-                targs.ddp_find_unused_parameters = bool(unused_parameters(model))
+                targs.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         self.add_callback(ReplicaCheckCallback())
 
