@@ -5,7 +5,7 @@ The benchmark compares ugd's plug-and-play inference (docs/spec.md section 7: ``
 (``PEER``): a deep copy of the same model (same weights, ``make_peer``), its backbone switched to
 ``attn_implementation="sdpa"``, served the way a plain transformers pipeline serves the UGD layout --
 a padded ``[B, L]`` batch with a dense additive ``[B, 1, L, L]`` mask of the partition
-(``padded_batch``, built from ``ugd_ops.row_intervals`` through ``ugd.data.collator.pack``: each span
+(``padded_batch``, built from ``ugd_ops.row_intervals`` through ``ugd.data.packing.pack``: each span
 sees what it sees in training; padding rows see only themselves so that no softmax row is empty).
 
 Peers, one per figure:
@@ -73,7 +73,7 @@ def padded_batch(samples, mask: str, device, dtype, *, left: bool = False) -> di
     Returns input_ids, position_ids, attention_mask, valid ``[B, L]`` (False on padding) and last
     ``[B]`` (the column of each sample's last token).
     """
-    from ugd.data.collator import pack
+    from ugd.data.packing import pack
 
     p = pack(samples, mask)  # the partition intervals of every token, relative to its sample
     lengths = p["spans"].to(torch.int64).sum(1)
@@ -133,7 +133,7 @@ def peer_encode(peer, texts: list[str], side: str, batch_tokens: int) -> torch.T
 @torch.no_grad()
 def peer_predict(peer, pairs, mode: str, batch_tokens: int) -> torch.Tensor:
     """Class probabilities ``[N, C]`` (float32, CPU) of the padded peer, as ``model.predict``."""
-    from ugd.data.layout import check_paradigm, encode_sample, prompt_ids
+    from ugd.data.layout import encode_sample, prompt_ids
 
     if mode == "two_tower":
         v_q = peer_encode(peer, [q for q, _ in pairs], "query", batch_tokens)
@@ -143,7 +143,7 @@ def peer_predict(peer, pairs, mode: str, batch_tokens: int) -> torch.Tensor:
     prompt = prompt_ids(peer.tokenizer, ids, layout)
     samples = [encode_sample(peer.tokenizer, ids, q, d, None, None, config=layout, parts="qdp", _prompt=prompt)
                for q, d in pairs]
-    mask = check_paradigm(peer.config.paradigm)[1]
+    mask = peer.paradigm.mask
     w = peer.heads.classifier.weight
     out = torch.empty((len(pairs), peer.config.num_labels), dtype=torch.float32)
     decoder = peer.backbone.get_decoder()
@@ -235,7 +235,7 @@ def check_predict(model, peer, pairs, mode, batch_tokens):
 def check_prefill(model, peer, pairs):
     """The peer's left-padded prefill states equal the UGD packed prefill's (``model.encode``)."""
     from ugd import paradigms
-    from ugd.data.collator import pack
+    from ugd.data.packing import pack
     from ugd.model import move_batch
 
     samples = prompts(model, pairs)

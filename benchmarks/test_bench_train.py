@@ -54,7 +54,7 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40
 
 def make_batch(spans: torch.Tensor, vocab: int, seed: int = 0) -> dict:
     """A packed ugd-ttm batch of random tokens with the layout of ``spans`` (as UGDCollator builds it)."""
-    from ugd.data.collator import pack
+    from ugd.data.packing import pack
     from ugd.data.layout import EncodedSample
 
     gen = torch.Generator().manual_seed(seed)

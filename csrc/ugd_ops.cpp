@@ -61,7 +61,7 @@ TORCH_LIBRARY(ugd_ops, m) {
       "linear_cross_entropy_bwd(Tensor grad_rows, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
       "int ignore_index, int chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
-  m.def("row_intervals(Tensor spans, str paradigm) -> (Tensor cu_seqlens, Tensor kv_start, Tensor kv_end)");
+  m.def("row_intervals(Tensor spans, str mask) -> (Tensor cu_seqlens, Tensor kv_start, Tensor kv_end)");
   m.def("dense_mask(Tensor cu_seqlens, Tensor kv_start, Tensor kv_end) -> Tensor");
   m.def("build_info() -> str", &build_info);
 }

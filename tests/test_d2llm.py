@@ -234,7 +234,7 @@ def test_refuses_what_it_cannot_serve():
 
     with pytest.raises(ValueError, match="has no head for --mode reason.*use --mode two-tower or single-tower or "
                                          "documents"):
-        predict.check_paradigm("d2llm", "reason")
+        predict.check_servable(UGDConfig(paradigm="d2llm"), "reason")
 
 
 @pytest.mark.parametrize("search", ["asymmetric", "symmetric"])

@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from ugd import DocumentVectors
-from ugd.data.collator import UGDCollator, pack
+from ugd.data.collator import UGDCollator
+from ugd.data.packing import pack
 from ugd.data.demo import build_tokenizer, demo_splits, tiny_backbone_config
 from ugd.serving.generate import generate_reason_ids, prompt_samples
 from ugd.data.layout import EncodedSample, LayoutConfig

@@ -73,7 +73,7 @@ BAD_SPANS = [
     (torch.tensor([[2, 0, 1, 1]], dtype=torch.int32), "stm", "needs Lq >= 1 and Ld >= 1"),
     (torch.tensor([[2, 2, 1, 1]], dtype=torch.int64), "ttm", "spans must be int32"),
     (torch.tensor([[2, 2, 1]], dtype=torch.int32), "ttm", r"spans must be \[B, 4\]"),
-    (torch.tensor([[2, 2, 1, 1]], dtype=torch.int32), "two-tower", "unknown paradigm 'two-tower'"),
+    (torch.tensor([[2, 2, 1, 1]], dtype=torch.int32), "two-tower", "unknown mask 'two-tower'"),
 ]
 
 

@@ -7,16 +7,17 @@ import pytest
 import torch
 
 import ugd_ops
-from ugd.data.collator import UGDCollator, budget_batches, pack
+from ugd.data.collator import UGDCollator
+from ugd.data.packing import budget_batches, pack
 from ugd.data.layout import (
     IGNORE_INDEX,
     SPECIAL_TOKENS,
     LayoutConfig,
     add_special_tokens,
-    check_paradigm,
     encode_sample,
     special_token_ids,
 )
+from ugd import paradigms
 from ugd.paradigms import Paradigm, all_paradigms
 from ugd.testing import make_test_tokenizer
 
@@ -252,8 +253,6 @@ def test_unknown_parts_and_paradigm(tok, ids):
     with pytest.raises(ValueError, match="parts"):
         encode_sample(tok, ids, "how", "loan", config=LayoutConfig(), parts="dq")
     with pytest.raises(ValueError, match="paradigm 'two-tower'"):
-        check_paradigm("two-tower")
-    with pytest.raises(ValueError, match="paradigm 'two-tower'"):
         UGDCollator(tok, paradigm="two-tower")
 
 
@@ -361,7 +360,7 @@ def test_pack_errors(tok, ids):
 # their own batches: tests/test_ullme.py, tests/test_flipped_kd.py)
 @pytest.mark.parametrize("paradigm", sorted(p.name for p in all_paradigms() if type(p).collate is Paradigm.collate))
 def test_collator_paradigms(tok, ids, paradigm):
-    parts, mask = check_paradigm(paradigm)
+    parts, mask = paradigms.get(paradigm).parts, paradigms.get(paradigm).mask
     batch = UGDCollator(tok, paradigm=paradigm)(RECORDS)
     if paradigm == "ttm":
         assert set(batch) == {"query", "document", "labels"}

@@ -14,7 +14,8 @@ import ugd.modules.attention  # noqa: F401  registers attn_implementation="ugd"
 from ugd import paradigms
 from ugd.checkpoint import CONFIG_NAME
 from ugd.data.collator import UGDCollator
-from ugd.data.layout import LayoutConfig, check_paradigm
+from ugd.data.layout import PARTS, LayoutConfig
+from ugd.data.packing import MASKS
 from ugd.model import UGDConfig, UGDModel
 from ugd.paradigms.base import CAPABILITIES, MODE_NEEDS
 from ugd.paradigms.ugd_paradigms import UGDParadigm
@@ -47,7 +48,8 @@ def test_builtin_paradigms_are_registered_with_their_old_names():
     assert UGD_FIVE <= set(paradigms.names())
     assert set(paradigms.names(family="ugd")) == UGD_FIVE
     # layouts and terms of docs/spec.md section 6
-    assert check_paradigm("ugd-ttm") == ("qdpg", "ttm") and check_paradigm("ttm") == ("q|d", None)
+    assert (paradigms.get("ugd-ttm").parts, paradigms.get("ugd-ttm").mask) == ("qdpg", "ttm")
+    assert (paradigms.get("ttm").parts, paradigms.get("ttm").mask) == ("q|d", None)
     assert paradigms.get("ugd-ttm").terms == ("cls_t", "cls_s", "gen", "kl", "kl_emb")
     assert paradigms.get("stm").terms == ("cls_s",)
     assert paradigms.get("ugd-stm").prefill_mask == "stm"
@@ -59,7 +61,7 @@ def test_every_registered_paradigm_is_well_formed(name):
     assert p.name == name and p.family and p.description
     assert set(p.capabilities) <= set(CAPABILITIES)
     assert all(t in p.term_weights for t in p.terms)
-    assert check_paradigm(name) == (p.parts, p.mask)
+    assert p.parts in PARTS + ("q|d",) and p.mask in MASKS + (None,)
     if "generate" in p.capabilities:
         assert p.prefill_mask is not None
     if "single_tower" in p.capabilities:
@@ -133,11 +135,12 @@ def plugged():
 
 
 def test_a_new_paradigm_plugs_into_config_collator_model_and_inference(plugged, tmp_path):
-    assert "test-half-stm" in paradigms.names() and check_paradigm("test-half-stm") == ("qdp", "stm")
+    assert "test-half-stm" in paradigms.names() and (plugged.parts, plugged.mask) == ("qdp", "stm")
     model, tok = make_model("test-half-stm", options={"ce_weight": 0.25})
     assert model.paradigm is plugged and model.config.weight("cls_s") == 0.25
     collator = UGDCollator(tok, paradigm="test-half-stm", layout=LAYOUT, model_config=model.config)
-    assert collator.model_config is model.config and collator.paradigm_impl is plugged
+    assert collator.model_config is model.config and collator.paradigm is plugged
+    assert UGDCollator(tok, paradigm=plugged, layout=LAYOUT).paradigm is plugged  # the object itself
     batch = collator(RECORDS)
     model.train()
     out = model(batch)
@@ -162,9 +165,9 @@ def test_train_and_predict_ask_the_registry(plugged):
     parser = args._make_parser()
     action = next(a for a in parser._actions if a.dest == "paradigm")
     assert "test-half-stm" in action.choices and "ugd-ttm" in action.choices
-    predict.check_paradigm("test-half-stm", "single_tower")
+    predict.check_servable(UGDConfig(paradigm="test-half-stm"), "single_tower")
     with pytest.raises(ValueError, match="has no head for --mode two-tower; use --mode single-tower"):
-        predict.check_paradigm("test-half-stm", "two_tower")
+        predict.check_servable(UGDConfig(paradigm="test-half-stm"), "two_tower")
     assert args.paradigm_options('{"ce_weight": 2}') == {"ce_weight": 2}
     with pytest.raises(args.ConfigError, match="JSON object"):
         args.paradigm_options("[1]")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ugd_ops
-from ugd.data.collator import pack
+from ugd.data.packing import pack
 from ugd.data.layout import LayoutConfig, add_special_tokens, encode_sample
 from ugd.testing import make_test_tokenizer
 from ugd.viz import EXAMPLE, MASKED_COLOR, draw_partition, main, partition
@@ -65,7 +65,7 @@ def test_rendered_mask_is_the_dense_mask(paradigm, mask):
         expected = ugd_ops.dense_mask(*ugd_ops.row_intervals(spans, mask))
         assert drawn.shape == expected.shape
         assert torch.equal(drawn, expected)
-        assert part["mask_paradigm"] == mask
+        assert part["mask_kind"] == mask
 
         T = expected.shape[0]
         labels = [t.get_text() for t in ax.get_xticklabels()]

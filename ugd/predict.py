@@ -194,12 +194,10 @@ def read_checkpoint_config(path: str):
         raise ValueError(f"{cfg_file}: not a valid UGD config ({e})") from None
 
 
-def check_paradigm(paradigm: str, mode: str, config=None) -> None:
-    """A clear error when the checkpoint's paradigm cannot serve ``mode`` (the registry says what each
-    paradigm serves: ``ugd.paradigms``; ``config``, the checkpoint's ``UGDConfig``, may narrow it)."""
-    impl = paradigms.get(paradigm)
-    if config is None:
-        config = UGDConfig(paradigm=paradigm)
+def check_servable(config: UGDConfig, mode: str) -> None:
+    """A clear error when the checkpoint (its ``UGDConfig``) cannot serve ``mode``: the paradigm says what
+    it serves (``ugd.paradigms``), and the config's options may narrow that."""
+    impl, paradigm = config.paradigm_impl, config.paradigm
     usable = [m for m in MODES if m in impl.modes(config)]
     if mode not in usable:
         why = impl.why_not(config, [c for c in paradigms.MODE_NEEDS[mode] if c not in impl.serves(config)])
@@ -414,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # everything cheap is checked before the model is loaded (which may take minutes)
     cfg = read_checkpoint_config(args.model)
-    check_paradigm(cfg.paradigm, args.mode, cfg)
+    check_servable(cfg, args.mode)
     if args.mode in ("two_tower", "single_tower") and not 0 <= args.positive_label < cfg.num_labels:
         raise ValueError(f"--positive_label must be a class index in [0, {cfg.num_labels}), got {args.positive_label}")
     if args.shard is not None and args.device is None:

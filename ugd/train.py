@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
 
     layout = LayoutConfig(**model.config.layout) if model.config.layout else LayoutConfig()
     # model_config: paradigms whose batches depend on their options (ullme, flipped-kd)
-    collator = UGDCollator(tokenizer, paradigm=model.config.paradigm, layout=layout, model_config=model.config)
+    collator = UGDCollator(tokenizer, paradigm=model.paradigm, layout=layout, model_config=model.config)
     trainer = UGDTrainer(model=model, args=targs, train_dataset=RecordDataset(train),
                          eval_dataset=RecordDataset(dev) if dev else None, data_collator=collator,
                          tokenizer=tokenizer, callbacks=[CurvesCallback(), StopOnSignal(), *callbacks])

@@ -5,7 +5,7 @@
     python -m ugd.viz --tokenizer /path/to/local/tokenizer --output partition.png
 
 The mask is not drawn by hand: the sample goes through ``ugd.data.layout.encode_sample`` and
-``ugd.data.collator.pack`` and the picture is ``ugd_ops.dense_mask`` of the packed batch's
+``ugd.data.packing.pack`` and the picture is ``ugd_ops.dense_mask`` of the packed batch's
 ``cu_seqlens, kv_start, kv_end`` (from ``ugd_ops.row_intervals``). Row i, column j is coloured when
 token i may attend to token j, by the span of row i: Q green, D purple, P (prompt and the
 single-tower ``[CLS]``) orange, G (reason) yellow; masked cells are grey. Allowed cells where a Q or
@@ -27,8 +27,9 @@ from transformers import AutoTokenizer
 import ugd_ops
 
 from . import paradigms
-from .data.collator import pack
-from .data.layout import SPECIAL_TOKENS, LayoutConfig, add_special_tokens, check_paradigm, encode_sample
+from .paradigms import Paradigm
+from .data.layout import SPECIAL_TOKENS, LayoutConfig, add_special_tokens, encode_sample
+from .data.packing import pack
 from .testing import make_test_tokenizer
 
 EXAMPLE = {
@@ -63,7 +64,7 @@ def _display_token(tok: str) -> str:
     return shown if shown.strip() else "\u2423"  # a visible space for whitespace-only tokens
 
 
-def partition(tokenizer, query: str, document: str, reason: str | None = None, *, paradigm: str = "ugd-ttm",
+def partition(tokenizer, query: str, document: str, reason: str | None = None, *, paradigm: str | Paradigm = "ugd-ttm",
               config: LayoutConfig | None = None) -> dict:
     """Encodes and packs one sample the way training does; returns what the figure shows.
 
@@ -71,18 +72,19 @@ def partition(tokenizer, query: str, document: str, reason: str | None = None, *
 
     Returns a dict: ``tokens`` (list[str], T), ``span_of`` (list of "Q"/"D"/"P"/"G", T), ``mask``
     (bool tensor [T, T] = ``ugd_ops.dense_mask`` of the packed sample), ``batch`` (the ``pack``
-    dict), ``paradigm``, ``mask_paradigm`` (the ``row_intervals`` paradigm; ``"bidirectional"`` for
+    dict), ``paradigm`` (its name), ``mask_kind`` (the ``ugd_ops.row_intervals`` mask; ``"bidirectional"`` for
     ``ttm``, whose query and document are two separate sequences, one per backbone).
     """
-    parts, mask_paradigm = check_paradigm(paradigm)
+    impl = paradigm if isinstance(paradigm, Paradigm) else paradigms.get(paradigm)
+    paradigm, parts, mask_kind = impl.name, impl.parts, impl.mask
     config = config or LayoutConfig()
     ids = add_special_tokens(tokenizer)
-    if mask_paradigm is None:  # ttm: query and document alone, each its own bidirectional sequence
+    if mask_kind is None:  # ttm: query and document alone, each its own bidirectional sequence
         samples = [encode_sample(tokenizer, ids, query, document, reason, config=config, parts=p) for p in ("q", "d")]
-        mask_paradigm = "bidirectional"
+        mask_kind = "bidirectional"
     else:
         samples = [encode_sample(tokenizer, ids, query, document, reason, config=config, parts=parts)]
-    batch = pack(samples, mask_paradigm)
+    batch = pack(samples, mask_kind)
     mask = ugd_ops.dense_mask(batch["cu_seqlens"], batch["kv_start"], batch["kv_end"])
     span_of = []
     for s in samples:
@@ -90,7 +92,7 @@ def partition(tokenizer, query: str, document: str, reason: str | None = None, *
             span_of += [name] * n
     tokens = [_display_token(t) for t in tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())]
     return {"tokens": tokens, "span_of": span_of, "mask": mask, "batch": batch,
-            "paradigm": paradigm, "mask_paradigm": mask_paradigm}
+            "paradigm": paradigm, "mask_kind": mask_kind}
 
 
 def mask_image(part: dict):
@@ -178,7 +180,7 @@ def draw_partition(part: dict, ax=None):
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.04, 1.0), fontsize=9 * grow,
               frameon=False)
 
-    paradigm, mp = part["paradigm"], part["mask_paradigm"]
+    paradigm, mp = part["paradigm"], part["mask_kind"]
     spans = part["batch"]["spans"].tolist()
     if paradigm == "ttm":
         sub = f"two backbones: query (Lq={spans[0][0]}) and document (Ld={spans[1][1]}) as separate sequences, " \

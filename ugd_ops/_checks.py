@@ -110,11 +110,11 @@ def check_kl_args(p, q, temperature: float) -> None:
         _fail("temperature must be a positive number, got ", temperature)
 
 
-def check_spans(spans, paradigm: str) -> None:
-    from ._schemas import PARADIGMS
+def check_spans(spans, mask: str) -> None:
+    from ._schemas import MASKS
 
-    if paradigm not in PARADIGMS:
-        _fail("unknown paradigm '", paradigm, "'; expected one of 'ttm', 'stm', 'causal', 'bidirectional'")
+    if mask not in MASKS:
+        _fail("unknown mask '", mask, "'; expected one of 'ttm', 'stm', 'causal', 'bidirectional'")
     if spans.dtype != torch.int32:
         _fail("spans must be int32, got ", spans.dtype)
     if spans.dim() != 2 or spans.shape[1] != 4:

@@ -29,7 +29,7 @@ SCHEMAS = {
         "int chunk_size, bool grad_hidden, bool grad_weight, bool grad_bias) "
         "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
     ),
-    "row_intervals": "(Tensor spans, str paradigm) -> (Tensor cu_seqlens, Tensor kv_start, Tensor kv_end)",
+    "row_intervals": "(Tensor spans, str mask) -> (Tensor cu_seqlens, Tensor kv_start, Tensor kv_end)",
     "dense_mask": "(Tensor cu_seqlens, Tensor kv_start, Tensor kv_end) -> Tensor",
     "build_info": "() -> str",
 }
@@ -37,5 +37,5 @@ SCHEMAS = {
 # Operators whose missing CUDA kernel is worth a warning (the reference runs instead, slowly).
 HOT_OPS = ("partitioned_attention_fwd", "partitioned_attention_bwd", "detached_kl_fwd")
 
-PARADIGMS = ("ttm", "stm", "causal", "bidirectional")
+MASKS = ("ttm", "stm", "causal", "bidirectional")
 CPU_MAX_HEAD_DIM = 1024

@@ -373,24 +373,24 @@ torch.library.register_autograd("ugd_ops::linear_cross_entropy_fwd", _lce_backwa
 # ---------------------------------------------------------------------------------------------
 
 
-def row_intervals(spans: torch.Tensor | Sequence[Sequence[int]], paradigm: str):
+def row_intervals(spans: torch.Tensor | Sequence[Sequence[int]], mask: str):
     """Span lengths -> the packed layout of docs/spec.md section 3.
 
     Args:
         spans: int32 ``[B, 4]``: (Lq, Ld, Lp, Lg) per sample (a nested list is converted).
-        paradigm: ``"ttm"``, ``"stm"``, ``"causal"`` or ``"bidirectional"``.
+        mask: ``"ttm"``, ``"stm"``, ``"causal"`` or ``"bidirectional"``.
 
     Returns:
         ``(cu_seqlens [B + 1], kv_start [T], kv_end [T])``, int32, on spans' device.
     """
     if not isinstance(spans, torch.Tensor):
         spans = torch.tensor(spans, dtype=torch.int32).reshape(-1, 4)
-    return _ops.row_intervals(spans, paradigm)
+    return _ops.row_intervals(spans, mask)
 
 
 @torch.library.register_fake("ugd_ops::row_intervals")
-def _row_intervals_fake(spans, paradigm):
-    _checks.check_spans(spans, paradigm)
+def _row_intervals_fake(spans, mask):
+    _checks.check_spans(spans, mask)
     T = torch.library.get_ctx().new_dynamic_size()
     B = spans.shape[0]
     return spans.new_empty((B + 1,)), spans.new_empty((T,)), spans.new_empty((T,))

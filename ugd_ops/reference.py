@@ -163,17 +163,17 @@ def detached_kl_fwd(p_logits, q_logits, temperature, grad_p, grad_q):
     return loss, gp, gq
 
 
-def row_intervals(spans: torch.Tensor, paradigm: str):
+def row_intervals(spans: torch.Tensor, mask: str):
     """Span lengths ``[B, 4]`` (Lq, Ld, Lp, Lg) -> (cu_seqlens ``[B+1]``, kv_start ``[T]``, kv_end ``[T]``),
     the table of docs/spec.md section 3, with torch ops (any device)."""
-    _checks.check_spans(spans, paradigm)
+    _checks.check_spans(spans, mask)
     s = spans.to(torch.int64)
     if (s < 0).any():
         b = int((s < 0).any(1).nonzero()[0, 0])
         raise ValueError(f"ugd_ops: span lengths must be >= 0, sample {b} has (Lq, Ld, Lp, Lg) = {tuple(s[b].tolist())}")
-    if paradigm in ("ttm", "stm") and ((s[:, 0] < 1) | (s[:, 1] < 1)).any():
+    if mask in ("ttm", "stm") and ((s[:, 0] < 1) | (s[:, 1] < 1)).any():
         b = int(((s[:, 0] < 1) | (s[:, 1] < 1)).nonzero()[0, 0])
-        raise ValueError(f"ugd_ops: paradigm '{paradigm}' needs Lq >= 1 and Ld >= 1 (each span ends with its [CLS]); "
+        raise ValueError(f"ugd_ops: mask '{mask}' needs Lq >= 1 and Ld >= 1 (each span ends with its [CLS]); "
                          f"sample {b} has Lq = {int(s[b, 0])}, Ld = {int(s[b, 1])}")
     lengths = s.sum(1)
     cu = torch.zeros(s.shape[0] + 1, dtype=torch.int64, device=s.device)
@@ -185,11 +185,11 @@ def row_intervals(spans: torch.Tensor, paradigm: str):
     Lq, Ld, A, L = s[seq, 0], s[seq, 1], s[seq, :3].sum(1), lengths[seq]
     lo = torch.zeros_like(i)
     hi = i + 1
-    if paradigm == "bidirectional":
+    if mask == "bidirectional":
         hi = L
-    elif paradigm in ("ttm", "stm"):
+    elif mask in ("ttm", "stm"):
         hi = torch.where(i < A, A, hi)
-        if paradigm == "ttm":
+        if mask == "ttm":
             in_q, in_d = i < Lq, (i >= Lq) & (i < Lq + Ld)
             hi = torch.where(in_q, Lq, torch.where(in_d, Lq + Ld, hi))
             lo = torch.where(in_d, Lq, lo)

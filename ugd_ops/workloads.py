@@ -86,12 +86,12 @@ class AttentionInputs:
         return self.q, self.k, self.v, self.cu_seqlens, self.kv_start, self.kv_end
 
 
-def make_attention_inputs(spans: torch.Tensor, paradigm: str, *, heads: tuple[int, int, int], dtype=torch.bfloat16,
+def make_attention_inputs(spans: torch.Tensor, mask: str, *, heads: tuple[int, int, int], dtype=torch.bfloat16,
                           device="cpu", seed: int = 0, requires_grad: bool = False) -> AttentionInputs:
-    """Random q, k, v ``[T, H, D]`` with the layout of ``spans`` under ``paradigm``."""
+    """Random q, k, v ``[T, H, D]`` with the layout of ``spans`` under ``mask``."""
     from .reference import row_intervals  # the reference: no dependence on which kernels were built
 
-    cu, ks, ke = row_intervals(spans, paradigm)
+    cu, ks, ke = row_intervals(spans, mask)
     T = int(cu[-1])
     Hq, Hkv, D = heads
     gen = torch.Generator().manual_seed(seed)

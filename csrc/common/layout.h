@@ -20,14 +20,14 @@
 
 namespace ugd_ops {
 
-enum class Paradigm : int32_t { kTtm = 0, kStm = 1, kCausal = 2, kBidirectional = 3 };
+enum class Mask : int32_t { kTtm = 0, kStm = 1, kCausal = 2, kBidirectional = 3 };
 
-inline Paradigm parse_paradigm(const std::string& name) {
-  if (name == "ttm") return Paradigm::kTtm;
-  if (name == "stm") return Paradigm::kStm;
-  if (name == "causal") return Paradigm::kCausal;
-  if (name == "bidirectional") return Paradigm::kBidirectional;
-  TORCH_CHECK_VALUE(false, "ugd_ops: unknown paradigm '", name,
+inline Mask parse_mask(const std::string& name) {
+  if (name == "ttm") return Mask::kTtm;
+  if (name == "stm") return Mask::kStm;
+  if (name == "causal") return Mask::kCausal;
+  if (name == "bidirectional") return Mask::kBidirectional;
+  TORCH_CHECK_VALUE(false, "ugd_ops: unknown mask '", name,
               "'; expected one of 'ttm', 'stm', 'causal', 'bidirectional'");
 }
 
@@ -38,18 +38,18 @@ inline Paradigm parse_paradigm(const std::string& name) {
 //   P rows   [0, A)            [0, A)
 //   G rows   [0, i + 1)        [0, i + 1)
 // causal: [0, i + 1); bidirectional: [0, L).
-UGD_HOST_DEVICE inline void row_interval(Paradigm paradigm, int32_t Lq, int32_t Ld, int32_t Lp, int32_t L, int32_t i,
+UGD_HOST_DEVICE inline void row_interval(Mask mask, int32_t Lq, int32_t Ld, int32_t Lp, int32_t L, int32_t i,
                                          int32_t& lo, int32_t& hi) {
   const int32_t A = Lq + Ld + Lp;
   lo = 0;
   hi = i + 1;
-  if (paradigm == Paradigm::kBidirectional) {
+  if (mask == Mask::kBidirectional) {
     hi = L;
-  } else if (paradigm != Paradigm::kCausal && i < A) {
+  } else if (mask != Mask::kCausal && i < A) {
     hi = A;
-    if (paradigm == Paradigm::kTtm && i < Lq) {
+    if (mask == Mask::kTtm && i < Lq) {
       hi = Lq;
-    } else if (paradigm == Paradigm::kTtm && i < Lq + Ld) {
+    } else if (mask == Mask::kTtm && i < Lq + Ld) {
       lo = Lq;
       hi = Lq + Ld;
     }
@@ -57,7 +57,7 @@ UGD_HOST_DEVICE inline void row_interval(Paradigm paradigm, int32_t Lq, int32_t 
 }
 
 // Checks int32 [B, 4] span lengths held on the CPU and returns cu_seqlens [B + 1] (CPU, int32).
-inline at::Tensor cu_seqlens_from_spans(const at::Tensor& spans, Paradigm paradigm, const std::string& name) {
+inline at::Tensor cu_seqlens_from_spans(const at::Tensor& spans, Mask mask, const std::string& name) {
   TORCH_CHECK(spans.is_contiguous() && spans.device().is_cpu(), "ugd_ops: internal: spans must be contiguous on CPU");
   const int32_t* sp = spans.data_ptr<int32_t>();
   const int64_t B = spans.size(0);
@@ -68,8 +68,8 @@ inline at::Tensor cu_seqlens_from_spans(const at::Tensor& spans, Paradigm paradi
     const int32_t* s = sp + 4 * b;
     TORCH_CHECK_VALUE(s[0] >= 0 && s[1] >= 0 && s[2] >= 0 && s[3] >= 0, "ugd_ops: span lengths must be >= 0, sample ", b,
                 " has (Lq, Ld, Lp, Lg) = (", s[0], ", ", s[1], ", ", s[2], ", ", s[3], ")");
-    if (paradigm == Paradigm::kTtm || paradigm == Paradigm::kStm) {
-      TORCH_CHECK_VALUE(s[0] >= 1 && s[1] >= 1, "ugd_ops: paradigm '", name,
+    if (mask == Mask::kTtm || mask == Mask::kStm) {
+      TORCH_CHECK_VALUE(s[0] >= 1 && s[1] >= 1, "ugd_ops: mask '", name,
                   "' needs Lq >= 1 and Ld >= 1 (each span ends with its [CLS]); sample ", b, " has Lq = ", s[0],
                   ", Ld = ", s[1]);
     }

@@ -16,12 +16,12 @@ namespace ugd_ops::cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_intervals_cpu(const at::Tensor& spans_in,
-                                                                 c10::string_view paradigm_name) {
-  const std::string name(paradigm_name);
-  const Paradigm paradigm = parse_paradigm(name);
+                                                                 c10::string_view mask_name) {
+  const std::string name(mask_name);
+  const Mask mask = parse_mask(name);
   check_spans_meta(spans_in);
   const at::Tensor spans = spans_in.contiguous();
-  at::Tensor cu = cu_seqlens_from_spans(spans, paradigm, name);
+  at::Tensor cu = cu_seqlens_from_spans(spans, mask, name);
   const int32_t* sp = spans.data_ptr<int32_t>();
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t B = spans.size(0), T = c[B];
@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_intervals_cpu(const at::Tenso
     for (int64_t b = begin; b < end; ++b) {
       const int32_t L = c[b + 1] - c[b];
       for (int32_t i = 0; i < L; ++i)
-        row_interval(paradigm, sp[4 * b], sp[4 * b + 1], sp[4 * b + 2], L, i, ks[c[b] + i], ke[c[b] + i]);
+        row_interval(mask, sp[4 * b], sp[4 * b + 1], sp[4 * b + 2], L, i, ks[c[b] + i], ke[c[b] + i]);
     }
   });
   return {cu, kv_start, kv_end};

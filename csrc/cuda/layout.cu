@@ -28,13 +28,13 @@ __device__ __forceinline__ int32_t sequence_of(const int32_t* __restrict__ cu, i
 }
 
 __global__ void row_intervals_kernel(const int32_t* __restrict__ spans, const int32_t* __restrict__ cu, int32_t B,
-                                     int32_t T, Paradigm paradigm, int32_t* __restrict__ ks, int32_t* __restrict__ ke) {
+                                     int32_t T, Mask mask, int32_t* __restrict__ ks, int32_t* __restrict__ ke) {
   const int32_t t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= T) return;
   const int32_t b = sequence_of(cu, B, t);
   const int32_t* s = spans + 4 * b;
   int32_t lo, hi;
-  row_interval(paradigm, s[0], s[1], s[2], cu[b + 1] - cu[b], t - cu[b], lo, hi);
+  row_interval(mask, s[0], s[1], s[2], cu[b + 1] - cu[b], t - cu[b], lo, hi);
   ks[t] = lo;
   ke[t] = hi;
 }
@@ -49,13 +49,13 @@ __global__ void dense_mask_kernel(const int32_t* __restrict__ cu, int32_t B, int
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_intervals_cuda(const at::Tensor& spans,
-                                                                  c10::string_view paradigm_name) {
-  const std::string name(paradigm_name);
-  const Paradigm paradigm = parse_paradigm(name);
+                                                                  c10::string_view mask_name) {
+  const std::string name(mask_name);
+  const Mask mask = parse_mask(name);
   check_spans_meta(spans);
   const c10::cuda::CUDAGuard guard(spans.device());
   const at::Tensor spans_d = spans.contiguous();
-  const at::Tensor cu_h = cu_seqlens_from_spans(spans_d.cpu(), paradigm, name);
+  const at::Tensor cu_h = cu_seqlens_from_spans(spans_d.cpu(), mask, name);
   const int64_t B = spans.size(0);
   const int32_t T = cu_h.data_ptr<int32_t>()[B];
   const at::Tensor cu = cu_h.to(spans.device());
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_intervals_cuda(const at::Tens
   if (T > 0) {
     const int threads = 256;
     row_intervals_kernel<<<(T + threads - 1) / threads, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        spans_d.data_ptr<int32_t>(), cu.data_ptr<int32_t>(), static_cast<int32_t>(B), T, paradigm,
+        spans_d.data_ptr<int32_t>(), cu.data_ptr<int32_t>(), static_cast<int32_t>(B), T, mask,
         kv_start.data_ptr<int32_t>(), kv_end.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -58,7 +58,7 @@ struct Layout {
   int32_t T = 0;
 };
 
-// B sequences of random paradigms and span lengths drawn from `lens` (awkward sizes), some rows
+// B sequences of random masks and span lengths drawn from `lens` (awkward sizes), some rows
 // made empty, some sequences empty (causal / bidirectional of length 0).
 Layout random_layout(std::mt19937& rng, int B, const std::vector<int>& lens, double empty_row_p) {
   Layout l;
@@ -66,9 +66,9 @@ Layout random_layout(std::mt19937& rng, int B, const std::vector<int>& lens, dou
   auto pick = [&](const std::vector<int>& v) { return v[std::uniform_int_distribution<size_t>(0, v.size() - 1)(rng)]; };
   std::uniform_real_distribution<double> u(0, 1);
   for (int b = 0; b < B; ++b) {
-    const auto paradigm = static_cast<ugd_ops::Paradigm>(std::uniform_int_distribution<int>(0, 3)(rng));
+    const auto mask = static_cast<ugd_ops::Mask>(std::uniform_int_distribution<int>(0, 3)(rng));
     int32_t Lq = 0, Ld = 0, Lp = 0, Lg = 0, L;
-    if (paradigm == ugd_ops::Paradigm::kTtm || paradigm == ugd_ops::Paradigm::kStm) {
+    if (mask == ugd_ops::Mask::kTtm || mask == ugd_ops::Mask::kStm) {
       Lq = std::max(1, pick(lens));
       Ld = std::max(1, pick(lens));
       Lp = pick(lens) / 4;
@@ -79,7 +79,7 @@ Layout random_layout(std::mt19937& rng, int B, const std::vector<int>& lens, dou
     }
     for (int32_t i = 0; i < L; ++i) {
       int32_t lo, hi;
-      ugd_ops::row_interval(paradigm, Lq, Ld, Lp, L, i, lo, hi);
+      ugd_ops::row_interval(mask, Lq, Ld, Lp, L, i, lo, hi);
       if (u(rng) < empty_row_p) lo = hi = std::uniform_int_distribution<int32_t>(0, L)(rng);
       l.ks.push_back(lo);
       l.ke.push_back(hi);
@@ -97,7 +97,7 @@ Layout ttm_aligned() {
   l.cu = {0, L};
   for (int32_t i = 0; i < L; ++i) {
     int32_t lo, hi;
-    ugd_ops::row_interval(ugd_ops::Paradigm::kTtm, Lq, Ld, Lp, L, i, lo, hi);
+    ugd_ops::row_interval(ugd_ops::Mask::kTtm, Lq, Ld, Lp, L, i, lo, hi);
     l.ks.push_back(lo);
     l.ke.push_back(hi);
   }

@@ -13,7 +13,7 @@
 //   emulate_bf16, emulate_fp16
 //               the forward kernel replayed lane by lane on the CPU -- the same attention_common.h
 //               functions in the kernel's order, each mma.sync and shuffle emulated -- on random UGD
-//               layouts (paradigms, awkward lengths 1, 17, 127, empty sequences, empty rows, GQA)
+//               layouts (UGD masks, awkward lengths 1, 17, 127, empty sequences, empty rows, GQA)
 //               against a float64 reference
 //
 //   test_cuda_attention_plan            run every test
@@ -248,7 +248,7 @@ struct Layout {
   int32_t B() const { return static_cast<int32_t>(cu.size()) - 1; }
 };
 
-// Random layouts: UGD paradigms (spans with empty parts), plain causal / bidirectional, and
+// Random layouts: UGD masks (spans with empty parts), plain causal / bidirectional, and
 // arbitrary intervals with empty rows; lengths drawn from `lens` (0 = an empty sequence).
 Layout random_layout(std::mt19937& gen, int B, const std::vector<int>& lens) {
   Layout l;
@@ -265,7 +265,7 @@ Layout random_layout(std::mt19937& gen, int B, const std::vector<int>& lens) {
     for (int i = 0; i < L; ++i) {
       int32_t lo = 0, hi = 0;
       if (kd <= 3) {
-        ugd_ops::row_interval(static_cast<ugd_ops::Paradigm>(kd), Lq, Ld, Lp, L, i, lo, hi);
+        ugd_ops::row_interval(static_cast<ugd_ops::Mask>(kd), Lq, Ld, Lp, L, i, lo, hi);
       } else {
         std::uniform_int_distribution<int> e(0, L);
         lo = e(gen);
@@ -681,15 +681,15 @@ void check_emulation(const Layout& l, int Hq, int Hkv, bool bf16, uint32_t seed,
   std::printf("  %s: T %d, largest |out - ref| %.3g\n", what.c_str(), l.T(), worst);
 }
 
-// A layout from UGD span lengths (Lq, Ld, Lp, Lg) under one paradigm.
-Layout spans_layout(const std::vector<std::array<int32_t, 4>>& spans, ugd_ops::Paradigm paradigm) {
+// A layout from UGD span lengths (Lq, Ld, Lp, Lg) under one mask.
+Layout spans_layout(const std::vector<std::array<int32_t, 4>>& spans, ugd_ops::Mask mask) {
   Layout l;
   l.cu.push_back(0);
   for (const auto& sp : spans) {
     const int32_t L = sp[0] + sp[1] + sp[2] + sp[3];
     for (int32_t i = 0; i < L; ++i) {
       int32_t lo, hi;
-      ugd_ops::row_interval(paradigm, sp[0], sp[1], sp[2], L, i, lo, hi);
+      ugd_ops::row_interval(mask, sp[0], sp[1], sp[2], L, i, lo, hi);
       l.ks.push_back(lo);
       l.ke.push_back(hi);
     }
@@ -707,7 +707,7 @@ void test_emulate(bool bf16) {
       random_layout(gen, 3, {200, 17, 0}),
       // TTM with spans across several key tiles: D rows never reach the first tile, Q rows never
       // the last, G rows causal across tile edges.
-      spans_layout({{70, 70, 10, 30}, {5, 150, 3, 20}, {1, 1, 0, 0}}, ugd_ops::Paradigm::kTtm),
+      spans_layout({{70, 70, 10, 30}, {5, 150, 3, 20}, {1, 1, 0, 0}}, ugd_ops::Mask::kTtm),
       random_layout(gen, 300, {1, 2, 3, 4, 5, 6, 7, 8}),
   };
   int i = 0;

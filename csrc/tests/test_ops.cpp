@@ -117,13 +117,13 @@ struct Layout {
   int64_t T() const { return ks.size(0); }
 };
 
-Layout row_intervals(const Spans& spans, const std::string& paradigm) {
+Layout row_intervals(const Spans& spans, const std::string& mask) {
   static const auto handle = op<RowIntervalsFn>("ugd_ops::row_intervals");
   Tensor s = at::empty({static_cast<int64_t>(spans.size()), 4}, at::kInt);
   int32_t* ps = s.data_ptr<int32_t>();
   for (size_t b = 0; b < spans.size(); ++b)
     for (int x = 0; x < 4; ++x) ps[4 * b + x] = spans[b][x];
-  auto [cu, ks, ke] = handle.call(s, paradigm);
+  auto [cu, ks, ke] = handle.call(s, mask);
   return {cu, ks, ke};
 }
 
@@ -268,10 +268,10 @@ void test_registration() {
 }
 
 // partitioned_attention_fwd, float32, against reference_fwd within 1e-5.
-void check_fwd(const Spans& spans, const std::string& paradigm, int64_t Hq, int64_t Hkv, int64_t D,
+void check_fwd(const Spans& spans, const std::string& mask, int64_t Hq, int64_t Hkv, int64_t D,
                bool strided, std::optional<int64_t> max_seqlen) {
-  const std::string what = c10::str("fwd ", paradigm, " Hq=", Hq, " Hkv=", Hkv, " D=", D);
-  const Layout l = row_intervals(spans, paradigm);
+  const std::string what = c10::str("fwd ", mask, " Hq=", Hq, " Hkv=", Hkv, " D=", D);
+  const Layout l = row_intervals(spans, mask);
   const int64_t T = l.T();
   Tensor q = at::randn({T, Hq, D}, at::kFloat), k = at::randn({T, Hkv, D}, at::kFloat),
          v = at::randn({T, Hkv, D}, at::kFloat);
@@ -459,7 +459,7 @@ void test_invalid_args() {
                      "multiple", "Hq not a multiple of Hkv");
   expect_value_error([&] { attention_fwd(q, k, v, l.cu.to(at::kLong), l.ks, l.ke, std::nullopt, 0.25); }, "int32",
                      "int64 cu_seqlens");
-  expect_value_error([&] { row_intervals(kSpans, "sideways"); }, "paradigm", "unknown paradigm");
+  expect_value_error([&] { row_intervals(kSpans, "sideways"); }, "mask", "unknown mask");
   expect_value_error([&] { detached_kl_fwd(at::randn({2, 3}), at::randn({2, 4}), 1.0, false, false); }, "shape",
                      "detached_kl shape mismatch");
   expect_value_error([&] { detached_kl_fwd(at::randn({2, 3}), at::randn({2, 3}), 0.0, false, false); },

@@ -1,6 +1,7 @@
-"""Padding-free packing of laid-out samples, and the collator of every paradigm (docs/spec.md sections 3, 6, 8).
+"""The collator of every paradigm: records -> packed batches (docs/spec.md sections 3, 6, 8).
 
-A packed batch is one sequence of T tokens holding B samples back to back (no padding), as a dict:
+A packed batch (``ugd.data.packing.pack``) is one sequence of T tokens holding B samples back to back
+(no padding), as a dict:
 
     input_ids     int64 [1, T]
     position_ids  int64 [1, T]   (per sample, see ugd.data.layout: restart or continuous)
@@ -23,114 +24,12 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
-import torch
-
-import ugd_ops
-
-from .layout import (IGNORE_INDEX, EncodedSample, LayoutConfig, check_paradigm, encode_sample, prompt_ids, record_label,
-                     record_texts, special_token_ids)
+from .. import paradigms
+from ..paradigms import Paradigm
+from .layout import (EncodedSample, LayoutConfig, encode_sample, prompt_ids, record_label, record_texts,
+                     special_token_ids)
 from .length_limits import TruncationNotice
-
-MASKS = ("ttm", "stm", "causal", "bidirectional")
-
-
-def pack(samples: Sequence[EncodedSample], mask: str) -> dict:
-    """Packs samples into one padding-free sequence with the attention intervals of ``mask``.
-
-    Args:
-        samples: at least one ``EncodedSample``.
-        mask: the ``ugd_ops.row_intervals`` paradigm -- ``"ttm"``, ``"stm"`` (need Lq, Ld >= 1),
-            ``"causal"`` or ``"bidirectional"`` (use it for lone query or document spans).
-
-    Returns:
-        the batch dict described in this module's docstring.
-    """
-    if mask not in MASKS:
-        raise ValueError(f"unknown mask {mask!r}; expected one of {MASKS}")
-    if len(samples) == 0:
-        raise ValueError("pack() needs at least one sample")
-    input_ids: list[int] = []
-    positions: list[int] = []
-    lm_labels: list[int] = []
-    for i, s in enumerate(samples):
-        n = sum(s.spans)
-        if not (len(s.input_ids) == len(s.position_ids) == len(s.lm_labels) == n):
-            raise ValueError(
-                f"sample {i}: input_ids, position_ids and lm_labels must all have sum(spans) = {n} entries, got "
-                f"{len(s.input_ids)}, {len(s.position_ids)}, {len(s.lm_labels)}"
-            )
-        input_ids += s.input_ids
-        positions += s.position_ids
-        lm_labels += s.lm_labels
-    spans = torch.tensor([list(s.spans) for s in samples], dtype=torch.int32)
-    cu, kv_start, kv_end = ugd_ops.row_intervals(spans, mask)
-
-    s64 = spans.to(torch.int64)
-    start = cu[:-1].to(torch.int64)
-    ends = start[:, None] + torch.cumsum(s64[:, :3], dim=1) - 1  # last token of Q, D, P
-    cls_index = torch.where(s64[:, :3] > 0, ends, torch.full_like(ends, -1))
-
-    lengths = s64.sum(1)
-    return {
-        "input_ids": torch.tensor(input_ids, dtype=torch.int64).unsqueeze(0),
-        "position_ids": torch.tensor(positions, dtype=torch.int64).unsqueeze(0),
-        "lm_labels": torch.tensor(lm_labels, dtype=torch.int64).unsqueeze(0),
-        "spans": spans,
-        "cu_seqlens": cu,
-        "kv_start": kv_start,
-        "kv_end": kv_end,
-        "max_seqlen": int(lengths.max()),
-        "labels": torch.tensor([s.label for s in samples], dtype=torch.int64),
-        "cls_index": cls_index,
-    }
-
-
-def budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Groups sample indices, in the given order, into batches whose packed length fits ``max_tokens``.
-
-    Greedy: a batch is closed when the next sample would push its total length past the budget. A
-    sample longer than the budget on its own gets a batch of its own (with a warning) rather than
-    being dropped. Order is kept, so a sampler shuffles (or sorts by length) the indices first and
-    maps the returned positions back; every index appears exactly once.
-
-    Args:
-        lengths: packed length of each sample (``UGDCollator.lengths`` computes them).
-        max_tokens: token budget per batch, >= 1.
-
-    Returns:
-        a list of batches, each a list of indices into ``lengths``.
-    """
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-    batches: list[list[int]] = []
-    current: list[int] = []
-    total = 0
-    too_long = []
-    for i, n in enumerate(lengths):
-        n = int(n)
-        if n < 0:
-            raise ValueError(f"lengths[{i}] = {n} is negative")
-        if n > max_tokens:
-            too_long.append(i)
-            if current:
-                batches.append(current)
-                current, total = [], 0
-            batches.append([i])
-            continue
-        if current and total + n > max_tokens:
-            batches.append(current)
-            current, total = [], 0
-        current.append(i)
-        total += n
-    if current:
-        batches.append(current)
-    if too_long:
-        warnings.warn(
-            f"{len(too_long)} sample(s) exceed max_tokens={max_tokens} on their own (first: index {too_long[0]}, "
-            f"{int(lengths[too_long[0]])} tokens); each gets a batch of its own",
-            stacklevel=2,
-        )
-    return batches
+from .packing import pack
 
 
 class UGDCollator:
@@ -139,7 +38,8 @@ class UGDCollator:
     A record is a mapping ``{"query": str, "document": str, "label": int (optional at inference),
     "reason": str (optional)}``.
 
-    ``__call__`` asks the paradigm (``ugd.paradigms.get(paradigm).collate``), whose default is
+    ``paradigm``: a registered name or the ``ugd.paradigms.Paradigm`` itself (``collator.paradigm`` is the
+    object). ``__call__`` asks the paradigm (``Paradigm.collate``), whose default is
     ``pack_records``: ``pack(samples, mask)`` of the paradigm's ``parts`` and ``mask`` -- for
     ``ugd-ttm`` parts Q D P G, TTM mask; ``ugd-stm`` Q D P G, STM mask; ``shared-ttm`` Q D, TTM mask;
     ``stm`` Q D P, STM mask. For parts ``"q|d"`` (the two-backbone ``ttm`` baseline) it returns
@@ -155,13 +55,11 @@ class UGDCollator:
     The tokenizer must already hold the UGD special tokens (``ugd.data.layout.add_special_tokens``).
     """
 
-    def __init__(self, tokenizer, *, paradigm: str = "ugd-ttm", layout: LayoutConfig | None = None,
+    def __init__(self, tokenizer, *, paradigm: str | Paradigm = "ugd-ttm", layout: LayoutConfig | None = None,
                  max_tokens: int | None = None, model_config=None):
-        self.parts, self.mask = check_paradigm(paradigm)
-        self.paradigm = paradigm
-        from .. import paradigms  # the registry (its modules do not import this one at import time)
-
-        self.paradigm_impl = paradigms.get(paradigm)
+        # a registered name is looked up once here; the object is what every later step reads
+        self.paradigm = paradigm if isinstance(paradigm, Paradigm) else paradigms.get(paradigm)
+        self.parts, self.mask = self.paradigm.parts, self.paradigm.mask
         # the model's UGDConfig, for paradigms whose batches depend on their options (ullme, flipped-kd);
         # ugd.train passes it
         self.model_config = model_config
@@ -212,7 +110,7 @@ class UGDCollator:
     def __call__(self, records: Sequence) -> dict:
         if len(records) == 0:
             raise ValueError("UGDCollator got an empty list of records")
-        return self.paradigm_impl.collate(self, records)
+        return self.paradigm.collate(self, records)
 
     def pack_records(self, records: Sequence) -> dict:
         """The default batch of a paradigm: its ``parts`` packed with its ``mask`` (see the class docstring)."""
@@ -231,4 +129,4 @@ class UGDCollator:
             warnings.warn(f"packed batch of {T} tokens exceeds max_tokens={self.max_tokens}", stacklevel=3)
 
 
-__all__ = ["IGNORE_INDEX", "MASKS", "UGDCollator", "budget_batches", "pack"]
+__all__ = ["UGDCollator"]

@@ -30,8 +30,12 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"cls": "[CLS]", "gmask": "[gMask]", "start": "[Start]"}
 
@@ -41,21 +45,6 @@ POSITION_MODES = ("restart", "continuous")
 
 #: The spans each ``parts`` string selects (Q, D, P, G); the rest have length 0.
 PARTS = ("qdpg", "qdp", "qd", "q", "d")
-
-def check_paradigm(paradigm: str) -> tuple[str, str | None]:
-    """(parts, mask paradigm of ``ugd_ops.row_intervals``) of the registered training paradigm ``paradigm``
-    (``ugd.paradigms``: its ``parts`` and ``mask``, read whenever asked, so paradigms registered later are
-    included), or a ValueError naming the unknown paradigm and the known ones. E.g. ``"ugd-ttm"`` ->
-    ``("qdpg", "ttm")``; the two-backbone ``"ttm"`` baseline encodes queries and documents as two
-    *separate* packed batches -- parts ``"q"`` and ``"d"``, each span alone with the ``"bidirectional"``
-    mask -- one per backbone; ``"q|d"`` and the mask ``None`` say so."""
-    from .. import paradigms  # the registry imports its paradigm modules, which may import this one
-
-    if paradigm not in paradigms.names():
-        raise ValueError(f"unknown paradigm {paradigm!r}; expected one of {sorted(paradigms.names())}")
-    p = paradigms.get(paradigm)
-    return (p.parts, p.mask)
-
 
 # ---------------------------------------------------------------------------------------------
 # special tokens
@@ -133,11 +122,6 @@ def load_tokenizer(path: str):
     transformers 5.23 then builds the model type's tokenizer class (Qwen2Tokenizer) from the file and
     every word becomes the same token. A generic class is therefore loaded as what it is.
     """
-    import json
-    import os
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     cfg_file = os.path.join(path, "tokenizer_config.json")
     if os.path.isfile(cfg_file) and os.path.isfile(os.path.join(path, "tokenizer.json")):
         with open(cfg_file) as f:
@@ -326,7 +310,6 @@ __all__ = [
     "EncodedSample",
     "LayoutConfig",
     "add_special_tokens",
-    "check_paradigm",
     "encode_sample",
     "load_tokenizer",
     "prompt_ids",

@@ -1,4 +1,4 @@
-"""Running a packed batch (``ugd.data.collator.pack``) through a backbone, and the output every paradigm returns.
+"""Running a packed batch (``ugd.data.packing.pack``) through a backbone, and the output every paradigm returns.
 
 This module sits below the model, the paradigms, inference and generation (all of them import it, it
 imports none of them), so that none of those has to import ``ugd.model`` for these helpers.
@@ -48,7 +48,7 @@ def gather_rows(hidden: torch.Tensor, index: torch.Tensor, what: str) -> torch.T
 
 
 def packed_inputs(backbone: nn.Module, pack: dict) -> dict:
-    """The keywords that run a packed batch (``ugd.data.collator.pack``) through ``backbone``.
+    """The keywords that run a packed batch (``ugd.data.packing.pack``) through ``backbone``.
 
     With ``attn_implementation="ugd"``: ids, positions and the packing metadata (partitioned attention,
     no T x T mask). Any other implementation (eager, sdpa) gets the same layout as a dense additive

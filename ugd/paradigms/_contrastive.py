@@ -17,6 +17,8 @@ from torch import nn
 
 import ugd_ops
 
+from ..data.packing import pack
+
 POOLINGS = ("mean", "last")
 
 
@@ -196,10 +198,8 @@ def pack_groups(groups: Sequence[tuple[Sequence, str]]) -> dict:
     """One padding-free batch from several groups of ``EncodedSample``, each with its own
     ``ugd_ops.row_intervals`` mask (e.g. lone texts ``"bidirectional"`` and query+passage generation
     sequences ``"causal"``): the intervals are relative to each sample, so the groups' layouts simply
-    concatenate. Returns ``ugd.data.collator.pack``'s dict plus ``group_offsets`` (first sample of each
+    concatenate. Returns ``ugd.data.packing.pack``'s dict plus ``group_offsets`` (first sample of each
     group, and the total) and ``starts`` / ``lengths`` ``[B]`` of every sample."""
-    from ..data.collator import pack
-
     parts = [pack(list(samples), mask) for samples, mask in groups if len(samples)]
     if not parts:
         raise ValueError("pack_groups() needs at least one sample")

@@ -21,11 +21,10 @@ What a paradigm declares (class attributes)
     ``parts``: which spans of ``ugd.data.layout`` a training sample has: ``"qdpg"``, ``"qdp"``, ``"qd"``
     (see ``ugd.data.layout.PARTS``), or ``"q|d"`` for a query and a document laid out as two *separate*
     packed batches (then ``mask`` is ``None`` and each pack uses ``"bidirectional"``).
-    ``mask``: the ``ugd_ops.row_intervals`` paradigm of the packed batch: ``"ttm"`` (Q and D each see
+    ``mask``: the ``ugd_ops.row_intervals`` mask of the packed batch: ``"ttm"`` (Q and D each see
     only themselves, P and G see everything before them), ``"stm"`` (Q D P see each other), ``"causal"``
     or ``"bidirectional"``. The collator packs samples with it and ``UGDModel.encode`` runs the packed
     batch through ``ugd_ops.partitioned_attention`` (``attn_implementation="ugd"``), no T x T mask.
-    ``ugd.data.layout.check_paradigm`` exposes ``(parts, mask)`` of every registered paradigm.
 
 ``terms``, ``term_weights``, ``options``  -- loss terms and their weights
     ``terms``: the loss terms the paradigm trains, in a fixed order (``UGDOutput.terms`` keys, logged

@@ -28,11 +28,13 @@ Q D P ``[Start]`` g1..gk under the partition mask at every step, without a cache
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
 
-from ..data.collator import pack
-from .inference import as_pairs, check_count, eval_mode, layout_of, require, tqdm_disable, warn_truncated
 from ..data.layout import LayoutConfig, encode_sample, special_token_ids
+from ..data.packing import pack
 from ..modules.packed import move_batch, packed_inputs
+from .inference import as_pairs, check_count, eval_mode, layout_of, require, tqdm_disable, warn_truncated
 
 
 #: ``generate`` keywords that would change the batch shape; the re-batched cache is made for one
@@ -69,8 +71,6 @@ def _left_padded_cache(backbone, packed_cache, index: torch.Tensor, valid: torch
     ``index`` [B, A_max]: the packed token behind each slot (any token on padding slots); ``valid``
     [B, A_max]: False on padding slots, whose keys and values are zeroed (the mask hides them anyway).
     """
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=backbone.config)
     keep = valid[:, None, :, None]
     for i, (k, v) in enumerate(_kv_layers(packed_cache)):
@@ -93,8 +93,6 @@ def _check_positions(backbone, longest_prompt: int, max_new_tokens: int) -> None
 @torch.no_grad()
 def _generate_batch(model, samples, mask: str, start_id: int, eos: int, pad: int, max_new_tokens: int,
                     generate_kwargs: dict) -> list[list[int]]:
-    from transformers import DynamicCache
-
     backbone = model.backbone
     device = model.head_device
     batch = move_batch(pack(samples, mask), device)
@@ -147,8 +145,6 @@ def generate_reason_ids(model, tokenizer, pairs, *, max_new_tokens: int = 64, do
         generate_kwargs: passed to ``transformers`` ``generate``; beams and several sequences per pair
             are refused.
     """
-    from tqdm.auto import tqdm
-
     mask = check_generative(model)
     pairs = as_pairs(pairs)
     check_count("max_new_tokens", max_new_tokens, minimum=0)

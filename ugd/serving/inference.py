@@ -33,9 +33,10 @@ import warnings
 from typing import Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from ..data.collator import budget_batches, pack
 from ..data.layout import LayoutConfig, encode_sample, prompt_ids, special_token_ids
+from ..data.packing import budget_batches, pack
 from ..modules.packed import move_batch
 
 MODES = ("two_tower", "single_tower")
@@ -181,8 +182,6 @@ def encode_texts(model, texts, side: str, *, batch_tokens: int = DEFAULT_BATCH_T
         output_device: where the result goes (``None``: stays on the model's device).
         return_numpy: a float32 numpy array instead of a tensor.
     """
-    from tqdm.auto import tqdm
-
     if side not in _SIDES:
         raise ValueError(f"side must be 'query' or 'document', got {side!r}")
     require(model, {"query": "encode_queries", "document": "encode_documents"}[side])
@@ -274,8 +273,6 @@ def is_store(documents) -> bool:
 def single_tower_probs(model, pairs, *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                        show_progress: bool | None = None) -> torch.Tensor:
     """Single-tower class probabilities ``[N, C]`` (float32, CPU): spans Q D P, no G token."""
-    from tqdm.auto import tqdm
-
     require(model, "single_tower")
     check_count("batch_tokens", batch_tokens, minimum=1)
     pairs = as_pairs(pairs)

@@ -213,12 +213,12 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
     pre.error = parser.error  # one line (ConfigError), not this helper parser's usage
     known, _ = pre.parse_known_args(argv)
 
-    def check_paradigm(name, where):
+    def check_registered(name, where):
         if name is not None and name not in paradigms.names():
             raise ConfigError(f"{where}paradigm {name!r} is not registered; the registered paradigms are "
                               f"{', '.join(paradigms.names())} (docs/paradigms.md)")
 
-    check_paradigm(known.paradigm, "--")
+    check_registered(known.paradigm, "--")
 
     sources: dict = {}
     config_values: dict = {}
@@ -253,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
     except ValueError as e:  # TrainingArguments.__post_init__ checks
         raise ConfigError(str(e)) from e
     ugd_args.preset = preset
-    check_paradigm(ugd_args.paradigm, f"{sources.get('paradigm', 'the default')}: ")  # a config file's value
+    check_registered(ugd_args.paradigm, f"{sources.get('paradigm', 'the default')}: ")  # a config file's value
 
     # before any data is read or model built: these would otherwise train silently or fail deep inside
     problem = training_numbers_problem(training_args) or output_dir_problem(training_args.output_dir)

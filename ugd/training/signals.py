@@ -25,8 +25,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
+import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 EXIT_STATUS = 128 + signal.SIGTERM  # 143
 
@@ -62,8 +65,6 @@ class StopOnSignal(TrainerCallback):
         self.received = signum
 
     def _install(self) -> None:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread; keep the default there
         for sig in self.signals:
@@ -92,8 +93,6 @@ class StopOnSignal(TrainerCallback):
         self._restore()
         if not self._stopping:
             return
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
         name = signal.Signals(self.received).name if self.received else "a signal"
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(checkpoint):  # e.g. save_only_model or another callback vetoed the save
@@ -107,8 +106,6 @@ class StopOnSignal(TrainerCallback):
         raise TrainingInterrupted(message, checkpoint)
 
     def _stop_requested(self, args) -> bool:
-        import torch
-
         flag = self.received is not None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = torch.tensor([int(flag)], device=args.device)
