@@ -1,5 +1,5 @@
 // CPU tests of the host-testable parts of the CUDA attention backward (csrc/cuda/attention/
-// bwd_schedule.cuh, with the fragment pieces of attention_common.h), built by CMake without CUDA
+// bwd_schedule.h and bwd_tile_io.h, with the fragment pieces of mma_fragments.h), built by CMake without CUDA
 // and run by ctest:
 //
 //   schedule      the scheduling block's work (replayed for its 256 threads: chunk counts, prefix
@@ -36,15 +36,15 @@
 
 #include "../common/layout.h"
 #include "../cpu/attention_tiles.h"
-#include "../cuda/attention/bwd_schedule.cuh"
-#include "../cuda/attention/bwd_tile_io.cuh"
-#include "test_expect.h"
+#include "../cuda/attention/bwd_schedule.h"
+#include "../cuda/attention/bwd_tile_io.h"
+#include "../cuda/attention/params.h"
+#include "test_harness.h"
 
 namespace {
 
 namespace attn = ugd_ops::cuda::attn;
-namespace bwd = ugd_ops::cuda::attn_bwd;
-using bwd::Smem;
+using attn::BwdSmem;
 
 using ugd_ops_tests::g_failures;
 
@@ -106,21 +106,21 @@ Layout ttm_aligned() {
 }
 
 // The device's scheduling block, replayed thread by thread for its 256 threads.
-int64_t replay_schedule(const Layout& l, std::vector<bwd::Tile>& tiles) {
-  constexpr int kThreads = bwd::kScheduleThreads;
+int64_t replay_schedule(const Layout& l, std::vector<attn::BwdTile>& tiles) {
+  constexpr int kThreads = attn::kScheduleThreads;
   const int32_t B = static_cast<int32_t>(l.cu.size()) - 1;
-  const int64_t limit = bwd::max_tiles(l.T, B);
-  tiles.assign(std::max<int64_t>(limit, 1), bwd::Tile{-1, -1, -1, -1, -1, -1, -1, -1});
+  const int64_t limit = attn::max_tiles(l.T, B);
+  tiles.assign(std::max<int64_t>(limit, 1), attn::BwdTile{-1, -1, -1, -1, -1, -1, -1, -1});
   int32_t b0[kThreads], b1[kThreads], local[kThreads], scan[kThreads];
   for (int t = 0; t < kThreads; ++t) {
     attn::schedule_chunk(t, kThreads, B, b0[t], b1[t]);
-    local[t] = attn::chunk_tile_count(l.cu.data(), l.T, b0[t], b1[t], bwd::kTile);
+    local[t] = attn::chunk_tile_count(l.cu.data(), l.T, b0[t], b1[t], attn::kBwdTile);
   }
   for (int t = 0; t < kThreads; ++t) scan[t] = local[t] + (t ? scan[t - 1] : 0);
   const int64_t total = std::min<int64_t>(scan[kThreads - 1], limit);
   for (int t = 0; t < kThreads; ++t)
-    bwd::write_chunk_headers(l.cu.data(), l.T, b0[t], b1[t], scan[t] - local[t], total, tiles.data());
-  for (int64_t t = 0; t < total; ++t) bwd::tile_reach(tiles[t], l.ks.data(), l.ke.data());
+    attn::write_chunk_headers(l.cu.data(), l.T, b0[t], b1[t], scan[t] - local[t], total, tiles.data());
+  for (int64_t t = 0; t < total; ++t) attn::tile_reach(tiles[t], l.ks.data(), l.ke.data());
   return total;
 }
 
@@ -128,7 +128,7 @@ at::Tensor i32(const std::vector<int32_t>& v) {
   return at::tensor(at::ArrayRef<int32_t>(v), at::TensorOptions().dtype(at::kInt));
 }
 
-bool same_tile(const bwd::Tile& a, const bwd::Tile& b) {
+bool same_tile(const attn::BwdTile& a, const attn::BwdTile& b) {
   return a.seq_start == b.seq_start && a.seq_len == b.seq_len && a.row0 == b.row0 && a.row1 == b.row1 &&
          a.k_lo == b.k_lo && a.k_hi == b.k_hi && a.first_tile == b.first_tile && a.num_tiles == b.num_tiles;
 }
@@ -154,16 +154,16 @@ std::vector<Layout> test_layouts(uint32_t seed) {
 void test_schedule() {
   for (const Layout& l : test_layouts(1)) {
     const int32_t B = static_cast<int32_t>(l.cu.size()) - 1;
-    std::vector<bwd::Tile> dev, ref(std::max<int64_t>(bwd::max_tiles(l.T, B), 1));
+    std::vector<attn::BwdTile> dev, ref(std::max<int64_t>(attn::max_tiles(l.T, B), 1));
     const int64_t n = replay_schedule(l, dev);
-    const int64_t n_ref = bwd::build_schedule_reference(l.cu.data(), B, l.T, l.ks.data(), l.ke.data(),
-                                                        bwd::max_tiles(l.T, B), ref.data());
+    const int64_t n_ref = attn::build_schedule_reference(l.cu.data(), B, l.T, l.ks.data(), l.ke.data(),
+                                                        attn::max_tiles(l.T, B), ref.data());
     EXPECT(n == n_ref, "device replay gives ", n, " tiles, the reference ", n_ref);
-    EXPECT(n <= bwd::max_tiles(l.T, B), n, " tiles exceed the bound ", bwd::max_tiles(l.T, B));
+    EXPECT(n <= attn::max_tiles(l.T, B), n, " tiles exceed the bound ", attn::max_tiles(l.T, B));
     for (int64_t t = 0; t < std::min(n, n_ref); ++t) EXPECT(same_tile(dev[t], ref[t]), "tile ", t);
 
     // Against the CPU kernel's plan (same tile size, same bounds).
-    static_assert(bwd::kTile == ugd_ops::cpu::kBlockM && bwd::kTile == ugd_ops::cpu::kBlockN);
+    static_assert(attn::kBwdTile == ugd_ops::cpu::kBlockM && attn::kBwdTile == ugd_ops::cpu::kBlockN);
     const auto plan = ugd_ops::cpu::make_tile_plan(i32(l.cu), i32(l.ks), i32(l.ke));
     EXPECT(static_cast<int64_t>(plan.tiles.size()) == n, "CPU plan has ", plan.tiles.size(), " tiles, we ", n);
     for (size_t t = 0; t < std::min<size_t>(plan.tiles.size(), n); ++t) {
@@ -173,10 +173,10 @@ void test_schedule() {
              "tile ", t, " rows");
       EXPECT(c.k_lo == d.k_lo && c.k_hi == d.k_hi, "tile ", t, " reach [", d.k_lo, ", ", d.k_hi, ") vs CPU [",
              c.k_lo, ", ", c.k_hi, ")");
-      EXPECT(ugd_ops::cpu::first_key_tile(c) == bwd::first_key_col(d), "tile ", t, " first key tile");
-      for (int32_t c0 = 0; c0 < d.seq_len; c0 += bwd::kTile) {
-        const int32_t c1 = std::min(c0 + bwd::kTile, d.seq_len);
-        EXPECT(ugd_ops::cpu::tile_meets(c, c0, c1) == bwd::tile_meets(d, c0, c1), "tile ", t, " meets ", c0);
+      EXPECT(ugd_ops::cpu::first_key_tile(c) == attn::first_key_col(d), "tile ", t, " first key tile");
+      for (int32_t c0 = 0; c0 < d.seq_len; c0 += attn::kBwdTile) {
+        const int32_t c1 = std::min(c0 + attn::kBwdTile, d.seq_len);
+        EXPECT(ugd_ops::cpu::tile_meets(c, c0, c1) == attn::tile_meets(d, c0, c1), "tile ", t, " meets ", c0);
       }
     }
     for (size_t b = 0; b < plan.seqs.size(); ++b)
@@ -188,35 +188,35 @@ void test_schedule() {
   // A schedule cut by a too small limit (only cu_seqlens that break the contract can do that on
   // the device): no header at or past the limit is written.
   Layout l = test_layouts(2)[2];
-  std::vector<bwd::Tile> t(64, bwd::Tile{-1, -1, -1, -1, -1, -1, -1, -1});
-  const int64_t n = bwd::build_schedule_reference(l.cu.data(), static_cast<int32_t>(l.cu.size()) - 1, l.T,
+  std::vector<attn::BwdTile> t(64, attn::BwdTile{-1, -1, -1, -1, -1, -1, -1, -1});
+  const int64_t n = attn::build_schedule_reference(l.cu.data(), static_cast<int32_t>(l.cu.size()) - 1, l.T,
                                                   l.ks.data(), l.ke.data(), 2, t.data());
   EXPECT(n == 2 && t[2].row0 == -1, "a cut schedule has ", n, " tiles");
   // max_tiles: sum_b ceil(L_b / 64) <= T / 64 + B and <= T.
-  EXPECT(bwd::max_tiles(0, 3) == 0 && bwd::max_tiles(1, 1) == 1 && bwd::max_tiles(128, 1) == 3 &&
-             bwd::max_tiles(129, 2) == 4,
+  EXPECT(attn::max_tiles(0, 3) == 0 && attn::max_tiles(1, 1) == 1 && attn::max_tiles(128, 1) == 3 &&
+             attn::max_tiles(129, 2) == 4,
          "max_tiles");
 }
 
 void test_visits() {
   for (const Layout& l : test_layouts(3)) {
-    std::vector<bwd::Tile> tiles;
+    std::vector<attn::BwdTile> tiles;
     const int64_t n = replay_schedule(l, tiles);
     // Per tile: the query tiles its dk/dv pass visits, the key columns its dq pass walks.
     for (int64_t j = 0; j < n; ++j) {
-      const bwd::Tile& kt = tiles[j];
+      const attn::BwdTile& kt = tiles[j];
       for (int32_t qi = kt.first_tile; qi < kt.first_tile + kt.num_tiles; ++qi) {
-        const bwd::Tile& qt = tiles[qi];
+        const attn::BwdTile& qt = tiles[qi];
         EXPECT(qt.seq_start == kt.seq_start, "tile ", qi, " is not of the sequence of tile ", j);
-        const bool visited = bwd::tile_meets(qt, kt.row0, kt.row1);
+        const bool visited = attn::tile_meets(qt, kt.row0, kt.row1);
         bool needed = false;
         for (int32_t r = qt.row0; r < qt.row1; ++r)
           for (int32_t c = kt.row0; c < kt.row1; ++c)
-            needed = needed || bwd::allowed(l.ks[qt.seq_start + r], l.ke[qt.seq_start + r], c);
+            needed = needed || attn::allowed(l.ks[qt.seq_start + r], l.ke[qt.seq_start + r], c);
         EXPECT(visited || !needed, "key tile ", j, " skips query tile ", qi, " whose rows read it");
         // The dq pass of qt walks kt iff kt meets [k_lo, k_hi): the same condition from the row side.
         bool walked = false;
-        for (int32_t c0 = bwd::first_key_col(qt); c0 < qt.k_hi; c0 += bwd::kTile) walked = walked || c0 == kt.row0;
+        for (int32_t c0 = attn::first_key_col(qt); c0 < qt.k_hi; c0 += attn::kBwdTile) walked = walked || c0 == kt.row0;
         EXPECT(walked == visited, "dq walk and dk/dv visit disagree on (", qi, ", ", j, ")");
       }
     }
@@ -224,22 +224,22 @@ void test_visits() {
   // ttm with 64-aligned spans: tile 0 = Q rows/keys, 1-2 = D, 3 = P, 4 = G. The Q keys are read by
   // Q, P and G rows only: the D tiles in between are skipped. The D keys only by D, P, G rows.
   const Layout l = ttm_aligned();
-  std::vector<bwd::Tile> tiles;
+  std::vector<attn::BwdTile> tiles;
   EXPECT(replay_schedule(l, tiles) == 5, "ttm tiles");
   const bool expect_q_keys[5] = {true, false, false, true, true};
   const bool expect_d_keys[5] = {false, true, true, true, true};
   for (int qi = 0; qi < 5; ++qi) {
-    EXPECT(bwd::tile_meets(tiles[qi], 0, 64) == expect_q_keys[qi], "ttm: Q keys vs query tile ", qi);
-    EXPECT(bwd::tile_meets(tiles[qi], 64, 128) == expect_d_keys[qi], "ttm: D keys vs query tile ", qi);
+    EXPECT(attn::tile_meets(tiles[qi], 0, 64) == expect_q_keys[qi], "ttm: Q keys vs query tile ", qi);
+    EXPECT(attn::tile_meets(tiles[qi], 64, 128) == expect_d_keys[qi], "ttm: D keys vs query tile ", qi);
   }
-  EXPECT(bwd::first_key_col(tiles[1]) == 64 && tiles[1].k_hi == 192, "ttm: D rows walk keys [64, 192)");
+  EXPECT(attn::first_key_col(tiles[1]) == 64 && tiles[1].k_hi == 192, "ttm: D rows walk keys [64, 192)");
 }
 
 void test_delta() {
-  EXPECT(bwd::delta_value(1.5f, 0.25f) == 1.25f, "finite dlse");
-  EXPECT(bwd::delta_value(1.5f, kInf) == 1.5f && bwd::delta_value(1.5f, -kInf) == 1.5f, "infinite dlse counts 0");
-  EXPECT(bwd::delta_value(1.5f, std::nanf("")) == 1.5f, "NaN dlse counts 0");
-  EXPECT(bwd::delta_value(1.5f, 0.0f) == 1.5f, "no dlse");
+  EXPECT(attn::delta_value(1.5f, 0.25f) == 1.25f, "finite dlse");
+  EXPECT(attn::delta_value(1.5f, kInf) == 1.5f && attn::delta_value(1.5f, -kInf) == 1.5f, "infinite dlse counts 0");
+  EXPECT(attn::delta_value(1.5f, std::nanf("")) == 1.5f, "NaN dlse counts 0");
+  EXPECT(attn::delta_value(1.5f, 0.0f) == 1.5f, "no dlse");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ struct Dtype {
   double eps() const { return bf16 ? 1.0 / 256 : 1.0 / 2048; }
 };
 
-constexpr int kWarps = 4, kNT = bwd::kTile / 8;
+constexpr int kWarps = 4, kNT = attn::kBwdTile / 8;
 using LaneAcc = std::vector<std::array<float, 4>>;  // [n-tiles] per lane
 
 u16 half_of(uint32_t reg, int which) { return static_cast<u16>(which ? reg >> 16 : reg & 0xffffu); }
@@ -355,34 +355,33 @@ Staged stage(const Problem& p, bool strided) {
   return st;
 }
 
-// Shared memory of one block: the kernels' layout (Smem<D>, carved by their smem_views), 16-byte aligned.
-struct Block : bwd::SmemViews {
+// Shared memory of one block: the kernels' layout (BwdSmem<D>, carved by their bwd_smem_views), 16-byte aligned.
+struct Block : attn::BwdSmemViews {
   std::vector<uint64_t> raw;
   template <int D>
   static Block make() {
     Block b;
-    b.raw.assign(Smem<D>::kBytes / 8 + 2, 0xffffffffffffffffull);  // garbage, as shared memory starts
-    static_cast<bwd::SmemViews&>(b) = bwd::smem_views<D>(reinterpret_cast<unsigned char*>(b.raw.data()));
+    b.raw.assign(BwdSmem<D>::kBytes / 8 + 2, 0xffffffffffffffffull);  // garbage, as shared memory starts
+    static_cast<attn::BwdSmemViews&>(b) = attn::bwd_smem_views<D>(reinterpret_cast<unsigned char*>(b.raw.data()));
     return b;
   }
 };
 
 template <int D>
 void load_tile_all(u16* dst, const u16* src, int64_t tok0, int rows, int64_t st, int64_t sh, int head, bool vec16) {
-  for (int tid = 0; tid < bwd::kThreads; ++tid) bwd::load_tile<D>(tid, dst, src, tok0, rows, st, sh, head, vec16);
+  for (int tid = 0; tid < attn::kBwdThreads; ++tid) attn::load_tile<D>(tid, dst, src, tok0, rows, st, sh, head, vec16);
 }
 
-void load_rows_all(const Block& b, const bwd::BwdParams& p, int h, int64_t tok0, int rows) {
-  for (int tid = 0; tid < bwd::kThreads; ++tid) bwd::load_rows(tid, b.lse2, b.delta, b.ks, b.ke, p, h, tok0, rows);
+void load_rows_all(const Block& b, const attn::BwdParams& p, int h, int64_t tok0, int rows) {
+  for (int tid = 0; tid < attn::kBwdThreads; ++tid) attn::load_rows(tid, b.lse2, b.delta, b.ks, b.ke, p, h, tok0, rows);
 }
 
-// The three launches, replayed: the kernels' staging (bwd_tile_io.cuh) for every thread, their
+// The three launches, replayed: the kernels' staging (bwd_tile_io.h) for every thread, their
 // per-warp products lane by lane. Outputs as float (the 16-bit values the kernels store).
 template <int D>
 void emulate_backward(const Problem& p, const Dtype& dt, bool strided, std::vector<float>& dq, std::vector<float>& dk,
                       std::vector<float>& dv) {
-  using bwd::Smem;
-  const int T = p.l.T, Hq = p.Hq, Hkv = p.Hkv, group = Hq / Hkv, ld = Smem<D>::kLd;
+  const int T = p.l.T, Hq = p.Hq, Hkv = p.Hkv, group = Hq / Hkv, ld = BwdSmem<D>::kLd;
   const Staged st = stage(p, strided);
   // Launch 1: delta and the schedule.
   std::vector<float> delta(static_cast<size_t>(Hq) * T);
@@ -390,14 +389,14 @@ void emulate_backward(const Problem& p, const Dtype& dt, bool strided, std::vect
     for (int i = 0; i < T; ++i) {
       float dot = 0;
       for (int d = 0; d < D; ++d) dot += dt.to_f(p.dout[(i * Hq + h) * D + d]) * dt.to_f(p.out[(i * Hq + h) * D + d]);
-      delta[h * T + i] = bwd::delta_value(dot, p.dlse.empty() ? 0.0f : p.dlse[h * T + i]);
+      delta[h * T + i] = attn::delta_value(dot, p.dlse.empty() ? 0.0f : p.dlse[h * T + i]);
     }
-  std::vector<bwd::Tile> tiles;
-  const int32_t n = static_cast<int32_t>(replay_schedule(p.l, tiles));
+  std::vector<attn::BwdTile> tiles;
+  int32_t n = static_cast<int32_t>(replay_schedule(p.l, tiles));  // BwdParams::num_tiles (the prep launch writes it)
   std::vector<u16> dq16(static_cast<size_t>(T) * Hq * D, 0x7fc0), dk16(static_cast<size_t>(T) * Hkv * D, 0x7fc0),
       dv16(static_cast<size_t>(T) * Hkv * D, 0x7fc0);  // poisoned with NaN: every element must be written
 
-  bwd::BwdParams prm{};
+  attn::BwdParams prm{};
   prm.q = st.q;
   prm.k = st.k;
   prm.v = st.v;
@@ -411,7 +410,7 @@ void emulate_backward(const Problem& p, const Dtype& dt, bool strided, std::vect
   prm.dq = dq16.data();
   prm.dk = dk16.data();
   prm.dv = dv16.data();
-  prm.lse = p.lse.data();
+  prm.lse = const_cast<float*>(p.lse.data());  // read only (the forward writes lse through FwdParams)
   prm.delta = delta.data();
   prm.kv_start = p.l.ks.data();
   prm.kv_end = p.l.ke.data();
@@ -438,7 +437,7 @@ void emulate_backward(const Problem& p, const Dtype& dt, bool strided, std::vect
     for (int lane = 0; lane < 32; ++lane) {
       float a[D / 8][4];
       frag(acc, lane, a, D / 8);
-      bwd::store_rows<D>(out, tok0, h, H, wrow, rows, a, scale, lane, to16);
+      attn::store_rows<D>(out, tok0, h, H, wrow, rows, a, scale, lane, to16);
     }
   };
 
@@ -447,25 +446,25 @@ void emulate_backward(const Problem& p, const Dtype& dt, bool strided, std::vect
     for (int g = 0; g < Hkv; ++g) {
       Block b = Block::make<D>();
       u16 *k_s = b.t0, *v_s = b.t1, *q_s = b.t2, *do_s = b.t3;
-      const bwd::Tile kt = prm.tiles[j];
+      const attn::BwdTile kt = prm.tiles[j];
       const int32_t c0 = kt.row0, cols = kt.row1 - kt.row0;
       const int64_t key0 = static_cast<int64_t>(kt.seq_start) + c0;
       load_tile_all<D>(k_s, prm.k, key0, cols, prm.k_st, prm.k_sh, g, prm.vec16);
       load_tile_all<D>(v_s, prm.v, key0, cols, prm.v_st, prm.v_sh, g, prm.vec16);
-      const std::vector<u16> k_v(k_s, k_s + Smem<D>::kTileElems), v_v(v_s, v_s + Smem<D>::kTileElems);
+      const std::vector<u16> k_v(k_s, k_s + BwdSmem<D>::kTileElems), v_v(v_s, v_s + BwdSmem<D>::kTileElems);
       std::vector<std::vector<LaneAcc>> dk_acc(kWarps, std::vector<LaneAcc>(32, LaneAcc(D / 8, {0, 0, 0, 0})));
       auto dv_acc = dk_acc;
       const int32_t q_end = std::min(kt.first_tile + kt.num_tiles, *prm.num_tiles);
       for (int32_t qi = kt.first_tile; qi < q_end; ++qi) {
-        const bwd::Tile qt = prm.tiles[qi];
-        if (!bwd::tile_meets(qt, c0, kt.row1)) continue;
+        const attn::BwdTile qt = prm.tiles[qi];
+        if (!attn::tile_meets(qt, c0, kt.row1)) continue;
         const int rows = qt.row1 - qt.row0;
         const int64_t tok0 = static_cast<int64_t>(qt.seq_start) + qt.row0;
         for (int h = g * prm.group; h < (g + 1) * prm.group; ++h) {
           load_tile_all<D>(q_s, prm.q, tok0, rows, prm.q_st, prm.q_sh, h, prm.vec16);
           load_tile_all<D>(do_s, prm.dout, tok0, rows, prm.do_st, prm.do_sh, h, prm.vec16);
           load_rows_all(b, prm, h, tok0, rows);
-          const std::vector<u16> q_v(q_s, q_s + Smem<D>::kTileElems), do_v(do_s, do_s + Smem<D>::kTileElems);
+          const std::vector<u16> q_v(q_s, q_s + BwdSmem<D>::kTileElems), do_v(do_s, do_s + BwdSmem<D>::kTileElems);
           for (int w = 0; w < kWarps; ++w) {
             auto s = emu_gemm_abt(k_v, 16 * w, q_v, D, ld, dt);
             auto dp = emu_gemm_abt(v_v, 16 * w, do_v, D, ld, dt);
@@ -473,7 +472,7 @@ void emulate_backward(const Problem& p, const Dtype& dt, bool strided, std::vect
               float sl[kNT][4], dpl[kNT][4];
               frag(s, lane, sl, kNT);
               frag(dp, lane, dpl, kNT);
-              bwd::p_ds_block<true, kNT>(sl, dpl, lane, 16 * w, c0, cols, b.lse2, b.delta, b.ks, b.ke,
+              attn::p_ds_block<true, kNT>(sl, dpl, lane, 16 * w, c0, cols, b.lse2, b.delta, b.ks, b.ke,
                                          prm.scale_log2);
               unfrag(s, lane, sl, kNT);
               unfrag(dp, lane, dpl, kNT);
@@ -494,20 +493,20 @@ void emulate_backward(const Problem& p, const Dtype& dt, bool strided, std::vect
       Block b = Block::make<D>();
       u16 *q_s = b.t0, *do_s = b.t1, *k_s = b.t2, *v_s = b.t3;
       const int g = h / prm.group;
-      const bwd::Tile qt = prm.tiles[i];
+      const attn::BwdTile qt = prm.tiles[i];
       const int rows = qt.row1 - qt.row0;
       const int64_t tok0 = static_cast<int64_t>(qt.seq_start) + qt.row0;
       load_tile_all<D>(q_s, prm.q, tok0, rows, prm.q_st, prm.q_sh, h, prm.vec16);
       load_tile_all<D>(do_s, prm.dout, tok0, rows, prm.do_st, prm.do_sh, h, prm.vec16);
       load_rows_all(b, prm, h, tok0, rows);
-      const std::vector<u16> q_v(q_s, q_s + Smem<D>::kTileElems), do_v(do_s, do_s + Smem<D>::kTileElems);
+      const std::vector<u16> q_v(q_s, q_s + BwdSmem<D>::kTileElems), do_v(do_s, do_s + BwdSmem<D>::kTileElems);
       std::vector<std::vector<LaneAcc>> dq_acc(kWarps, std::vector<LaneAcc>(32, LaneAcc(D / 8, {0, 0, 0, 0})));
-      for (int32_t c0 = bwd::first_key_col(qt); c0 < qt.k_hi; c0 += bwd::kTile) {
-        const int32_t c1 = std::min(c0 + bwd::kTile, qt.seq_len), cols = c1 - c0;
+      for (int32_t c0 = attn::first_key_col(qt); c0 < qt.k_hi; c0 += attn::kBwdTile) {
+        const int32_t c1 = std::min(c0 + attn::kBwdTile, qt.seq_len), cols = c1 - c0;
         const int64_t key0 = static_cast<int64_t>(qt.seq_start) + c0;
         load_tile_all<D>(k_s, prm.k, key0, cols, prm.k_st, prm.k_sh, g, prm.vec16);
         load_tile_all<D>(v_s, prm.v, key0, cols, prm.v_st, prm.v_sh, g, prm.vec16);
-        const std::vector<u16> k_v(k_s, k_s + Smem<D>::kTileElems), v_v(v_s, v_s + Smem<D>::kTileElems);
+        const std::vector<u16> k_v(k_s, k_s + BwdSmem<D>::kTileElems), v_v(v_s, v_s + BwdSmem<D>::kTileElems);
         for (int w = 0; w < kWarps; ++w) {
           auto s = emu_gemm_abt(q_v, 16 * w, k_v, D, ld, dt);
           auto dp = emu_gemm_abt(do_v, 16 * w, v_v, D, ld, dt);
@@ -515,7 +514,7 @@ void emulate_backward(const Problem& p, const Dtype& dt, bool strided, std::vect
             float sl[kNT][4], dpl[kNT][4];
             frag(s, lane, sl, kNT);
             frag(dp, lane, dpl, kNT);
-            bwd::p_ds_block<false, kNT>(sl, dpl, lane, 16 * w, c0, cols, b.lse2, b.delta, b.ks, b.ke, prm.scale_log2);
+            attn::p_ds_block<false, kNT>(sl, dpl, lane, 16 * w, c0, cols, b.lse2, b.delta, b.ks, b.ke, prm.scale_log2);
             unfrag(dp, lane, dpl, kNT);
           }
           emu_gemm_xb(dq_acc[w], dp, k_v, D, ld, dt);
@@ -687,34 +686,14 @@ void emulate(bool bf16) {
   }
 }
 
-const std::vector<std::pair<std::string_view, std::function<void()>>>& tests() {
-  static const std::vector<std::pair<std::string_view, std::function<void()>>> all = {
-      {"schedule", test_schedule},
-      {"visits", test_visits},
-      {"delta", test_delta},
-      {"emulate_bf16", [] { emulate(true); }},
-      {"emulate_fp16", [] { emulate(false); }},
-  };
-  return all;
-}
+const std::vector<ugd_ops_tests::TestCase> kTests = {
+    {"schedule", test_schedule},
+    {"visits", test_visits},
+    {"delta", test_delta},
+    {"emulate_bf16", [] { emulate(true); }},
+    {"emulate_fp16", [] { emulate(false); }},
+};
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  std::vector<std::string_view> names(argv + 1, argv + argc);
-  int ran = 0;
-  for (const auto& [name, fn] : tests()) {
-    if (!names.empty() && std::find(names.begin(), names.end(), name) == names.end()) continue;
-    const int before = g_failures;
-    fn();
-    std::printf("%s: %s\n", std::string(name).c_str(), g_failures == before ? "ok" : "FAILED");
-    ++ran;
-  }
-  if (ran == 0) {
-    std::fprintf(stderr, "no test named");
-    for (auto n : names) std::fprintf(stderr, " %s", std::string(n).c_str());
-    std::fprintf(stderr, "\n");
-    return 2;
-  }
-  return g_failures == 0 ? 0 : 1;
-}
+int main(int argc, char** argv) { return ugd_ops_tests::run_tests(argc, argv, kTests); }

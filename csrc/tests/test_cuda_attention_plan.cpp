@@ -1,5 +1,5 @@
-// CPU tests of the host-testable parts of the CUDA attention kernels (csrc/cuda/attention/
-// attention_common.h), built by CMake without CUDA and run by ctest:
+// CPU tests of the host-testable parts of the CUDA attention forward (csrc/cuda/attention/: schedule.h,
+// tile_bounds.h, mma_fragments.h, online_softmax.h), built by CMake without CUDA and run by ctest:
 //
 //   fragments   the mma.sync m16n8k16 index maps against the PTX ISA's fragment tables, written out
 //               here a second time from the ISA's wording; the shared-memory loaders and acc_to_a
@@ -11,7 +11,7 @@
 //   skips       TileBounds (in the kernel's reduction order), the visited key tiles and the unmasked
 //               fast path against the CPU plan and against the row intervals themselves
 //   emulate_bf16, emulate_fp16
-//               the forward kernel replayed lane by lane on the CPU -- the same attention_common.h
+//               the forward kernel replayed lane by lane on the CPU -- the kernel's own helper
 //               functions in the kernel's order, each mma.sync and shuffle emulated -- on random UGD
 //               layouts (UGD masks, awkward lengths 1, 17, 127, empty sequences, empty rows, GQA)
 //               against a float64 reference
@@ -36,8 +36,11 @@
 
 #include "../common/layout.h"
 #include "../cpu/attention_tiles.h"
-#include "../cuda/attention/attention_common.h"
-#include "test_expect.h"
+#include "../cuda/attention/mma_fragments.h"
+#include "../cuda/attention/online_softmax.h"
+#include "../cuda/attention/schedule.h"
+#include "../cuda/attention/tile_bounds.h"
+#include "test_harness.h"
 
 namespace {
 
@@ -720,12 +723,7 @@ void test_emulate(bool bf16) {
   }
 }
 
-struct TestCase {
-  const char* name;
-  std::function<void()> fn;
-};
-
-const TestCase kTests[] = {
+const std::vector<ugd_ops_tests::TestCase> kTests = {
     {"fragments", test_fragments},
     {"schedule", test_schedule},
     {"skips", test_skips},
@@ -733,36 +731,6 @@ const TestCase kTests[] = {
     {"emulate_fp16", [] { test_emulate(false); }},
 };
 
-bool run(const TestCase& t) {
-  const int before = g_failures;
-  std::printf("[ RUN  ] %s\n", t.name);
-  std::fflush(stdout);
-  try {
-    t.fn();
-  } catch (const std::exception& e) {
-    ++g_failures;
-    std::fprintf(stderr, "%s: exception: %s\n", t.name, e.what());
-  }
-  const bool ok = g_failures == before;
-  std::printf("[ %s ] %s\n", ok ? " OK " : "FAIL", t.name);
-  return ok;
-}
-
 }  // namespace
 
-int main(int argc, char** argv) {
-  int failed = 0, ran = 0;
-  for (const TestCase& t : kTests) {
-    bool wanted = argc == 1;
-    for (int a = 1; a < argc; ++a) wanted |= std::string_view(argv[a]) == t.name;
-    if (!wanted) continue;
-    failed += run(t) ? 0 : 1;
-    ++ran;
-  }
-  if (ran == 0) {
-    std::fprintf(stderr, "no test matched; the tests are: fragments schedule skips emulate_bf16 emulate_fp16\n");
-    return 2;
-  }
-  std::printf("%d of %d tests passed\n", ran - failed, ran);
-  return failed == 0 ? 0 : 1;
-}
+int main(int argc, char** argv) { return ugd_ops_tests::run_tests(argc, argv, kTests); }

@@ -24,21 +24,9 @@
 #include <utility>
 #include <vector>
 
+#include "test_harness.h"
+
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// A tiny test framework.
-// ---------------------------------------------------------------------------------------------
-int g_failures = 0;
-
-#define EXPECT(cond, ...)                                                                        \
-  do {                                                                                           \
-    if (!(cond)) {                                                                               \
-      ++g_failures;                                                                              \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed: %s\n", __FILE__, __LINE__, #cond,         \
-                   std::string(c10::str(__VA_ARGS__)).c_str());                                  \
-    }                                                                                            \
-  } while (0)
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -466,12 +454,7 @@ void test_invalid_args() {
                      "temperature", "detached_kl temperature 0");
 }
 
-struct TestCase {
-  const char* name;
-  void (*fn)();
-};
-
-const TestCase kTests[] = {
+const std::vector<ugd_ops_tests::TestCase> kTests = {
     {"registration", test_registration},
     {"fwd_ttm", test_fwd_ttm},
     {"fwd_stm", test_fwd_stm},
@@ -485,49 +468,6 @@ const TestCase kTests[] = {
     {"invalid_args", test_invalid_args},
 };
 
-bool run(const TestCase& t) {
-  const int before = g_failures;
-  std::printf("[ RUN      ] %s\n", t.name);
-  std::fflush(stdout);
-  try {
-    t.fn();
-  } catch (const c10::Error& e) {
-    ++g_failures;
-    std::fprintf(stderr, "%s: unexpected c10::Error: %s\n", t.name, e.what());
-  } catch (const std::exception& e) {
-    ++g_failures;
-    std::fprintf(stderr, "%s: unexpected exception: %s\n", t.name, e.what());
-  }
-  const bool ok = g_failures == before;
-  std::printf("[ %s ] %s\n", ok ? "      OK" : "  FAILED", t.name);
-  std::fflush(stdout);
-  return ok;
-}
-
 }  // namespace
 
-int main(int argc, char** argv) {
-  int failed = 0, ran = 0;
-  if (argc == 1) {
-    for (const TestCase& t : kTests) {
-      failed += run(t) ? 0 : 1;
-      ++ran;
-    }
-  } else {
-    for (int a = 1; a < argc; ++a) {
-      const TestCase* found = nullptr;
-      for (const TestCase& t : kTests)
-        if (std::string_view(argv[a]) == t.name) found = &t;
-      if (found == nullptr) {
-        std::fprintf(stderr, "unknown test '%s'; the tests are:", argv[a]);
-        for (const TestCase& t : kTests) std::fprintf(stderr, " %s", t.name);
-        std::fprintf(stderr, "\n");
-        return 2;
-      }
-      failed += run(*found) ? 0 : 1;
-      ++ran;
-    }
-  }
-  std::printf("%d of %d tests passed\n", ran - failed, ran);
-  return failed == 0 ? 0 : 1;
-}
+int main(int argc, char** argv) { return ugd_ops_tests::run_tests(argc, argv, kTests); }

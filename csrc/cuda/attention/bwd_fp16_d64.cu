@@ -1,5 +1,12 @@
-// One instantiation of the CUDA attention backward kernels (bwd_kernel.cuh): fp16, head dim 64.
-#define UGD_BWD_INSTANTIATE
-#define UGD_BWD_BF16 false
-#define UGD_BWD_D 64
+// The fp16, head dim 64 instantiation of the CUDA partitioned-attention backward (one per file:
+// the four compile in parallel, and a change to one kernel variant rebuilds only its file).
 #include "bwd_kernel.cuh"
+
+namespace ugd_ops::cuda::attn {
+
+template <>
+void launch_bwd<false, 64>(const BwdParams& p, cudaStream_t stream) {
+  launch_bwd_impl<false, 64>(p, stream);
+}
+
+}  // namespace ugd_ops::cuda::attn

@@ -5,7 +5,7 @@
 // blockIdx.x = slot * Hq + h, so the heads of one query tile are neighbours (their K/V tiles are
 // shared through L2 under GQA). 4 warps, 16 query rows each. Per CTA:
 //   1. find its (sequence, row tile) in tile_offsets (built by the scheduling kernel), read the
-//      rows' intervals and reduce them to TileBounds (attention_common.h);
+//      rows' intervals and reduce them to TileBounds (tile_bounds.h);
 //   2. stream the key tiles c0 = first_key_tile, ..., < k_hi (kBlockN = 64 keys each) through shared
 //      memory with cp.async: K of the next tile loads during this tile's softmax and P V, V of the
 //      next during the next S = Q K^T; rows past the end of the sequence are zero-filled;
@@ -24,9 +24,13 @@
 #include <atomic>
 #include <cstdint>
 
-#include "attention_common.h"
-#include "fwd_params.h"
+#include "launch.h"
+#include "mma_fragments.h"
+#include "online_softmax.h"
+#include "params.h"
+#include "schedule.h"
 #include "sm80_ptx.cuh"
+#include "tile_bounds.h"
 
 namespace ugd_ops::cuda::attn {
 
@@ -47,7 +51,7 @@ struct FwdTraits {
 
 // Rows [0, kRows) of a tile starting at sequence row `row0` -> shared; rows at or past L are zeros.
 template <int kD, int kRows, int kThreads>
-__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* base, int64_t stride_t, int32_t row0,
+__device__ __forceinline__ void cp_async_tile(uint16_t* smem, const uint16_t* base, int64_t stride_t, int32_t row0,
                                           int32_t L, int tid) {
   constexpr int kChunks = kD / 8, kLd = kD + 8;
 #pragma unroll
@@ -71,7 +75,8 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) partitioned_attention
 
   const int64_t item = blockIdx.x;
   const int32_t h = static_cast<int32_t>(item % p.Hq);
-  const WorkItem w = find_work_item(p.tile_offsets, p.cu_seqlens, p.B, p.T, item / p.Hq, kBlockM);
+  const WorkItem w =
+      find_work_item(p.tile_offsets, p.cu_seqlens, p.B, static_cast<int32_t>(p.T), item / p.Hq, kBlockM);
   if (!w.valid) return;  // a surplus slot of the grid bound T / kBlockM + B (uniform over the block)
   const int32_t g = h / p.group, L = w.seq_len, start = w.seq_start;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -125,16 +130,16 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) partitioned_attention
   float m[2] = {neg_inf_f(), neg_inf_f()}, l[2] = {0.0f, 0.0f};
 
   if (tb.any()) {
-    const uint16_t* q_base = static_cast<const uint16_t*>(p.q) + static_cast<int64_t>(start) * p.q_st + h * p.q_sh;
-    const uint16_t* k_base = static_cast<const uint16_t*>(p.k) + static_cast<int64_t>(start) * p.k_st + g * p.k_sh;
-    const uint16_t* v_base = static_cast<const uint16_t*>(p.v) + static_cast<int64_t>(start) * p.v_st + g * p.v_sh;
+    const uint16_t* q_base = p.q + static_cast<int64_t>(start) * p.q_st + h * p.q_sh;
+    const uint16_t* k_base = p.k + static_cast<int64_t>(start) * p.k_st + g * p.k_sh;
+    const uint16_t* v_base = p.v + static_cast<int64_t>(start) * p.v_st + g * p.v_sh;
     const int32_t c_first = first_key_tile(tb, kBlockN);
     // cp.async groups, in commit order: {Q, K_first}, {V_first}, then per tile {K_next}, {V_next}
     // (empty groups when there is no next tile, so that the counts below always hold).
-    load_tile<kD, kBlockM, kThreads>(sQ, q_base, p.q_st, w.row0, L, tid);
-    load_tile<kD, kBlockN, kThreads>(sK, k_base, p.k_st, c_first, L, tid);
+    cp_async_tile<kD, kBlockM, kThreads>(sQ, q_base, p.q_st, w.row0, L, tid);
+    cp_async_tile<kD, kBlockN, kThreads>(sK, k_base, p.k_st, c_first, L, tid);
     cp_async_commit();
-    load_tile<kD, kBlockN, kThreads>(sV, v_base, p.v_st, c_first, L, tid);
+    cp_async_tile<kD, kBlockN, kThreads>(sV, v_base, p.v_st, c_first, L, tid);
     cp_async_commit();
 
     int a_row, a_col, bt_row, bt_col;  // this lane's ldmatrix row address within a 16x16 block
@@ -167,7 +172,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) partitioned_attention
       __syncthreads();  // every warp is done with sK
       const int32_t c_next = c0 + kBlockN;
       const bool has_next = c_next < tb.k_hi;
-      if (has_next) load_tile<kD, kBlockN, kThreads>(sK, k_base, p.k_st, c_next, L, tid);
+      if (has_next) cp_async_tile<kD, kBlockN, kThreads>(sK, k_base, p.k_st, c_next, L, tid);
       cp_async_commit();
 
       float mx[2];
@@ -195,13 +200,13 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) partitioned_attention
         }
       }
       __syncthreads();  // every warp is done with sV
-      if (has_next) load_tile<kD, kBlockN, kThreads>(sV, v_base, p.v_st, c_next, L, tid);
+      if (has_next) cp_async_tile<kD, kBlockN, kThreads>(sV, v_base, p.v_st, c_next, L, tid);
       cp_async_commit();
     }
     cp_async_wait<0>();
   }
 
-  uint16_t* o_base = static_cast<uint16_t*>(p.out) + static_cast<int64_t>(start) * p.o_st + h * p.o_sh;
+  uint16_t* o_base = p.out + static_cast<int64_t>(start) * p.o_st + h * p.o_sh;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);

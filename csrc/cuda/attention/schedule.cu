@@ -1,17 +1,15 @@
 // The scheduling kernel of the CUDA attention kernels: tile_offsets[b] = number of tiles of the
 // sequences before b (tiles of `tile` rows), in one block, on the stream, without a host sync.
 // Each thread scans a contiguous chunk of sequences, thread 0 prefix-sums the 256 chunk counts,
-// then each thread writes its chunk's offsets (attention_common.h; the host test replays it).
+// then each thread writes its chunk's offsets (schedule.h; the host test replays it).
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
-#include "attention_common.h"
+#include "launch.h"
 #include "schedule.h"
 
 namespace ugd_ops::cuda::attn {
 namespace {
-
-constexpr int kScheduleThreads = 256;
 
 __global__ void __launch_bounds__(kScheduleThreads)
     tile_offsets_kernel(const int32_t* __restrict__ cu, int32_t B, int32_t T, int32_t tile,

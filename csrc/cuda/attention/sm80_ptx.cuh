@@ -1,6 +1,6 @@
 // Device wrappers of the sm_80 instructions the attention kernels use: mma.sync m16n8k16 (bf16 / fp16
 // in, fp32 accumulate), ldmatrix.x4 (.trans), cp.async (16 bytes, zero-filling) and its group waits,
-// and the fp32 -> 16-bit conversions. The fragment layouts the mma expects are in attention_common.h (host-tested).
+// and the fp32 -> 16-bit conversions. The fragment layouts the mma expects are in mma_fragments.h (host-tested).
 // Valid on sm_80 and later (sm_90 runs them unchanged).
 #pragma once
 
@@ -29,7 +29,7 @@ __device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], co
   }
 }
 
-// Four 8x8 matrices of 16-bit values from shared memory (see ldsm_*_offset in attention_common.h
+// Four 8x8 matrices of 16-bit values from shared memory (see ldsm_*_offset in mma_fragments.h
 // for which lane gives which row address). "memory": the reads must stay after the __syncthreads
 // that publishes the tile.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const uint16_t* smem_row) {

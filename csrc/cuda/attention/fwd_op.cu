@@ -1,7 +1,8 @@
 // ugd_ops::_cuda_attention_fwd: the internal operator that runs the sm_80 forward kernel
-// (fwd_kernel.cuh) on CUDA tensors. Same schema as partitioned_attention_fwd; the public operator
-// routes here when ugd_ops/cuda_attention.py says the kernel serves the call (bf16 / fp16, head
-// dim 64 or 128, q, k, v of one dtype) -- anything else is an error here, not a fallback.
+// (fwd_kernel.cuh, launched through launch.h) on CUDA tensors; bwd_op.cu is its backward twin.
+// Same schema as partitioned_attention_fwd; the public operator routes here when
+// ugd_ops/cuda_attention.py says the kernel serves the call (bf16 / fp16, head dim 64 or 128, q, k,
+// v of one dtype) -- anything else is an error here, not a fallback.
 //
 // No host synchronisation: the layout's values are not checked here (the public operator's checks
 // decide that); a broken layout cannot make the kernel read or write out of bounds (cu_seqlens and
@@ -21,8 +22,9 @@
 #include <tuple>
 
 #include "../../common/checks.h"
-#include "attention_common.h"
-#include "fwd_params.h"
+#include "launch.h"
+#include "params.h"
+#include "schedule.h"
 
 namespace ugd_ops::cuda::attn {
 namespace {
@@ -79,10 +81,10 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(const at::Tensor& q_in, co
   launch_tile_offsets(cu.data_ptr<int32_t>(), static_cast<int32_t>(B), static_cast<int32_t>(T), kFwdBlockM,
                       tile_offsets.data_ptr<int32_t>(), stream);
   FwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
+  p.q = static_cast<const uint16_t*>(q.const_data_ptr());
+  p.k = static_cast<const uint16_t*>(k.const_data_ptr());
+  p.v = static_cast<const uint16_t*>(v.const_data_ptr());
+  p.out = static_cast<uint16_t*>(out.mutable_data_ptr());
   p.lse = lse.data_ptr<float>();
   p.q_st = stride_or_zero(q, 0);
   p.q_sh = stride_or_zero(q, 1);
@@ -97,9 +99,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(const at::Tensor& q_in, co
   p.kv_end = ke.data_ptr<int32_t>();
   p.tile_offsets = tile_offsets.data_ptr<int32_t>();
   p.B = static_cast<int32_t>(B);
-  p.T = static_cast<int32_t>(T);
+  p.T = T;
   p.Hq = static_cast<int32_t>(Hq);
+  p.Hkv = static_cast<int32_t>(Hkv);
   p.group = static_cast<int32_t>(Hq / Hkv);
+  p.D = static_cast<int32_t>(D);
+  p.scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(scale_log2);
   const bool bf16 = dtype == at::kBFloat16;
   if (bf16 && D == 64) launch_fwd<true, 64>(p, slots, stream);
@@ -111,12 +116,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_attention_fwd(const at::Tensor& q_in, co
 
 }  // namespace
 
+}  // namespace ugd_ops::cuda::attn
+
 TORCH_LIBRARY_FRAGMENT(ugd_ops, m) {
   m.def(
       "_cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor kv_start, "
       "Tensor kv_end, int? max_seqlen, float softmax_scale) -> (Tensor out, Tensor lse)");
 }
 
-TORCH_LIBRARY_IMPL(ugd_ops, CUDA, m) { m.impl("_cuda_attention_fwd", &cuda_attention_fwd); }
-
-}  // namespace ugd_ops::cuda::attn
+TORCH_LIBRARY_IMPL(ugd_ops, CUDA, m) { m.impl("_cuda_attention_fwd", &ugd_ops::cuda::attn::cuda_attention_fwd); }

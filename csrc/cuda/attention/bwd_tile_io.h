@@ -1,6 +1,6 @@
 // Shared-memory staging of the CUDA attention backward (bwd_kernel.cuh): loading a tile of a
 // [T, H, D] tensor, the per-row values of a query tile, and storing a warp's accumulators. Written
-// per thread (`tid` of `kThreads`, or `lane` of a warp) as __host__ __device__ functions free of
+// per thread (`tid` of `kBwdThreads`, or `lane` of a warp) as __host__ __device__ functions free of
 // torch and CUDA headers, so that csrc/tests/test_attention_bwd_schedule.cpp replays the kernels'
 // own staging code for every thread on the CPU (strides, zero padding, both load paths).
 #pragma once
@@ -8,48 +8,50 @@
 #include <cstdint>
 #include <cstring>
 
-#include "attention_common.h"
-#include "bwd_params.h"
-#include "bwd_schedule.cuh"
+#include "bwd_schedule.h"
+#include "host_device.h"
+#include "mma_fragments.h"
+#include "online_softmax.h"
+#include "params.h"
 
-namespace ugd_ops::cuda::attn_bwd {
+namespace ugd_ops::cuda::attn {
 
-constexpr int kThreads = 128;  // 4 warps per block
-constexpr int kWarpRows = 16;  // rows of a 64-row tile product per warp
+constexpr int kBwdThreads = 128;  // 4 warps per block
+constexpr int kBwdWarpRows = 16;  // rows of a 64-row tile product per warp
 
 template <int D>
-struct Smem {
+struct BwdSmem {
   static constexpr int kLd = D + 8;               // row pitch of a shared tile, elements (16-byte multiple)
-  static constexpr int kTileElems = kTile * kLd;  // one [64][D + 8] tile
+  static constexpr int kTileElems = kBwdTile * kLd;  // one [64][D + 8] tile
   // Four 16-bit tiles, then four 64-entry row vectors (lse * log2 e, delta, kv_start, kv_end).
-  static constexpr int kBytes = 4 * kTileElems * 2 + 4 * kTile * 4;
+  static constexpr int kBytes = 4 * kTileElems * 2 + 4 * kBwdTile * 4;
 };
 
-// A block's shared memory (kBytes from `raw`, 16-byte aligned) carved as Smem<D> lays it out. Which
+// A block's shared memory (kBytes from `raw`, 16-byte aligned) carved as BwdSmem<D> lays it out. Which
 // tile holds what is the kernel's choice (dkdv_kernel: K V Q dO; dq_kernel: Q dO K V); the test
 // carves its emulated blocks with this too.
-struct SmemViews {
+struct BwdSmemViews {
   uint16_t *t0, *t1, *t2, *t3;
   float *lse2, *delta;
   int32_t *ks, *ke;
 };
 
 template <int D>
-UGD_BWD_HD SmemViews smem_views(unsigned char* raw) {
-  SmemViews v;
+UGD_HD BwdSmemViews bwd_smem_views(unsigned char* raw) {
+  BwdSmemViews v;
   v.t0 = reinterpret_cast<uint16_t*>(raw);
-  v.t1 = v.t0 + Smem<D>::kTileElems;
-  v.t2 = v.t1 + Smem<D>::kTileElems;
-  v.t3 = v.t2 + Smem<D>::kTileElems;
-  v.lse2 = reinterpret_cast<float*>(v.t3 + Smem<D>::kTileElems);
-  v.delta = v.lse2 + kTile;
-  v.ks = reinterpret_cast<int32_t*>(v.delta + kTile);
-  v.ke = v.ks + kTile;
+  v.t1 = v.t0 + BwdSmem<D>::kTileElems;
+  v.t2 = v.t1 + BwdSmem<D>::kTileElems;
+  v.t3 = v.t2 + BwdSmem<D>::kTileElems;
+  v.lse2 = reinterpret_cast<float*>(v.t3 + BwdSmem<D>::kTileElems);
+  v.delta = v.lse2 + kBwdTile;
+  v.ks = reinterpret_cast<int32_t*>(v.delta + kBwdTile);
+  v.ke = v.ks + kBwdTile;
   return v;
 }
 
 // 16 bytes from src to dst, both 16-byte aligned (one vector access on the device).
-UGD_BWD_HD void copy16(uint16_t* dst, const uint16_t* src) {
+UGD_HD void copy16(uint16_t* dst, const uint16_t* src) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 #else
@@ -57,7 +59,7 @@ UGD_BWD_HD void copy16(uint16_t* dst, const uint16_t* src) {
 #endif
 }
 
-UGD_BWD_HD void zero16(uint16_t* dst) {
+UGD_HD void zero16(uint16_t* dst) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
 #else
@@ -70,12 +72,12 @@ UGD_BWD_HD void zero16(uint16_t* dst) {
 // zeroed, so the mma never multiplies garbage (0 * NaN would poison a whole accumulator). vec16:
 // every row start is 16-byte aligned (else element by element).
 template <int D>
-UGD_BWD_HD void load_tile(int tid, uint16_t* dst, const uint16_t* src, int64_t tok0, int rows, int64_t st, int64_t sh,
+UGD_HD void load_tile(int tid, uint16_t* dst, const uint16_t* src, int64_t tok0, int rows, int64_t st, int64_t sh,
                           int head, bool vec16) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  for (int idx = tid; idx < kTile * kChunks; idx += kThreads) {
+  for (int idx = tid; idx < kBwdTile * kChunks; idx += kBwdThreads) {
     const int r = idx / kChunks, ch = idx % kChunks;
-    uint16_t* d = dst + r * Smem<D>::kLd + ch * 8;
+    uint16_t* d = dst + r * BwdSmem<D>::kLd + ch * 8;
     if (r >= rows) {
       zero16(d);
       continue;
@@ -92,12 +94,12 @@ UGD_BWD_HD void load_tile(int tid, uint16_t* dst, const uint16_t* src, int64_t t
 // Thread tid's part of the per-row values of a query tile (rows [0, rows), absolute tokens
 // tok0..): lse * log2 e, delta, kv_start, kv_end. Rows past the end get the empty interval [0, 0),
 // which no column is in.
-UGD_BWD_HD void load_rows(int tid, float* lse2_s, float* delta_s, int32_t* ks_s, int32_t* ke_s, const BwdParams& p,
+UGD_HD void load_rows(int tid, float* lse2_s, float* delta_s, int32_t* ks_s, int32_t* ke_s, const BwdParams& p,
                           int head, int64_t tok0, int rows) {
-  for (int r = tid; r < kTile; r += kThreads) {
+  for (int r = tid; r < kBwdTile; r += kBwdThreads) {
     const bool in = r < rows;
     const int64_t i = tok0 + r;
-    lse2_s[r] = in ? p.lse[head * p.T + i] * attn::kLog2e : 0.0f;
+    lse2_s[r] = in ? p.lse[head * p.T + i] * kLog2e : 0.0f;
     delta_s[r] = in ? p.delta[head * p.T + i] : 0.0f;
     ks_s[r] = in ? p.kv_start[i] : 0;
     ke_s[r] = in ? p.kv_end[i] : 0;
@@ -107,16 +109,16 @@ UGD_BWD_HD void load_rows(int tid, float* lse2_s, float* delta_s, int32_t* ks_s,
 // A warp's accumulators (16 rows from row0 of the tile, D columns) times `scale` into rows
 // tok0 + r, r < rows, of head `head` of a contiguous [T, H, D] output, rounded by to16.
 template <int D, typename To16>
-UGD_BWD_HD void store_rows(uint16_t* out, int64_t tok0, int head, int H, int row0, int rows, const float (*acc)[4],
+UGD_HD void store_rows(uint16_t* out, int64_t tok0, int head, int H, int row0, int rows, const float (*acc)[4],
                            float scale, int lane, To16 to16) {
   for (int nd = 0; nd < D / 8; ++nd)
     for (int e = 0; e < 4; ++e) {
-      const int r = row0 + attn::frag_c_row(lane, e);
+      const int r = row0 + frag_c_row(lane, e);
       if (r < rows) {
-        const int x = 8 * nd + attn::frag_c_col(lane, e);
+        const int x = 8 * nd + frag_c_col(lane, e);
         out[((tok0 + r) * H + head) * static_cast<int64_t>(D) + x] = to16(acc[nd][e] * scale);
       }
     }
 }
 
-}  // namespace ugd_ops::cuda::attn_bwd
+}  // namespace ugd_ops::cuda::attn
