@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import ugd_ops
-from numerics import LOW_PRECISION, assert_close, assert_within_2x_of_torch, eps, magnitude, tol
-from oracles import kl_oracle
+from tests.numerics import LOW_PRECISION, assert_close, assert_within_2x_of_torch, eps, magnitude, tol
+from tests.oracles import kl_oracle
 from ugd_ops import _backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
