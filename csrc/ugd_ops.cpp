@@ -4,7 +4,7 @@
 // csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(ugd_ops, CUDA)); autograd, fake tensors and the public
 // Python signatures live in ugd_ops/ops.py. The schema strings must equal SCHEMAS in
 // ugd_ops/_schemas.py, which defines the same library when nothing was compiled
-// (tests/test_build.py compares them).
+// (tests/ops/test_build.py compares them).
 #if __has_include(<torch/headeronly/version.h>)
 #include <torch/headeronly/version.h>
 #else

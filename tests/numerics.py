@@ -36,24 +36,24 @@ _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _GRID = {
     #                 float64  float32  bfloat16        float16
     # partitioned_attention (any backend) against the float64 oracle: out and lse; gradients at 5x
-    # (tests/test_attention.py); the bf16 / fp16 values are those of the CUDA kernel path through the
-    # public operator (tests/test_flex_attention.py)
+    # (tests/ops/test_attention.py); the bf16 / fp16 values are those of the CUDA kernel path through the
+    # public operator (tests/ops/test_flex_attention.py)
     "attention":     (1e-10,   2e-5,    2e-2,           2e-2),
     # the FlexAttention path: flex's eager math in float64, its CUDA kernels in fp32 / bf16, and a
     # transformers model run through it on CUDA against the same model on the CPU kernels (fp32)
     "flex":          (1e-9,    1e-4,    2e-2,           None),
-    # lse of the CUDA forward kernel from bf16 / fp16 inputs (tests/test_attention_cuda.py): (atol, rtol)
+    # lse of the CUDA forward kernel from bf16 / fp16 inputs (tests/ops/test_attention_cuda_fwd.py): (atol, rtol)
     "attention_lse": (None,    None,    (2e-3, 1e-3),   (2e-3, 1e-3)),
     # the CUDA backward kernel: a ceiling on rel_err of dq / dk / dv against float64, relative to the
-    # largest gradient, on top of the 2x rule (tests/test_attention_cuda_bwd.py)
+    # largest gradient, on top of the 2x rule (tests/ops/test_attention_cuda_bwd.py)
     "attention_bwd": (None,    None,    3e-2,           4e-3),
     # two implementations of the same math in the same dtype: the compiled op and ugd_ops.reference,
     # the CUDA and CPU KL kernels, a transformers model with attn_implementation="ugd" and "eager"
     "agreement":     (None,    1e-5,    2e-2,           None),
-    # detached_kl against the float64 F.kl_div oracle: loss and gradients (tests/test_kl.py)
+    # detached_kl against the float64 F.kl_div oracle: loss and gradients (tests/ops/test_kl.py)
     "kl":            (1e-12,   1e-5,    2e-2,           5e-3),
     # linear_cross_entropy against float64 F.cross_entropy: loss and gradients, atol relative to
-    # max(1, max |reference|) (tests/test_linear_cross_entropy.py)
+    # max(1, max |reference|) (tests/ops/test_linear_cross_entropy.py)
     "cross_entropy": (1e-12,   1e-5,    2e-2,           3e-3),
 }
 TOL = {dtype: {purpose: row[i] for purpose, row in _GRID.items() if row[i] is not None}

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from cli_runs import run_cli
-from tiny_checkpoints import NUM_LABELS, save_tiny_checkpoint
+from tests.cli_runs import run_cli
+from tests.tiny_checkpoints import NUM_LABELS, save_tiny_checkpoint
 
 from ugd.training import metrics
 from ugd.evaluate import cli, evaluate_model, main
@@ -235,7 +235,7 @@ def test_missing_score_packages_say_how_to_install(env, monkeypatch):
 def test_training_run_summary_holds_the_evaluation(tmp_path, capsys):
     pytest.importorskip("rouge_score")
     pytest.importorskip("sacrebleu")
-    from test_train import TINY
+    from tests.test_train import TINY
 
     from ugd.train import main as train_main
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from cli_runs import run_cli
-from tiny_checkpoints import save_tiny_checkpoint
+from tests.cli_runs import run_cli
+from tests.tiny_checkpoints import save_tiny_checkpoint
 
 import ugd.serving.inference
 from ugd.model import UGDModel

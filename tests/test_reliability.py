@@ -16,8 +16,8 @@ import warnings
 
 import pytest
 import torch
-from cli_runs import one_error_line, run_cli
-from tiny_checkpoints import TINY_BACKBONE, save_tiny_checkpoint
+from tests.cli_runs import one_error_line, run_cli
+from tests.tiny_checkpoints import TINY_BACKBONE, save_tiny_checkpoint
 
 from ugd.checkpoint import CheckpointFileError
 from ugd.model import UGDModel

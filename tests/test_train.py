@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from cli_runs import sigkill_once_written
+from tests.cli_runs import sigkill_once_written
 from ugd.data.records import DataError
 from ugd.train import cli, main
 from ugd.training.args import ConfigError, parse_args

@@ -23,8 +23,8 @@ import textwrap
 
 import pytest
 import torch
-from cli_runs import one_error_line, run_cli, sigkill_once_written
-from tiny_checkpoints import TINY_BACKBONE
+from tests.cli_runs import one_error_line, run_cli, sigkill_once_written
+from tests.tiny_checkpoints import TINY_BACKBONE
 
 from ugd.train import main
 
@@ -108,7 +108,7 @@ def assert_same_run(reference, resumed, first_step: int) -> None:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A frozen ugd-ttm teacher sharing the demo run's tokenizer (built from the same demo records)."""
-    from tiny_checkpoints import save_tiny_checkpoint
+    from tests.tiny_checkpoints import save_tiny_checkpoint
 
     from ugd.data.demo import demo_splits
 

@@ -100,24 +100,26 @@ run_pytest() {
 do_tests() {
   if [ "$DRY" != "0" ]; then
     # two runs: pytest keeps only the last -k of one command line
-    run_pytest tests/test_flex_attention.py -k "routing or info or cache" && run_pytest tests/test_autocast.py -k "cpu"
+    run_pytest tests/ops/test_flex_attention.py -k "routing or info or cache" \
+      && run_pytest tests/ops/test_autocast.py -k "cpu"
     return
   fi
   # every test that touches CUDA, with the compiled attention kernels switched off: the flex path serves
   UGD_CUDA_ATTENTION=0 run_pytest $(tmo 120) $(xdist 8) --junitxml="$WORK/junit_tests.xml" \
-    tests/test_kl_cuda.py tests/test_flex_attention.py tests/test_autocast.py \
-    tests/test_attention.py tests/test_layout.py tests/test_linear_cross_entropy.py tests/test_hf_attention.py \
+    tests/ops/test_kl_cuda.py tests/ops/test_flex_attention.py tests/ops/test_autocast.py \
+    tests/ops/test_attention.py tests/ops/test_row_intervals.py tests/ops/test_linear_cross_entropy.py \
+    tests/modules/test_hf_attention.py \
     -k "cuda or gpu or flex"
 }
 
 do_kernel_tests() {
   if [ "$DRY" != "0" ]; then
-    UGD_CUDA_ATTENTION=1 run_pytest tests/test_flex_attention.py -k "routing"
+    UGD_CUDA_ATTENTION=1 run_pytest tests/ops/test_flex_attention.py -k "routing"
     return
   fi
   # the compiled CUDA attention kernels switched on (opt-in until a run like this one verifies them)
-  local files=(tests/test_flex_attention.py tests/test_attention.py)
-  for f in tests/test_attention_cuda*.py; do [ -f "$f" ] && files+=("$f"); done
+  local files=(tests/ops/test_flex_attention.py tests/ops/test_attention.py)
+  for f in tests/ops/test_attention_cuda*.py; do [ -f "$f" ] && files+=("$f"); done
   UGD_CUDA_ATTENTION=1 run_pytest $(tmo 120) $(xdist 4) --junitxml="$WORK/junit_kernel.xml" "${files[@]}" \
     -k "cuda or kernel"
 }

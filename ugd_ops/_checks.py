@@ -1,7 +1,7 @@
 """Argument checks of the pure-PyTorch backend and of the fake (meta) kernels.
 
 The messages equal those of csrc/common/checks.h so that a user sees the same error from every
-backend; tests/test_errors.py runs the same cases against both.
+backend; tests/ops/test_errors.py runs the same cases against both.
 """
 
 from __future__ import annotations

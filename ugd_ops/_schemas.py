@@ -1,6 +1,6 @@
 """Schemas of the ugd_ops operator library.
 
-They must equal the strings in csrc/ugd_ops.cpp (tests/test_build.py compares them): when the
+They must equal the strings in csrc/ugd_ops.cpp (tests/ops/test_build.py compares them): when the
 compiled library is missing, ugd_ops defines the same operators from here and runs them on the
 pure-PyTorch reference, so that code written against ``torch.ops.ugd_ops`` works either way.
 """

@@ -2,7 +2,7 @@
 //
 // The messages name the argument and say what was expected; the Python reference
 // (ugd_ops/_checks.py) raises the same messages so that a user sees the same error
-// whichever backend runs. Keep the two in step: tests/test_errors.py runs both.
+// whichever backend runs. Keep the two in step: tests/ops/test_errors.py runs both.
 #pragma once
 
 #include <ATen/core/Tensor.h>

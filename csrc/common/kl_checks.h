@@ -2,7 +2,7 @@
 // (csrc/cpu/detached_kl.cpp) and the CUDA kernel (csrc/cuda/detached_kl.cu).
 //
 // The messages equal those of check_kl_args in ugd_ops/_checks.py (the reference and the fake
-// kernel), so that every backend raises the same error; tests/test_errors.py runs both.
+// kernel), so that every backend raises the same error; tests/ops/test_errors.py runs both.
 #pragma once
 
 #include <ATen/core/Tensor.h>

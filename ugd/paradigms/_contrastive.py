@@ -3,8 +3,8 @@ sequence log-likelihoods, a similarity-to-class read-out, and packing of groups 
 
 Every function is plain tensor code on top of ``ugd_ops`` (the KL through ``ugd_ops.detached_kl``, the
 LM likelihoods through ``ugd_ops.linear_cross_entropy``), so the losses are tested on hand-computed
-cases in ``tests/test_ullme.py`` and ``tests/test_flipped_kd.py``. The equations and what was inferred
-from the papers are in ``docs/paradigms.md``.
+cases in ``tests/paradigms/test_ullme.py`` and ``tests/paradigms/test_flipped_kd.py``. The equations
+and what was inferred from the papers are in ``docs/paradigms.md``.
 """
 
 from __future__ import annotations

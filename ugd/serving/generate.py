@@ -21,7 +21,7 @@ Per batch of up to ``batch_size`` pairs (sorted by length first, so that little 
    (``temperature``, ``top_p``, ``repetition_penalty``, ...) pass through. Decoding stops at the
    tokenizer's EOS or after ``max_new_tokens``.
 
-``tests/test_inference.py`` checks the batched, cached result against recomputing the whole sequence
+``tests/serving/test_inference.py`` checks the batched, cached result against recomputing the whole sequence
 Q D P ``[Start]`` g1..gk under the partition mask at every step, without a cache.
 """
 

@@ -8,8 +8,8 @@ CPU always; the CUDA cases (the fp32-output matmul paths) run where a GPU is pre
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, requires_cuda
-from numerics import TOL, assert_close, magnitude
+from tests.conftest import DEVICES, requires_cuda
+from tests.numerics import TOL, assert_close, magnitude
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ugd_ops

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import kl_oracle
-from conftest import DEVICES
-from numerics import assert_close, assert_within_2x_of_torch, tol
+from tests.oracles import kl_oracle
+from tests.conftest import DEVICES
+from tests.numerics import assert_close, assert_within_2x_of_torch, tol
 
 import ugd_ops
 

@@ -3,7 +3,7 @@ fake tensors, AOT dispatch), and torch.compile(fullgraph=True) over code that ca
 
 import pytest
 import torch
-from conftest import DEVICES
+from tests.conftest import DEVICES
 
 import ugd_ops
 from ugd_ops.workloads import make_attention_inputs, random_spans

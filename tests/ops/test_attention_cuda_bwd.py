@@ -11,8 +11,8 @@ ctest: csrc/tests/test_attention_bwd_schedule.cpp.
 
 import pytest
 import torch
-from numerics import assert_within_2x_of_torch, eps, nan_fill_cuda_memory, rel_err, tol
-from oracles import attention_dense, intervals_from_table, mask_from_intervals
+from tests.numerics import assert_within_2x_of_torch, eps, nan_fill_cuda_memory, rel_err, tol
+from tests.oracles import attention_dense, intervals_from_table, mask_from_intervals
 
 import ugd_ops
 from ugd_ops import cuda_attention, reference

@@ -182,13 +182,13 @@ RECORDS = [
 
 
 def make_model(seed=0, attn="ugd", **options):
-    from test_ullme import make_model as _make
+    from tests.paradigms.test_ullme import make_model as _make
 
     return _make("flipped-kd", seed=seed, attn=attn, **options)
 
 
 def make_batch(model, tok, records=RECORDS):
-    from test_ullme import make_batch as _batch
+    from tests.paradigms.test_ullme import make_batch as _batch
 
     return _batch(model, tok, records)
 
@@ -278,7 +278,7 @@ def test_collate_with_the_real_teacher(tmp_path):
 
 
 def test_serving_and_round_trip(tmp_path):
-    from test_ullme import check_serving
+    from tests.paradigms.test_ullme import check_serving
 
     model, tok = make_model()
     check_serving(model, tok, tmp_path, RECORDS)
@@ -299,7 +299,7 @@ def test_jsonl_data_keeps_teacher_scores(tmp_path):
 
 @needs_teacher
 def test_train_cli_trains_flipped_kd_with_lora_and_the_real_teacher(tmp_path, capsys):
-    from test_train import run_args
+    from tests.test_train import run_args
 
     from ugd.model import UGDModel
     from ugd.train import main
@@ -319,7 +319,7 @@ def test_train_cli_trains_flipped_kd_with_lora_and_the_real_teacher(tmp_path, ca
 def test_train_cli_without_a_teacher_is_one_line_and_exit_2(tmp_path, capsys):
     import json
 
-    from test_train import run_args
+    from tests.test_train import run_args
 
     from ugd.train import cli
 

@@ -14,7 +14,7 @@ import ugd_ops
 from ugd_ops import _backend
 from ugd_ops._schemas import SCHEMAS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 
 def run_python(code: str, **env):

@@ -469,7 +469,7 @@ def test_train_cli_trains_and_evaluates_ullme(tmp_path, capsys):
     evaluation printed, a loadable checkpoint; options from --paradigm_options."""
     import json
 
-    from test_train import run_args
+    from tests.test_train import run_args
 
     from ugd.model import UGDModel
     from ugd.train import main

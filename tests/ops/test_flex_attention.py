@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
-from conftest import requires_cuda
-from numerics import assert_close, tol
-from oracles import attention_dense
-from test_attention import PARADIGMS, check_against_oracle, layout, randn
+from tests.conftest import requires_cuda
+from tests.numerics import assert_close, tol
+from tests.oracles import attention_dense
+from tests.ops.test_attention import PARADIGMS, check_against_oracle, layout, randn
 
 import ugd_ops
 from ugd_ops import _backend, cuda_attention, flex
@@ -295,7 +295,7 @@ def test_cuda_hf_model_builds_one_block_mask_per_batch(monkeypatch):
     """A 2-layer model with attn_implementation="ugd" on CUDA: flex serves, one block mask per batch
     (forward and backward), and the result matches the same model on the CPU kernels."""
     pytest.importorskip("transformers")
-    from test_hf_attention import make_models, packed_batch, ugd_kwargs
+    from tests.modules.test_hf_attention import make_models, packed_batch, ugd_kwargs
 
     monkeypatch.setenv(cuda_attention.ENV, "0")
     flex.clear_cache()

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import DEVICES
-from oracles import intervals_from_table, mask_from_intervals
+from tests.conftest import DEVICES
+from tests.oracles import intervals_from_table, mask_from_intervals
 
 import ugd_ops
 from ugd_ops import reference

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
-from numerics import assert_close, assert_within_2x_of_torch, tol
-from oracles import attention_dense, intervals_from_table, mask_from_intervals
+from tests.conftest import DEVICES
+from tests.numerics import assert_close, assert_within_2x_of_torch, tol
+from tests.oracles import attention_dense, intervals_from_table, mask_from_intervals
 
 import ugd_ops
 from ugd_ops import reference

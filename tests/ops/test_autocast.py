@@ -7,8 +7,8 @@ wider dtype. Outside autocast mixed dtypes stay an error, and fp64 is never cast
 
 import pytest
 import torch
-from conftest import DEVICES
-from test_attention import layout, randn
+from tests.conftest import DEVICES
+from tests.ops.test_attention import layout, randn
 
 import ugd_ops
 from ugd_ops.workloads import random_spans
@@ -84,7 +84,7 @@ def test_linear_cross_entropy_runs_its_matmul_in_the_autocast_dtype(device, dtyp
 def test_packed_hf_forward_under_cpu_autocast_matches_sdpa():
     """An fp32 model under bf16 autocast: "ugd" on the packed batch against SDPA with the dense mask."""
     pytest.importorskip("transformers")
-    from test_hf_attention import dense_additive_mask, make_models, packed_batch, ugd_kwargs
+    from tests.modules.test_hf_attention import dense_additive_mask, make_models, packed_batch, ugd_kwargs
 
     batch = packed_batch([[3, 5, 3, 4], [2, 4, 3, 2], [5, 2, 3, 3]], "stm")
     ugd_model, sdpa_model = make_models("qwen2", "ugd", "sdpa")
@@ -99,7 +99,7 @@ def test_packed_hf_forward_under_cpu_autocast_matches_sdpa():
 def test_train_bf16_runs_a_few_steps_on_the_cpu(tmp_path):
     """`python -m ugd.train --bf16`: the Trainer's CPU autocast around the packed model."""
     pytest.importorskip("transformers")
-    from test_train import run_args
+    from tests.test_train import run_args
 
     from ugd.train import main
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from cli_runs import run_cli
-from tiny_checkpoints import save_tiny_checkpoint
+from tests.cli_runs import run_cli
+from tests.tiny_checkpoints import save_tiny_checkpoint
 
 from ugd.serving.doc_shards import parse_shard, part_path, shard_bounds
 from ugd.serving.doc_vectors import DocumentVectors

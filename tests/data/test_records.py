@@ -301,7 +301,7 @@ def test_nan_constants_are_malformed_and_the_hint_names_the_callers_flag(tmp_pat
 
 # ------------------------------------------------------------------------------ e-SNLI CSV
 
-ESNLI_DATA = Path(os.environ.get("UGD_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data") \
+ESNLI_DATA = Path(os.environ.get("UGD_DATA_DIR") or Path(__file__).resolve().parents[2].parent / "shared" / "data") \
     / "esnli"
 TRAIN_HEADER = ["pairID", "gold_label", "Sentence1", "Sentence2", "Explanation_1", "Sentence1_marked_1",
                 "Sentence2_marked_1", "Sentence1_Highlighted_1", "Sentence2_Highlighted_1"]

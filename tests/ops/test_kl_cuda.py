@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import ugd_ops
-from numerics import LOW_PRECISION, assert_close, assert_within_2x_of_torch, eps, magnitude, tol
-from oracles import kl_oracle
+from tests.numerics import LOW_PRECISION, assert_close, assert_within_2x_of_torch, eps, magnitude, tol
+from tests.oracles import kl_oracle
 from ugd_ops import _backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -86,7 +86,7 @@ def sample_rows(N, k=512, seed=0):
 def compare_with_cpu(p, q, temperature, grads):
     """The CUDA kernel on [N, C] logits: shapes, dtypes, finiteness; then on sampled rows its loss and
     gradients against the float64 oracle within 2x the error of PyTorch's own computation in the dtype
-    (or of the CPU kernel, itself held to that rule by tests/test_kl.py, whichever is larger)."""
+    (or of the CPU kernel, itself held to that rule by tests/ops/test_kl.py, whichever is larger)."""
     loss, gp, gq = ops.detached_kl_fwd(p, q, temperature, *grads)
     torch.cuda.synchronize()
     N = p.shape[0]

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ugd_ops
-from numerics import assert_close, magnitude, tol
+from tests.numerics import assert_close, magnitude, tol
 
 transformers = pytest.importorskip("transformers", minversion="4.53")  # AttentionMaskInterface
 

@@ -357,7 +357,7 @@ def test_pack_errors(tok, ids):
 
 
 # the paradigms whose batch is the default pack of their parts and mask (the embedding paradigms build
-# their own batches: tests/test_ullme.py, tests/test_flipped_kd.py)
+# their own batches: tests/paradigms/test_ullme.py, tests/paradigms/test_flipped_kd.py)
 @pytest.mark.parametrize("paradigm", sorted(p.name for p in all_paradigms() if type(p).collate is Paradigm.collate))
 def test_collator_paradigms(tok, ids, paradigm):
     parts, mask = paradigms.get(paradigm).parts, paradigms.get(paradigm).mask

@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import assert_close, assert_within_2x_of_torch, poison_for_outputs, tol, unit_roundoff
-from oracles import intervals_from_table
+from tests.numerics import assert_close, assert_within_2x_of_torch, poison_for_outputs, tol, unit_roundoff
+from tests.oracles import intervals_from_table
 
 from ugd_ops import cuda_attention
 from ugd_ops.workloads import random_spans
