@@ -1,6 +1,6 @@
 """The attention peers of docs/spec.md section 9, a correctness check for each, and a CUDA-event clock.
 
-Every peer turns one packed input set (``ugd_ops.workloads.AttentionInputs``, paradigm "ttm") into
+Every peer turns one packed input set (``ugd_ops.workloads.AttentionInputs``, mask "ttm") into
 a ``Prepared``: its own leaf tensors (in the layout the peer wants, built here, outside any timed
 region), a ``run()`` that is the timed forward, the output gradient in the peer's layout, and
 converters back to the packed ``[T, H, D]`` layout for the correctness check.
@@ -36,7 +36,7 @@ import ugd_ops
 from ugd_ops import reference
 from ugd_ops.workloads import AttentionInputs, Workload, make_attention_inputs, make_spans
 
-PARADIGM = "ttm"
+MASK = "ttm"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def check_peer(peer: Peer, heads: tuple[int, int, int], dtype: torch.dtype, devi
     tol_grad = tol_grad if tol_grad is not None else (3e-2 if low else 1e-4)
     problems = []
     for n, spans in enumerate(layouts if layouts is not None else check_layouts()):
-        x = make_attention_inputs(spans, PARADIGM, heads=heads, dtype=dtype, device=device, seed=100 + n)
+        x = make_attention_inputs(spans, MASK, heads=heads, dtype=dtype, device=device, seed=100 + n)
         dout = torch.randn(x.q.shape, generator=torch.Generator().manual_seed(200 + n)).to(device=device, dtype=dtype)
         qf, kf, vf = (t.detach().float().requires_grad_(backward) for t in (x.q, x.k, x.v))
         want = reference.partitioned_attention(qf, kf, vf, x.cu_seqlens, x.kv_start, x.kv_end)

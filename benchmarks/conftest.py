@@ -6,13 +6,13 @@ Run from the repository root::
     pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
 
 Every benchmark records in ``benchmark.extra_info`` what a published figure needs: workload,
-paradigm, shape, dtype, device, allowed (query, key) pairs, FLOPs, torch / CUDA versions, GPU
+mask, shape, dtype, device, allowed (query, key) pairs, FLOPs, torch / CUDA versions, GPU
 name, date, and which ugd_ops backend served the operator. Attention benchmarks also record
 ``tflops_at_median`` (effective TFLOP/s: allowed-pair FLOPs of docs/spec.md section 9 over the median
 time), which a summary at the end of the run prints next to the medians.
 
-The helpers are reached through fixtures (``bench_record``, ``bench_finish``) rather than
-``from conftest import ...``, because tests/ has a conftest module of its own.
+The helpers are reached through fixtures (``bench_record``, ``bench_finish``), the way pytest means a
+conftest.py to be used, never by ``from conftest import ...``.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _model_attention_path(shape: dict) -> str:
     return attention_path(q, k, k)
 
 
-def attention_info(workload: str, paradigm: str, spans: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
+def attention_info(workload: str, mask: str, spans: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
                    heads: tuple[int, int, int], dtype: torch.dtype, mode: str, shape_name: str | None = None) -> dict:
     """What names an attention figure, with the allowed pairs and the FLOPs of ``mode``."""
     Hq, Hkv, D = heads
@@ -100,7 +100,7 @@ def attention_info(workload: str, paradigm: str, spans: torch.Tensor, kv_start: 
     lengths = spans.to(torch.int64).sum(1)
     return {
         "workload": workload,
-        "paradigm": paradigm,
+        "mask": mask,
         "batch": int(spans.shape[0]),
         "tokens": int(lengths.sum()),
         "max_seqlen": int(lengths.max()),

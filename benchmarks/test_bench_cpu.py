@@ -2,7 +2,7 @@
 
     pytest benchmarks/test_bench_cpu.py --benchmark-only
 
-Attention runs the docs/spec.md section 9 workloads ``bq`` and ``nli`` cut to 8 samples, paradigm "ttm",
+Attention runs the docs/spec.md section 9 workloads ``bq`` and ``nli`` cut to 8 samples, mask "ttm",
 Hq 4, Hkv 2, D 64, float32: forward (with autograd recording, as in training) and forward+backward.
 detached_kl runs forward+backward on [8192, 4] and [1024, 256]; row_intervals the full ``qlq`` spans.
 Rounds are few and fixed (``benchmark.pedantic``) so the whole file takes seconds, not minutes.
@@ -25,7 +25,7 @@ from ugd_ops import reference
 from ugd_ops.workloads import make_attention_inputs, make_spans
 
 DEVICE = "cpu"
-PARADIGM = "ttm"
+MASK = "ttm"
 HEADS = (4, 2, 64)
 BATCH = 8
 DTYPE = torch.float32
@@ -54,12 +54,12 @@ def _backend(impl: str, op: str, ugd_backend) -> str:
 @pytest.mark.parametrize("impl", list(ATTENTION))
 def test_attention_cpu(benchmark, bench_record, bench_finish, attention_info, ugd_backend, impl, workload, mode):
     spans = make_spans(workload, batch=BATCH, seed=0)
-    x = make_attention_inputs(spans, PARADIGM, heads=HEADS, dtype=DTYPE, device=DEVICE, seed=0, requires_grad=True)
+    x = make_attention_inputs(spans, MASK, heads=HEADS, dtype=DTYPE, device=DEVICE, seed=0, requires_grad=True)
     dout = torch.randn(x.q.shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
     fn = ATTENTION[impl]
     benchmark.group = f"attention-cpu-{workload}-{mode}"
     bench_record(DEVICE, impl=impl, backend=_backend(impl, "partitioned_attention_fwd", ugd_backend),
-                 **attention_info(workload, PARADIGM, spans, x.kv_start, x.kv_end, HEADS, DTYPE, mode))
+                 **attention_info(workload, MASK, spans, x.kv_start, x.kv_end, HEADS, DTYPE, mode))
 
     def clear():
         for t in (x.q, x.k, x.v):
@@ -89,7 +89,7 @@ def esnli_like_spans(batch: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("peer", ["ugd", "sdpa"])
 def test_attention_cpu_esnli(benchmark, bench_record, bench_finish, attention_info, ugd_backend, peer, mode):
     spans = esnli_like_spans(ESNLI_BATCH, seed=0)
-    x = make_attention_inputs(spans, PARADIGM, heads=SMOLLM2_HEADS, dtype=DTYPE, device=DEVICE, seed=0)
+    x = make_attention_inputs(spans, MASK, heads=SMOLLM2_HEADS, dtype=DTYPE, device=DEVICE, seed=0)
     dout = torch.randn(x.q.shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
     p = ap.PEERS[peer].prepare(x, spans, dout)
     lengths = spans.sum(1)
@@ -97,7 +97,7 @@ def test_attention_cpu_esnli(benchmark, bench_record, bench_finish, attention_in
     backend = (_backend("ugd", "partitioned_attention_fwd", ugd_backend) if peer == "ugd"
                else "torch sdpa, padded batch, dense mask")
     bench_record(DEVICE, impl=peer, backend=backend, padded_rows=int(lengths.numel() * lengths.max()),
-                 **attention_info("esnli-like", PARADIGM, spans, x.kv_start, x.kv_end, SMOLLM2_HEADS, DTYPE, mode,
+                 **attention_info("esnli-like", MASK, spans, x.kv_start, x.kv_end, SMOLLM2_HEADS, DTYPE, mode,
                                   shape_name="smollm2-135m"))
 
     if mode == "fwd":  # with autograd recording, as in training
@@ -140,7 +140,7 @@ def test_row_intervals_cpu(benchmark, bench_record, bench_finish, impl, ugd_back
     fn = ROW_INTERVALS[impl]
     benchmark.group = "row_intervals-cpu-qlq"
     bench_record(DEVICE, impl=impl, backend=_backend(impl, "row_intervals", ugd_backend), op="row_intervals",
-                 workload="qlq", paradigm=PARADIGM, batch=int(spans.shape[0]), tokens=int(spans.sum()))
-    cu, _, _ = benchmark.pedantic(fn, args=(spans, PARADIGM), rounds=20, warmup_rounds=2, iterations=5)
+                 workload="qlq", mask=MASK, batch=int(spans.shape[0]), tokens=int(spans.sum()))
+    cu, _, _ = benchmark.pedantic(fn, args=(spans, MASK), rounds=20, warmup_rounds=2, iterations=5)
     assert int(cu[-1]) == int(spans.sum())
     bench_finish()

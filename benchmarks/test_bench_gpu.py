@@ -2,7 +2,7 @@
 
     pytest benchmarks/test_bench_gpu.py --benchmark-only --benchmark-json=gpu.json
 
-Workloads qlq / bq / nli / longdoc, both ATTENTION_SHAPES, paradigm "ttm"; modes fwd (with
+Workloads qlq / bq / nli / longdoc, both ATTENTION_SHAPES, mask "ttm"; modes fwd (with
 autograd recording, as in training), bwd (the forward runs untimed before each round) and fwd+bwd.
 Peers (see attention_peers.py): ugd, sdpa (dense boolean mask, padded batch), flex (compiled
 FlexAttention, block mask over the packed batch; its build is timed on its own in
@@ -34,7 +34,7 @@ from ugd_ops.workloads import ATTENTION_SHAPES, WORKLOADS, make_attention_inputs
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need a CUDA device")
 
 DTYPE = torch.bfloat16
-PARADIGM = ap.PARADIGM
+MASK = ap.MASK
 ROUNDS = int(os.environ.get("UGD_BENCH_ROUNDS", "100"))
 WARMUP = int(os.environ.get("UGD_BENCH_WARMUP", "10"))
 SETS = int(os.environ.get("UGD_BENCH_SETS", "3"))
@@ -62,7 +62,7 @@ def _input_sets(workload: str, heads):
     spans = make_spans(workload, seed=0)
     sets = []
     for s in range(SETS):
-        x = make_attention_inputs(spans, PARADIGM, heads=heads, dtype=DTYPE, device="cuda", seed=1000 + s)
+        x = make_attention_inputs(spans, MASK, heads=heads, dtype=DTYPE, device="cuda", seed=1000 + s)
         dout = torch.randn(x.q.shape, generator=torch.Generator().manual_seed(2000 + s)).to("cuda", DTYPE)
         sets.append((x, dout))
     return spans, sets
@@ -139,7 +139,7 @@ def test_attention_gpu(benchmark, bench_record, bench_finish, attention_info, fl
         backend=_ugd_path(x0) if peer_name == "ugd" else peer_name,
         input_sets=SETS, warmup_rounds=WARMUP, l2_flush_mib=flush.buffer.numel() >> 20, timer="cuda events",
         forward_grad_mode="enabled (training forward)",
-        **attention_info(workload, PARADIGM, spans, x0.kv_start, x0.kv_end, heads, DTYPE, mode, shape_name=shape),
+        **attention_info(workload, MASK, spans, x0.kv_start, x0.kv_end, heads, DTYPE, mode, shape_name=shape),
     )
     if peer_name == "ugd" and benchmark.extra_info["backend"] == "ugd_ops (reference)":
         benchmark.extra_info["warning"] = "no compiled CUDA kernel: this times the pure-PyTorch reference"
@@ -170,7 +170,7 @@ def test_flex_block_mask_build(benchmark, bench_record, bench_finish, attention_
     heads = next(iter(ATTENTION_SHAPES.values()))  # the block mask does not depend on heads (B = H = None)
     spans, sets = _input_sets(workload, heads)
     x0 = sets[0][0]
-    info = attention_info(workload, PARADIGM, spans, x0.kv_start, x0.kv_end, heads, DTYPE, "fwd")
+    info = attention_info(workload, MASK, spans, x0.kv_start, x0.kv_end, heads, DTYPE, "fwd")
     for k in ("shape", "Hq", "Hkv", "head_dim", "mode", "flops", "flops_counting"):
         info.pop(k)
     benchmark.group = f"flex-block-mask-{workload}"

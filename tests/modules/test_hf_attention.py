@@ -78,8 +78,8 @@ def restart_positions(spans):
     return torch.tensor(pos)[None]
 
 
-def packed_batch(spans, paradigm, seed=1):
-    cu, ks, ke = ugd_ops.row_intervals(torch.tensor(spans, dtype=torch.int32), paradigm)
+def packed_batch(spans, mask_kind, seed=1):
+    cu, ks, ke = ugd_ops.row_intervals(torch.tensor(spans, dtype=torch.int32), mask_kind)
     T = int(cu[-1])
     ids = torch.randint(3, 100, (1, T), generator=torch.Generator().manual_seed(seed))
     lengths = [sum(s) for s in spans]
@@ -124,11 +124,11 @@ def kernel_calls(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("paradigm", ["ttm", "stm"])
+@pytest.mark.parametrize("mask_kind", ["ttm", "stm"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_packed_equals_eager_with_dense_mask(family, paradigm, kernel_calls):
+def test_packed_equals_eager_with_dense_mask(family, mask_kind, kernel_calls):
     ugd_model, eager = make_models(family, "ugd", "eager")
-    batch = packed_batch(SPANS, paradigm)
+    batch = packed_batch(SPANS, mask_kind)
     logits, grads = loss_and_grads(ugd_model, **ugd_kwargs(batch))
     assert len(kernel_calls) == ugd_model.config.num_hidden_layers  # the metadata reached every layer
     T = batch["input_ids"].shape[1]
@@ -142,17 +142,17 @@ def test_packed_equals_eager_with_dense_mask(family, paradigm, kernel_calls):
         assert_close_scaled(grads[name], ref_grads[name], what=f"grad of {name}")
 
 
-@pytest.mark.parametrize("paradigm", ["ttm", "stm"])
+@pytest.mark.parametrize("mask_kind", ["ttm", "stm"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_packing_is_independence(family, paradigm):
+def test_packing_is_independence(family, mask_kind):
     (model,) = make_models(family, "ugd")
-    batch = packed_batch(SPANS, paradigm)
+    batch = packed_batch(SPANS, mask_kind)
     with torch.no_grad():
         packed = model(**ugd_kwargs(batch), use_cache=False).logits[0]
         cu = batch["cu_seqlens"].tolist()
         for b, spans in enumerate(SPANS):
             lo, hi = cu[b], cu[b + 1]
-            c1, ks1, ke1 = ugd_ops.row_intervals(torch.tensor([spans], dtype=torch.int32), paradigm)
+            c1, ks1, ke1 = ugd_ops.row_intervals(torch.tensor([spans], dtype=torch.int32), mask_kind)
             alone = model(input_ids=batch["input_ids"][:, lo:hi], position_ids=restart_positions([spans]),
                           cu_seqlens=c1, kv_start=ks1, kv_end=ke1, use_cache=False).logits[0]
             torch.testing.assert_close(packed[lo:hi], alone, **TOL, msg=lambda m: f"sample {b}: {m}")

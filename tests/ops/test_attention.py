@@ -13,12 +13,12 @@ import ugd_ops
 from ugd_ops import reference
 from ugd_ops.workloads import make_attention_inputs, random_spans
 
-PARADIGMS = ["ttm", "stm", "causal", "bidirectional"]
+MASKS = ["ttm", "stm", "causal", "bidirectional"]
 SHAPES = {"gqa6": (6, 1, 64), "mha": (2, 2, 128), "gqa3-d16": (6, 2, 16)}
 
 
-def layout(spans, paradigm, device="cpu"):
-    cu, ks, ke = intervals_from_table(spans, paradigm)
+def layout(spans, mask_kind, device="cpu"):
+    cu, ks, ke = intervals_from_table(spans, mask_kind)
     return [torch.tensor(x, dtype=torch.int32, device=device) for x in (cu, ks, ke)], mask_from_intervals(cu, ks, ke)
 
 
@@ -62,12 +62,12 @@ def check_against_oracle(q, k, v, lay, mask, *, scale=None, purpose="attention",
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("paradigm", PARADIGMS)
+@pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_layouts(paradigm, shape, seed, device):
+def test_random_layouts(mask_kind, shape, seed, device):
     Hq, Hkv, D = SHAPES[shape]
     spans = random_spans(5, seed=10 * seed + 7, max_len=45)  # empty P and G spans included
-    lay, mask = layout(spans, paradigm, device)
+    lay, mask = layout(spans, mask_kind, device)
     T = int(lay[0][-1])
     q, k, v = (randn((T, h, D), torch.float32, device, seed + i) for i, h in enumerate((Hq, Hkv, Hkv)))
     check_against_oracle(q, k, v, lay, mask, seed=seed)
@@ -75,9 +75,9 @@ def test_random_layouts(paradigm, shape, seed, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("L", [1, 17, 127, 300])
-@pytest.mark.parametrize("paradigm", PARADIGMS)
-def test_awkward_lengths(L, paradigm, device):
-    if paradigm in ("ttm", "stm"):
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_awkward_lengths(L, mask_kind, device):
+    if mask_kind in ("ttm", "stm"):
         if L < 2:
             pytest.skip("ttm and stm need Lq, Ld >= 1")
         spans = torch.tensor([[max(1, L // 5), max(1, L // 3), L // 7, 0]], dtype=torch.int32)
@@ -85,7 +85,7 @@ def test_awkward_lengths(L, paradigm, device):
     else:
         spans = torch.tensor([[L, 0, 0, 0]], dtype=torch.int32)
     spans = torch.cat([spans, torch.tensor([[1, 1, 0, 0]], dtype=torch.int32)])  # and a 2-token sample
-    lay, mask = layout(spans, paradigm, device)
+    lay, mask = layout(spans, mask_kind, device)
     T = int(lay[0][-1])
     q, k, v = (randn((T, h, 64), torch.float32, device, i) for i, h in enumerate((6, 1, 1)))
     check_against_oracle(q, k, v, lay, mask)
@@ -146,11 +146,11 @@ def test_strided_inputs(layout_kind, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("paradigm", ["ttm", "stm"])
-def test_low_precision_within_2x_of_pytorch(dtype, paradigm, device):
+@pytest.mark.parametrize("mask_kind", ["ttm", "stm"])
+def test_low_precision_within_2x_of_pytorch(dtype, mask_kind, device):
     """Error against the float64 truth is at most twice that of PyTorch's SDPA on the same inputs."""
     spans = random_spans(4, seed=2, max_len=60, allow_empty=False)
-    lay, mask = layout(spans, paradigm, device)
+    lay, mask = layout(spans, mask_kind, device)
     T, Hq, Hkv, D = int(lay[0][-1]), 6, 2, 64
     q, k, v = (randn((T, h, D), dtype, device, i).requires_grad_() for i, h in enumerate((Hq, Hkv, Hkv)))
     g = randn((T, Hq, D), dtype, device, 9)

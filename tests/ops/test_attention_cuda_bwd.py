@@ -26,7 +26,7 @@ pytestmark = [
     ),
 ]
 
-PARADIGMS = ["ttm", "stm", "causal", "bidirectional"]
+MASKS = ["ttm", "stm", "causal", "bidirectional"]
 SHAPES = {"gqa6": (6, 1, 64), "mha": (2, 2, 128), "gqa3": (6, 2, 128), "mha64": (4, 4, 64)}
 DTYPES = [torch.bfloat16, torch.float16]
 # Gradients are held to the 2x rule of tests/numerics.py: against float64 and relative to the largest
@@ -43,8 +43,8 @@ def op(*args):
     return torch.ops.ugd_ops._cuda_attention_bwd(*args)
 
 
-def make_layout(spans, paradigm):
-    cu, ks, ke = intervals_from_table(torch.tensor(spans), paradigm)
+def make_layout(spans, mask_kind):
+    cu, ks, ke = intervals_from_table(torch.tensor(spans), mask_kind)
     mask = mask_from_intervals(cu, ks, ke)
     return [torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in (cu, ks, ke)], mask
 
@@ -104,8 +104,8 @@ def within_2x(got, theirs, want, dtype, what, ceiling=1.0):
     assert err <= ceiling * tol(dtype, "attention_bwd"), f"{what}: relative error {err:.3g}"
 
 
-def check(spans_or_layout, paradigm, shape, dtype, seed, with_dlse=True):
-    (cu, ks, ke), mask = make_layout(spans_or_layout, paradigm)
+def check(spans_or_layout, mask_kind, shape, dtype, seed, with_dlse=True):
+    (cu, ks, ke), mask = make_layout(spans_or_layout, mask_kind)
     T = int(cu[-1])
     q, k, v, dout = inputs(T, shape, dtype, seed)
     scale = shape[2] ** -0.5
@@ -125,9 +125,9 @@ def check(spans_or_layout, paradigm, shape, dtype, seed, with_dlse=True):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("paradigm", PARADIGMS)
-def test_random_layouts(paradigm, shape, dtype):
-    check(random_spans(4, [1, 17, 40, 127], seed=3), paradigm, SHAPES[shape], dtype, seed=1)
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_random_layouts(mask_kind, shape, dtype):
+    check(random_spans(4, [1, 17, 40, 127], seed=3), mask_kind, SHAPES[shape], dtype, seed=1)
 
 
 @pytest.mark.parametrize("with_dlse", [True, False])
@@ -136,9 +136,9 @@ def test_dlse(with_dlse):
 
 
 @pytest.mark.parametrize("L", [1, 17, 63, 64, 65, 127, 128, 129])
-@pytest.mark.parametrize("paradigm", ["causal", "bidirectional"])
-def test_awkward_lengths(L, paradigm):
-    check([(L, 0, 0, 0)], paradigm, SHAPES["gqa6"], torch.bfloat16, seed=L)
+@pytest.mark.parametrize("mask_kind", ["causal", "bidirectional"])
+def test_awkward_lengths(L, mask_kind):
+    check([(L, 0, 0, 0)], mask_kind, SHAPES["gqa6"], torch.bfloat16, seed=L)
 
 
 def test_empty_sequences_and_rows():
@@ -191,11 +191,11 @@ def test_poisoned_outputs():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("paradigm", PARADIGMS)
-def test_low_precision_within_2x_of_pytorch(dtype, paradigm):
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_low_precision_within_2x_of_pytorch(dtype, mask_kind):
     """Errors against float64 at most twice those of PyTorch's own dense backward in that dtype."""
     spans = random_spans(3, [17, 50, 127], seed=11)
-    (cu, ks, ke), mask = make_layout(spans, paradigm)
+    (cu, ks, ke), mask = make_layout(spans, mask_kind)
     T = int(cu[-1])
     shape = SHAPES["gqa3"]
     q, k, v, dout = inputs(T, shape, dtype, 6)

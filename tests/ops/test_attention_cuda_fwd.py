@@ -1,5 +1,5 @@
 """The CUDA partitioned-attention forward kernel (csrc/cuda/attention/, ``ugd_ops::_cuda_attention_fwd``),
-called directly, against a float64 reference: random layouts of every paradigm, GQA ratios, awkward
+called directly, against a float64 reference: random layouts of every mask_kind, GQA ratios, awkward
 lengths, empty sequences and rows, strided and misaligned inputs, 1000 sequences of 1-8 tokens up
 to T = 64k, max_seqlen omitted, bf16 / fp16 within 2x the error of PyTorch's SDPA in that dtype,
 the same bits on a second run, and every output element written (outputs are allocated from
@@ -29,7 +29,7 @@ pytestmark = [
                        reason="this build has no CUDA attention kernel"),
 ]
 
-PARADIGMS = ["ttm", "stm", "causal", "bidirectional"]
+MASKS = ["ttm", "stm", "causal", "bidirectional"]
 DTYPES = [torch.bfloat16, torch.float16]
 # (Hq, Hkv, D): Qwen2.5-1.5B, GQA 6, MHA, GQA 4.
 SHAPES = {"qwen": (12, 2, 128), "gqa6-d64": (6, 1, 64), "mha-d64": (4, 4, 64), "gqa4-d128": (8, 2, 128)}
@@ -122,30 +122,30 @@ def check(q, k, v, lay, *, max_seqlen=None, scale=None, what=""):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("paradigm", PARADIGMS)
+@pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_layouts(paradigm, shape, dtype, seed):
+def test_random_layouts(mask_kind, shape, dtype, seed):
     Hq, Hkv, D = SHAPES[shape]
     spans = random_spans(6, seed=10 * seed + 3, max_len=90)  # empty P and G spans included
-    lay = layout_from_intervals(*intervals_from_table(spans, paradigm))
+    lay = layout_from_intervals(*intervals_from_table(spans, mask_kind))
     T = int(lay[0][-1])
     q, k, v = random_qkv(T, Hq, Hkv, D, dtype, seed)
-    check(q, k, v, lay, what=f"{paradigm} {shape} {dtype}")
+    check(q, k, v, lay, what=f"{mask_kind} {shape} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L", [1, 2, 17, 63, 64, 65, 127, 128, 129, 300])
-@pytest.mark.parametrize("paradigm", PARADIGMS)
-def test_awkward_lengths(L, paradigm, dtype):
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_awkward_lengths(L, mask_kind, dtype):
     Lq = max(1, L // 3)
     Ld = max(1, L // 3) if L >= 2 else 0
     spans = torch.tensor([[Lq, Ld, max(0, L - Lq - Ld - L // 5), 0]], dtype=torch.int32)
     spans[0, 3] = L - int(spans[0, :3].sum())
-    if paradigm in ("ttm", "stm") and (spans[0, 0] < 1 or spans[0, 1] < 1):
+    if mask_kind in ("ttm", "stm") and (spans[0, 0] < 1 or spans[0, 1] < 1):
         pytest.skip("ttm / stm need Lq, Ld >= 1")
-    lay = layout_from_intervals(*intervals_from_table(spans, paradigm))
+    lay = layout_from_intervals(*intervals_from_table(spans, mask_kind))
     q, k, v = random_qkv(L, 6, 2, 64, dtype, L)
-    check(q, k, v, lay, what=f"L={L} {paradigm}")
+    check(q, k, v, lay, what=f"L={L} {mask_kind}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -211,14 +211,14 @@ def test_many_tiny_sequences():
     check(q, k, v, lay, what="1000 tiny sequences")
 
 
-@pytest.mark.parametrize("paradigm", ["ttm", "causal"])
-def test_long_batch_64k(paradigm):
+@pytest.mark.parametrize("mask_kind", ["ttm", "causal"])
+def test_long_batch_64k(mask_kind):
     """T = 65,536: 8 sequences of 8,192 tokens (the long-document regime)."""
     spans = torch.tensor([[256, 7680, 16, 240]] * 8, dtype=torch.int32)
-    lay = layout_from_intervals(*intervals_from_table(spans, paradigm))
+    lay = layout_from_intervals(*intervals_from_table(spans, mask_kind))
     assert int(lay[0][-1]) == 65536
     q, k, v = random_qkv(65536, 12, 2, 128, torch.bfloat16, 4)
-    check(q, k, v, lay, what=f"64k {paradigm}")
+    check(q, k, v, lay, what=f"64k {mask_kind}")
 
 
 def test_max_seqlen_and_repeatability():

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import requires_cuda
 from tests.numerics import assert_close, tol
 from tests.oracles import attention_dense
-from tests.ops.test_attention import PARADIGMS, check_against_oracle, layout, randn
+from tests.ops.test_attention import MASKS, check_against_oracle, layout, randn
 
 import ugd_ops
 from ugd_ops import _backend, cuda_attention, flex
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.skipif(not flex.available(), reason="torch without flex
 SHAPES = {"gqa6": (6, 1, 64), "mha": (2, 2, 128), "gqa3-d16": (6, 2, 16)}
 
 
-def _layout(paradigm, seed, n=5, max_len=45, device="cpu"):
+def _layout(mask_kind, seed, n=5, max_len=45, device="cpu"):
     spans = random_spans(n, seed=10 * seed + 7, max_len=max_len)  # empty P and G spans included
-    return layout(spans, paradigm, device)
+    return layout(spans, mask_kind, device)
 
 
 def _inputs(lay, shape, dtype, device, seed):
@@ -42,11 +42,11 @@ def _inputs(lay, shape, dtype, device, seed):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("paradigm", PARADIGMS)
+@pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("block", [8, 16, 128])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_block_tables_cover_the_mask_and_full_blocks_are_full(paradigm, block, seed):
-    (cu, ks, ke), mask = _layout(paradigm, seed)
+def test_block_tables_cover_the_mask_and_full_blocks_are_full(mask_kind, block, seed):
+    (cu, ks, ke), mask = _layout(mask_kind, seed)
     T = mask.shape[0]
     lo, hi = flex.row_bounds(cu, ks, ke)
     dense = torch.zeros((T, T), dtype=torch.bool)
@@ -66,7 +66,7 @@ def test_block_tables_cover_the_mask_and_full_blocks_are_full(paradigm, block, s
     for qb, kb in full.nonzero().tolist():
         rows = slice(qb * block, min((qb + 1) * block, T))
         assert (kb + 1) * block <= T and bool(mask[rows, kb * block:(kb + 1) * block].all())
-    if block == 8 and paradigm == "bidirectional":
+    if block == 8 and mask_kind == "bidirectional":
         assert full.any()  # the full-block lists are actually used
 
 
@@ -110,9 +110,9 @@ def cpu_backward(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("paradigm", PARADIGMS)
-def test_eager_flex_matches_the_oracle(paradigm, shape, cpu_backward, monkeypatch):
-    lay, mask = _layout(paradigm, 1)
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_eager_flex_matches_the_oracle(mask_kind, shape, cpu_backward, monkeypatch):
+    lay, mask = _layout(mask_kind, 1)
     q, k, v = _inputs(lay, shape, torch.float64, "cpu", 5)
 
     def eager(q, k, v, cu, ks, ke, *, softmax_scale, return_lse):
@@ -128,15 +128,15 @@ def test_eager_flex_matches_the_oracle(paradigm, shape, cpu_backward, monkeypatc
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("paradigm", ["ttm", "bidirectional"])
-def test_compiled_cpu_flex_skips_blocks_correctly(paradigm):
+@pytest.mark.parametrize("mask_kind", ["ttm", "bidirectional"])
+def test_compiled_cpu_flex_skips_blocks_correctly(mask_kind):
     from torch.nn.attention.flex_attention import flex_attention
 
-    lay, mask = _layout(paradigm, 2, n=4, max_len=120)  # several 128-blocks, skipped, full and partial
+    lay, mask = _layout(mask_kind, 2, n=4, max_len=120)  # several 128-blocks, skipped, full and partial
     cu, ks, ke = lay
     q, k, v = _inputs(lay, "gqa3-d16", torch.float32, "cpu", 9)
     bm = flex.build_block_mask(cu, ks, ke)
-    assert int(bm.full_kv_num_blocks.sum()) > 0 or paradigm != "bidirectional"
+    assert int(bm.full_kv_num_blocks.sum()) > 0 or mask_kind != "bidirectional"
     assert int((bm.kv_num_blocks + bm.full_kv_num_blocks).sum()) < bm.kv_num_blocks.shape[-1] ** 2
     fn = torch.compile(flex_attention, dynamic=False)
     with torch.no_grad():
@@ -218,10 +218,10 @@ def test_info_reports_the_attention_paths():
 
 @requires_cuda
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("paradigm", PARADIGMS)
-def test_cuda_flex_path_matches_the_oracle(paradigm, shape, monkeypatch):
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_cuda_flex_path_matches_the_oracle(mask_kind, shape, monkeypatch):
     monkeypatch.setenv(cuda_attention.ENV, "0")  # the flex path, whatever kernel is compiled
-    lay, mask = _layout(paradigm, 4, n=8, max_len=90, device="cuda")
+    lay, mask = _layout(mask_kind, 4, n=8, max_len=90, device="cuda")
     q, k, v = _inputs(lay, shape, torch.float32, "cuda", 2)
     assert attention_path(q, k, v) == "flex"
     check_against_oracle(q, k, v, lay, mask, purpose="flex", seed=1)
@@ -254,10 +254,10 @@ def test_cuda_flex_builds_the_block_mask_once_without_host_sync(monkeypatch):
 
 @requires_cuda
 @pytest.mark.skipif(not cuda_attention.compiled(), reason="this build has no CUDA attention kernel")
-@pytest.mark.parametrize("paradigm", PARADIGMS)
-def test_cuda_kernel_path_when_switched_on(paradigm, monkeypatch):
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_cuda_kernel_path_when_switched_on(mask_kind, monkeypatch):
     monkeypatch.setenv(cuda_attention.ENV, "1")
-    lay, mask = _layout(paradigm, 6, n=8, max_len=90, device="cuda")
+    lay, mask = _layout(mask_kind, 6, n=8, max_len=90, device="cuda")
     for dtype in cuda_attention.DTYPES:
         q, k, v = _inputs(lay, "mha", dtype, "cuda", 4)
         assert attention_path(q, k, v) == "cuda-kernel"

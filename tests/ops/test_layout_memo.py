@@ -12,9 +12,9 @@ from ugd_ops import _checks, layout_memo
 from ugd_ops.workloads import random_spans
 
 
-def _valid(seed, n=6, paradigm="ttm"):
+def _valid(seed, n=6, mask_kind="ttm"):
     spans = torch.as_tensor(random_spans(n, seed=seed, max_len=30), dtype=torch.int32)
-    return ugd_ops.row_intervals(spans, paradigm)
+    return ugd_ops.row_intervals(spans, mask_kind)
 
 
 def _host_says_broken(cu, ks, ke, T) -> bool:
@@ -41,9 +41,9 @@ def _breakages(cu, ks, ke):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("paradigm", ["ttm", "stm", "causal", "bidirectional"])
-def test_device_flags_agree_with_the_host_check(seed, paradigm):
-    cu, ks, ke = _valid(seed, paradigm=paradigm)
+@pytest.mark.parametrize("mask_kind", ["ttm", "stm", "causal", "bidirectional"])
+def test_device_flags_agree_with_the_host_check(seed, mask_kind):
+    cu, ks, ke = _valid(seed, mask_kind=mask_kind)
     T = int(cu[-1])
     assert not bool(layout_memo.layout_broken(cu, ks, ke, T))
     assert not _host_says_broken(cu, ks, ke, T)

@@ -9,18 +9,18 @@ import ugd_ops
 from ugd_ops import reference
 from ugd_ops.workloads import WORKLOADS, make_spans, random_spans
 
-PARADIGMS = ["ttm", "stm", "causal", "bidirectional"]
+MASKS = ["ttm", "stm", "causal", "bidirectional"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("paradigm", PARADIGMS)
+@pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("seed", range(4))
-def test_row_intervals_match_spec_table(paradigm, seed, device):
+def test_row_intervals_match_spec_table(mask_kind, seed, device):
     spans = random_spans(7, seed=seed, max_len=23)  # includes Lp = 0 and Lg = 0
     spans[0, 2:] = 0  # a sample with neither prompt nor reason
-    cu, ks, ke = intervals_from_table(spans, paradigm)
+    cu, ks, ke = intervals_from_table(spans, mask_kind)
     for impl in (ugd_ops.row_intervals, reference.row_intervals):
-        got = impl(spans.to(device), paradigm)
+        got = impl(spans.to(device), mask_kind)
         assert all(t.dtype == torch.int32 and t.device.type == device for t in got)
         assert got[0].tolist() == cu
         assert got[1].tolist() == ks
@@ -31,9 +31,9 @@ def test_row_intervals_match_spec_table(paradigm, seed, device):
 def test_row_intervals_on_workloads(name):
     spans = make_spans(name)
     assert spans.shape == (WORKLOADS[name].batch, 4)
-    for paradigm in ("ttm", "stm"):
-        a = ugd_ops.row_intervals(spans, paradigm)
-        b = reference.row_intervals(spans, paradigm)
+    for mask_kind in ("ttm", "stm"):
+        a = ugd_ops.row_intervals(spans, mask_kind)
+        b = reference.row_intervals(spans, mask_kind)
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -45,10 +45,10 @@ def test_row_intervals_take_lists():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("paradigm", PARADIGMS)
-def test_dense_mask(paradigm, device):
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_dense_mask(mask_kind, device):
     spans = random_spans(4, seed=3, max_len=9)
-    cu, ks, ke = intervals_from_table(spans, paradigm)
+    cu, ks, ke = intervals_from_table(spans, mask_kind)
     expect = mask_from_intervals(cu, ks, ke)
     args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (cu, ks, ke)]
     for impl in (ugd_ops.dense_mask, reference.dense_mask):
@@ -77,11 +77,11 @@ BAD_SPANS = [
 ]
 
 
-@pytest.mark.parametrize("spans,paradigm,message", BAD_SPANS)
-def test_row_intervals_errors(spans, paradigm, message):
+@pytest.mark.parametrize("spans,mask_kind,message", BAD_SPANS)
+def test_row_intervals_errors(spans, mask_kind, message):
     for impl in (ugd_ops.row_intervals, reference.row_intervals):
         with pytest.raises(ValueError, match=message):
-            impl(spans, paradigm)
+            impl(spans, mask_kind)
 
 
 def test_causal_and_bidirectional_take_any_spans():

@@ -12,7 +12,7 @@ TensorBoard closed, curves drawn), it prints
 to stderr and raises ``TrainingInterrupted``, a ``SystemExit`` with status 143 (128 + SIGTERM, what a
 process killed by SIGTERM reports, so a job chain does not take the partial run for a finished one and
 a scheduler can requeue it). The final save, evaluation and reasons of a finished run are skipped.
-Resuming from that checkpoint continues exactly as a run never stopped (tests/test_train_robustness.py).
+Resuming from that checkpoint continues exactly as a run never stopped (tests/training/test_signals_and_resume.py).
 
 Under DDP every process gets the signal (torchrun forwards it), maybe in different steps: the flag is
 all-reduced at each step end so all processes save the same step and stop together. A second SIGTERM

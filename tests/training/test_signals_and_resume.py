@@ -1,4 +1,4 @@
-"""Issue 23 (training items): what a scheduler and a hurried user do to a training run.
+"""What a scheduler and a hurried user do to a training run (ugd.training.signals, ugd.training.resume_check).
 
 * kill -9 of a ``d2llm`` run (own teacher, and a separate frozen teacher checkpoint) and of an ``ullme``
   run (extra batch fields, GRL candidates drawn at random), then ``--resume_from_checkpoint true``:
@@ -28,7 +28,7 @@ from tests.tiny_checkpoints import TINY_BACKBONE
 
 from ugd.train import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [

@@ -16,7 +16,7 @@ from ugd.train import cli
 from ugd.training.args import ConfigError, parse_args
 from ugd.training.build import load_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--backbone_config", json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                          "num_attention_heads": 4, "num_key_value_heads": 2}),
         "--demo_train_size", "16", "--demo_eval_size", "8", "--num_reasons", "0", "--report_to", "none",

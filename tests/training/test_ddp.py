@@ -25,7 +25,7 @@ from ugd.data.layout import LayoutConfig
 from ugd.model import UGDConfig, UGDModel
 from ugd.training.trainer import freeze_unused_parameters, parameter_checksum, unused_parameters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_BACKBONE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
                  "num_key_value_heads": 2}
 LAYOUT = LayoutConfig(max_query_len=16, max_document_len=40, max_reason_len=16)
