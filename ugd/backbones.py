@@ -27,6 +27,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 logger = logging.getLogger("ugd.backbones")
 
 CACHE_ENV = "UGD_CACHE_DIR"
@@ -123,8 +127,6 @@ def dequantised_folder(gguf_path: str, cache_dir: str | None = None) -> str:
     """The cache folder holding ``gguf_path`` as a float32 HF checkpoint, converted on the first call."""
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF tensors with the gguf package
         raise BackboneError(f"{gguf_path}: reading a GGUF file needs the gguf package: pip install 'ugd[gguf]'")
-    from filelock import FileLock
-
     root = cache_root(cache_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, gguf_identity(gguf_path))
@@ -149,9 +151,6 @@ def dequantised_folder(gguf_path: str, cache_dir: str | None = None) -> str:
 
 
 def _dequantise(gguf_path: str, out: str) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = os.path.split(os.path.abspath(gguf_path))
     kwargs = {}
     try:  # transformers >= 5.2x can keep GGUF blocks packed (with `kernels`); a plain dense model is wanted here

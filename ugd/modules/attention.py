@@ -38,6 +38,10 @@ import weakref
 from typing import Any
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+from transformers.utils import logging
 
 import ugd_ops
 
@@ -56,17 +60,6 @@ PACKING_KWARGS = ("cu_seqlens", "kv_start", "kv_end", "max_seqlen")
 _REQUIRED = PACKING_KWARGS[:3]
 _mask_interface_registered = False  # set by register(); False on transformers < 4.53
 
-
-def _sdpa_mask_fn():
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask
-
-
-def _sdpa_forward_fn():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +84,7 @@ class DeferredMask:
     def materialize(self) -> torch.Tensor | None:
         """The sdpa mask: a bool [B, 1, q, kv] tensor, or None where sdpa relies on ``is_causal``."""
         if not self._built:
-            self._mask = _sdpa_mask_fn()(**self._kwargs)
+            self._mask = sdpa_mask(**self._kwargs)
             self._built = True
             self._kwargs = None  # drop the references (position ids, padding mask) it held
         return self._mask
@@ -138,7 +131,7 @@ def ugd_mask(batch_size: int, **mask_kwargs: Any):
     mask_kwargs["batch_size"] = batch_size
     if _could_be_packed(batch_size, mask_kwargs):
         return DeferredMask(mask_kwargs)
-    return _sdpa_mask_fn()(**mask_kwargs)
+    return sdpa_mask(**mask_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,11 +269,9 @@ def ugd_attention_forward(
         # Ordinary causal attention: exactly what "sdpa" does, with the mask sdpa would have got.
         if isinstance(attention_mask, DeferredMask):
             attention_mask = attention_mask.materialize()
-        return _sdpa_forward_fn()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   sliding_window=sliding_window, softcap=softcap, **kwargs)
     if kwargs.get("output_attentions"):
-        from transformers.utils import logging
-
         logging.get_logger(__name__).warning_once(
             'attn_implementation="ugd" returns no attention weights (output_attentions=True is ignored)')
     return _packed_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
@@ -300,8 +291,6 @@ def register() -> None:
     the packed path is unavailable there (those versions build a dense 4D mask themselves).
     """
     global _mask_interface_registered
-    from transformers import AttentionInterface
-
     if AttentionInterface._global_mapping.get(ATTN_IMPLEMENTATION) is not ugd_attention_forward:
         AttentionInterface.register(ATTN_IMPLEMENTATION, ugd_attention_forward)
     try:

@@ -28,6 +28,7 @@ Q D P ``[Start]`` g1..gk under the partition mask at every step, without a cache
 from __future__ import annotations
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
@@ -59,8 +60,6 @@ def prompt_samples(model, tokenizer, pairs, layout: LayoutConfig | None = None) 
 def _kv_layers(cache):
     layers = getattr(cache, "layers", None)
     if layers is None:
-        import transformers
-
         raise RuntimeError(f"reason generation needs transformers >= 5 (Cache.layers); this is {transformers.__version__}")
     return [(layer.keys, layer.values) for layer in layers]
 

@@ -17,7 +17,7 @@ CURVES_NAME = "training_curves.png"
 def plot_training_curves(log_history: list[dict], path: str) -> str | None:
     """A PNG of the training curves: every loss term over steps (training, and evaluation as dashed
     lines), and the eval ACC/AUC of each head. Returns ``path``, or None when there is nothing to draw."""
-    import matplotlib
+    import matplotlib  # here, not at import: the backend is chosen before pyplot loads, only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -42,6 +42,7 @@ import logging
 import os
 import shutil
 
+import accelerate
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
@@ -216,8 +217,6 @@ def fsdp_unsupported_reason(args) -> str | None:
     """
     if not getattr(args, "fsdp", None) or args.device.type != "cpu":
         return None
-    import accelerate
-
     return (f"--fsdp needs GPUs: accelerate {accelerate.__version__} shards only GPU process groups and on the CPU "
             "(gloo) would train every process on the whole, unsharded model; on CPUs use DDP (torchrun without "
             "--fsdp), on GPUs see docs/scaling.md")
