@@ -1,4 +1,4 @@
-"""Issue 15: hostile but fair use of the train -> serve path on the CPU. Damaged checkpoints are refused
+"""Hostile but fair use of the train -> serve path on the CPU. Damaged checkpoints are refused
 naming the file (never silent wrong answers, never a traceback), non-finite outputs are an error and the
 JSON stays valid, the document-store fingerprint covers the backbone, concurrent store writers keep each
 other's documents, ``--threads``, the length limits in training, and the small things (flag names,

@@ -59,7 +59,19 @@ def read_weights(path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_demo_end_to_end_writes_model_curves_tensorboard_and_loadable_checkpoints(tmp_path, capsys):
+def count_trainer_evaluations(monkeypatch) -> list:
+    """Patches UGDTrainer.evaluate to record the global step of each call; returns that list."""
+    steps, evaluate = [], UGDTrainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(UGDTrainer, "evaluate", counted)
+    return steps
+
+
+def test_demo_end_to_end_writes_model_curves_tensorboard_and_loadable_checkpoints(tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from ugd.data.collator import UGDCollator
@@ -69,12 +81,15 @@ def test_demo_end_to_end_writes_model_curves_tensorboard_and_loadable_checkpoint
     from ugd.model import UGDModel
 
     out = tmp_path / "demo"
+    evaluations = count_trainer_evaluations(monkeypatch)
     summary = main(run_args(tmp_path, "demo", "--max_steps", "30", "--eval_strategy", "steps", "--eval_steps", "15",
                             "--save_strategy", "steps", "--save_steps", "15", "--report_to", "tensorboard",
                             "--num_reasons", "2", "--max_new_tokens", "8", "--logging_steps", "5"))
     printed = capsys.readouterr().out
     assert "two-tower" in printed and "single-tower" in printed and "ACC" in printed and "AUC" in printed
     assert summary["global_step"] == 30
+    # the run ended on the step-30 evaluation: the report takes it instead of evaluating the dev set again
+    assert evaluations == [15, 30]
     for f in ("ugd_config.json", "ugd_heads.safetensors", "model.safetensors", "config.json", "tokenizer.json",
               "training_curves.png", "ugd_run_summary.json"):
         assert (out / f).is_file(), f
@@ -109,6 +124,13 @@ def test_demo_end_to_end_writes_model_curves_tensorboard_and_loadable_checkpoint
         m = head_metrics(logits, batch["labels"])
         assert m["acc"] == pytest.approx(ev[f"eval_acc_{head}"], abs=1e-6)
         assert m["auc"] == pytest.approx(ev[f"eval_auc_{head}"], abs=1e-5)
+
+
+def test_final_trainer_evaluation_runs_when_the_run_did_not_end_on_one(tmp_path, monkeypatch):
+    evaluations = count_trainer_evaluations(monkeypatch)
+    summary = main(run_args(tmp_path, "tail", "--max_steps", "5"))  # eval_strategy "no", a dev set to report on
+    assert evaluations == [5]
+    assert summary["eval"]["epoch"] > 0 and "eval_acc_t" in summary["eval"]
 
 
 def test_own_checkpoint_and_data_then_continue_from_the_ugd_checkpoint(tmp_path):

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
         model.backbone = model.backbone.merge_and_unload()
     trainer.save_model(targs.output_dir)
 
-    metrics = trainer.evaluate() if dev else {}
+    metrics = _final_trainer_metrics(trainer) if dev else {}
     summary = {
         "output_dir": targs.output_dir,
         "paradigm": model.config.paradigm,
@@ -188,6 +188,21 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
             json.dump(summary, f, indent=2, default=str)
         _print_report(summary, metrics, reasons, os.path.join(targs.output_dir, CURVES_NAME))
     return summary
+
+
+def _final_trainer_metrics(trainer) -> dict:
+    """The Trainer's evaluation of the final model. When the run ended on an evaluation (eval_strategy
+    "epoch"; "steps", which transformers 5 also runs after the last step) that is the final model's, so
+    it is reused instead of evaluating the dev set once more; with eval_strategy "no", or after
+    ``load_best_model_at_end`` (the final model is another one), the dev set is evaluated now."""
+    state = trainer.state
+    if not trainer.args.load_best_model_at_end:
+        for entry in reversed(state.log_history):
+            if entry.get("step") != state.global_step:
+                break
+            if "eval_loss" in entry:
+                return {k: v for k, v in entry.items() if k != "step"}
+    return trainer.evaluate()
 
 
 def _versions() -> dict:
