@@ -100,7 +100,15 @@ EXPECTED = {  # row -> (paradigm, extra ugd.train flags)
     "ugd-ttm": ("ugd-ttm", {}), "shared-ttm": ("shared-ttm", {}), "ttm": ("ttm", {}), "ugd-stm": ("ugd-stm", {}),
     "stm": ("stm", {}), "ugd-ttm:lam=mu=0": ("ugd-ttm", {"--lam": "0", "--mu": "0"}),
     "ugd-ttm:no-detach": ("ugd-ttm", {"--detach": "false"}), "ugd-ttm:gamma=0": ("ugd-ttm", {"--gamma": "0"}),
-    "ugd-ttm:mu=0": ("ugd-ttm", {"--mu": "0"}), "d2llm": ("d2llm", {}), "ullme": ("ullme", {}),
+    "ugd-ttm:mu=0": ("ugd-ttm", {"--mu": "0"}),
+    "ugd-ttm:gate=margin": ("ugd-ttm", {"--paradigm_options": '{"kl_gate": "margin"}'}),
+    "ugd-ttm:gate=correct": ("ugd-ttm", {"--paradigm_options": '{"kl_gate": "correct"}'}),
+    "ugd-ttm:warmup": ("ugd-ttm", {"--paradigm_options": '{"kl_warmup_steps": 150}'}),
+    "ugd-ttm:reread": ("ugd-ttm", {"--interaction_positions": "32", "--interaction_fill": "query"}),
+    "ugd-ttm:slots": ("ugd-ttm", {"--interaction_positions": "16", "--interaction_fill": "gmask"}),
+    "ugd-ttm:reread+margin": ("ugd-ttm", {"--interaction_positions": "32", "--interaction_fill": "query",
+                                          "--paradigm_options": '{"kl_gate": "margin"}'}),
+    "d2llm": ("d2llm", {}), "ullme": ("ullme", {}),
     "flipped-kd": ("flipped-kd", {}),
 }
 
@@ -126,7 +134,7 @@ def test_every_row_maps_to_its_train_arguments():
             assert options == {"teacher_cache": "/o/data/flipped-kd-teacher-scores.jsonl"}
             assert "--lora_r" not in args  # its own LoRA default (r 8)
         else:
-            assert options == {} and _value(args, "--lora_r") == "0"
+            assert options == json.loads(flags.get("--paradigm_options", "{}")) and _value(args, "--lora_r") == "0"
     assert _value(_train_args("flipped-kd", lora_r=4), "--lora_r") == "4"
     assert "--model_name_or_path" not in _train_args("ugd-ttm", backbone="none")
     assert _value(_train_args("ugd-ttm", max_steps=7), "--max_steps") == "7"

@@ -113,6 +113,9 @@ class UGDModel(nn.Module):
         self.document_backbone = document_backbone
         self.tokenizer = None  # set by from_backbone / from_pretrained; the inference methods use it
         self._heads_digest = None  # (sha256 of the heads file it was loaded from, parameter versions then)
+        # the optimizer step being taken (0-based), for schedules inside the loss (ugd-ttm's kl_warmup_steps);
+        # UGDTrainer sets it before each training forward, a hand-written loop sets it itself
+        self.training_step: int | None = None
         hidden = backbone.config.get_text_config().hidden_size
         self.heads = paradigm.build_heads(config, hidden)
         paradigm.setup(self)

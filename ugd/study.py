@@ -85,6 +85,19 @@ ROWS = {r.name: r for r in (
     Row("ugd-ttm:no-detach", "ugd-ttm", ("--detach", "false"), note="Table 3: KL without detach"),
     Row("ugd-ttm:gamma=0", "ugd-ttm", ("--gamma", "0"), note="Table 3: no generation loss"),
     Row("ugd-ttm:mu=0", "ugd-ttm", ("--mu", "0"), note="Table 3: no embedding KL"),
+    # the levers on the teacher side (docs/paradigms.md, "Levers on the teacher")
+    Row("ugd-ttm:gate=margin", "ugd-ttm", options={"kl_gate": "margin"},
+        note="lever: distil only where the single tower gives the gold label more probability"),
+    Row("ugd-ttm:gate=correct", "ugd-ttm", options={"kl_gate": "correct"},
+        note="lever: distil only where the single tower is right"),
+    Row("ugd-ttm:warmup", "ugd-ttm", options={"kl_warmup_steps": 150},
+        note="lever: KL weights ramped from 0 over 150 steps"),
+    Row("ugd-ttm:reread", "ugd-ttm", ("--interaction_positions", "32", "--interaction_fill", "query"),
+        note="lever: the query re-read after the document (32 positions) for the single tower"),
+    Row("ugd-ttm:slots", "ugd-ttm", ("--interaction_positions", "16", "--interaction_fill", "gmask"),
+        note="lever: 16 [gMask] slots for the single tower"),
+    Row("ugd-ttm:reread+margin", "ugd-ttm", ("--interaction_positions", "32", "--interaction_fill", "query"),
+        options={"kl_gate": "margin"}, note="levers: query re-read and the margin gate"),
     # D2LLM distils a fine-tuned cross-encoder: the plain single tower (the stm row) of the same seed, frozen,
     # with the CI/RI weights of D2LLM's code against a trained teacher (docs/paradigms.md)
     Row("d2llm", "d2llm", options={"ci_weight": 1.0, "ri_weight": 1.0}, teacher_row="stm",
@@ -403,6 +416,7 @@ class Study:
                 "train_seconds": summary.get("train_seconds"), "train_wall_seconds": train_wall,
                 "eval_wall_seconds": eval_wall, "global_step": summary.get("global_step"),
                 "train_versions": summary.get("versions"), "host": host_line(),
+                "train_log": summary.get("log_history"),
                 "date": _now()}
         write_json(done, os.path.join(run_dir, "done.json"))
         if os.path.isfile(os.path.join(run_dir, "failed.json")):

@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
         "versions": _versions(),
         "device": str(targs.device),
         "world_size": targs.world_size,
+        # every logged step (loss terms, each head's training-batch accuracy, the KL gate and ramp): the
+        # evidence of how teacher and student moved, kept when the checkpoint folders are not
+        "log_history": trainer.state.log_history,
     }
     reasons = []
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)

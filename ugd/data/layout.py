@@ -46,6 +46,10 @@ POSITION_MODES = ("restart", "continuous")
 #: The spans each ``parts`` string selects (Q, D, P, G); the rest have length 0.
 PARTS = ("qdpg", "qdp", "qd", "q", "d")
 
+#: What fills the ``interaction_positions`` at the head of the P span: ``"gmask"``, that many
+#: ``[gMask]`` tokens (learned slots); ``"query"``, the query's first tokens read a second time.
+INTERACTION_FILLS = ("gmask", "query")
+
 # ---------------------------------------------------------------------------------------------
 # special tokens
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +154,12 @@ class LayoutConfig:
     max_document_len: int = 512
     max_reason_len: int = 256
     position_mode: str = "restart"
+    # Extra positions at the head of the P span, before the prompt text. Under the TTM mask only P
+    # and G rows see Q and D together, so the single tower's whole Q-D interaction happens in the
+    # few prompt positions; these give it more room (docs/paradigms.md, "Levers on the teacher").
+    # Q and D rows never see P, so the two tower is the same with or without them.
+    interaction_positions: int = 0
+    interaction_fill: str = "gmask"
 
     def __post_init__(self):
         gmask, cls = SPECIAL_TOKENS["gmask"], SPECIAL_TOKENS["cls"]
@@ -170,6 +180,12 @@ class LayoutConfig:
                 raise ValueError(f"LayoutConfig.{name} must be an int >= 1 (it counts the span's special token), got {v!r}")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"LayoutConfig.position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
+        v = self.interaction_positions
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"LayoutConfig.interaction_positions must be an int >= 0, got {v!r}")
+        if self.interaction_fill not in INTERACTION_FILLS:
+            raise ValueError(f"LayoutConfig.interaction_fill must be one of {INTERACTION_FILLS}, "
+                             f"got {self.interaction_fill!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -205,6 +221,20 @@ def prompt_ids(tokenizer, ids: dict, config: LayoutConfig) -> list[int]:
             "call ugd.data.layout.add_special_tokens(tokenizer) first"
         )
     return p
+
+
+def interaction_ids(tokenizer, ids: dict, query: str | None, config: LayoutConfig) -> list[int]:
+    """The interaction positions that open the P span (``config.interaction_positions`` of them at most).
+
+    ``"gmask"``: that many ``[gMask]`` tokens. ``"query"``: the query's first tokens again (fewer when
+    the query is shorter, none for an empty query), within the same ``max_query_len`` cut as the Q span.
+    """
+    k = config.interaction_positions
+    if k == 0:
+        return []
+    if config.interaction_fill == "gmask":
+        return [ids["gmask"]] * k
+    return _tokenize(tokenizer, query)[: min(k, config.max_query_len - 1)]
 
 
 def _check_parts(parts: str) -> str:
@@ -280,7 +310,8 @@ def encode_sample(
     if "d" in parts:
         d = cut(document, config.max_document_len - 1, "d") + [cls]
     if "p" in parts:
-        p = list(_prompt) if _prompt is not None else prompt_ids(tokenizer, ids, config)
+        p = interaction_ids(tokenizer, ids, query, config) + (
+            list(_prompt) if _prompt is not None else prompt_ids(tokenizer, ids, config))
     if "g" in parts and reason:
         r = cut(reason, config.max_reason_len - 1, "g")
         g = [ids["start"]] + r
@@ -304,6 +335,7 @@ def encode_sample(
 
 __all__ = [
     "IGNORE_INDEX",
+    "INTERACTION_FILLS",
     "PARTS",
     "POSITION_MODES",
     "SPECIAL_TOKENS",
@@ -311,6 +343,7 @@ __all__ = [
     "LayoutConfig",
     "add_special_tokens",
     "encode_sample",
+    "interaction_ids",
     "load_tokenizer",
     "prompt_ids",
     "record_label",

@@ -26,12 +26,13 @@ _SPANS = {"q": ("queries", "max_query_len"), "d": ("documents", "max_document_le
 
 
 def prompt_length(tokenizer, layout) -> int:
-    """Tokens of the P span; ``tokenizer`` need not hold the UGD special tokens yet (a copy gets them)."""
+    """Tokens of the longest P span (interaction positions included); ``tokenizer`` need not hold the UGD
+    special tokens yet (a copy gets them)."""
     vocab = tokenizer.get_vocab()
     if any(t not in vocab for t in SPECIAL_TOKENS.values()):
         tokenizer = copy.deepcopy(tokenizer)
     ids = add_special_tokens(tokenizer)
-    return len(prompt_ids(tokenizer, ids, layout))
+    return len(prompt_ids(tokenizer, ids, layout)) + getattr(layout, "interaction_positions", 0)
 
 
 def positions_needed(layout, prompt_len: int, max_new_tokens: int = 0) -> int:

@@ -38,7 +38,16 @@ def generation_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, lm_labels: t
                                         bias=getattr(lm_head, "bias", None), per_sample=sample, reduction="mean")
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, detach: bool):
-    """KL(softmax(student) || sg(softmax(teacher))), batch mean (ugd_ops.detached_kl)."""
-    return ugd_ops.detached_kl(student.float(), teacher.float(), temperature=temperature, reduction="batchmean",
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, detach: bool,
+                      gate: torch.Tensor | None = None):
+    """KL(softmax(student) || sg(softmax(teacher))), batch mean (ugd_ops.detached_kl).
+
+    ``gate`` ([B], 0/1): only the gated samples distil, still divided by B, so that a gate only ever
+    removes samples' terms and never re-weights the others.
+    """
+    if gate is None:
+        return ugd_ops.detached_kl(student.float(), teacher.float(), temperature=temperature,
+                                   reduction="batchmean", detach=detach)
+    rows = ugd_ops.detached_kl(student.float(), teacher.float(), temperature=temperature, reduction="none",
                                detach=detach)
+    return (rows * gate.to(rows.dtype)).sum() / max(rows.shape[0], 1)

@@ -26,6 +26,9 @@ class UGDOutput:
 
     loss: torch.Tensor | None = None
     terms: dict = field(default_factory=dict)  # each weighted term's unweighted value
+    # training diagnostics (0-d tensors, no gradient) the trainer logs as train_<name>: e.g. acc_t / acc_s,
+    # each head's accuracy on the batch, and kl_gate, the share of samples that distilled
+    stats: dict = field(default_factory=dict)
     logits_t: torch.Tensor | None = None  # [B, C] two-tower
     logits_s: torch.Tensor | None = None  # [B, C] single-tower
     v_q: torch.Tensor | None = None

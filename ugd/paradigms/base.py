@@ -178,11 +178,13 @@ class Paradigm:
         """The loss terms trained with a non-zero weight."""
         return tuple(t for t in self.terms if float(self.weight(config, t)) != 0)
 
-    def total(self, config, terms: dict) -> torch.Tensor | None:
-        """The training loss: the weighted sum of ``terms`` (None when there is none)."""
+    def total(self, config, terms: dict, scales: dict | None = None) -> torch.Tensor | None:
+        """The training loss: the weighted sum of ``terms`` (None when there is none); ``scales`` (term ->
+        factor) multiplies a weight for this step (a schedule)."""
         if not terms:
             return None
-        return sum(float(self.weight(config, t)) * v for t, v in terms.items())
+        scales = scales or {}
+        return sum(float(self.weight(config, t)) * scales.get(t, 1.0) * v for t, v in terms.items())
 
     def serves(self, config) -> frozenset:
         """The capabilities of a model with this config (default: ``capabilities``)."""

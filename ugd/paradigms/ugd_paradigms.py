@@ -12,6 +12,17 @@ layout, loss terms and which towers exist.
 
 The weights are the ``UGDConfig`` fields ``alpha``, ``beta``, ``gamma``, ``lam``, ``mu`` (top-level
 fields, not paradigm options, because checkpoints store them there).
+
+``ugd-ttm``'s options steer the distillation (docs/paradigms.md, "Levers on the teacher"; the defaults
+are the paper's):
+
+    kl_gate          "none": every sample distils (paper eq. 4-5);
+                     "correct": only samples whose single tower predicts the gold label;
+                     "margin": only samples where the single tower gives the gold label more probability
+                     than the two tower (p_s(y) > p_t(y)).
+                     A gated KL term is sum_i g_i KL_i / B: a sample without the gate adds nothing.
+    kl_warmup_steps  N > 0 ramps the KL weights linearly, lam * min(1, step / N) (and mu alike), from 0
+                     at the first optimizer step: the single tower learns before it teaches.
 """
 
 from __future__ import annotations
@@ -25,6 +36,45 @@ from .registry import register
 from .base import Paradigm
 
 _TWO_TOWER = frozenset({"encode_queries", "encode_documents", "score_pairs", "rank"})
+
+#: The per-sample gates of the KL terms (the ``kl_gate`` option).
+KL_GATES = ("none", "correct", "margin")
+_KL_OPTIONS = {"kl_gate": "none", "kl_warmup_steps": 0}
+_KL_TERMS = ("kl", "kl_emb")
+
+
+def kl_gate(kind: str, logits_t: torch.Tensor, logits_s: torch.Tensor, labels: torch.Tensor | None):
+    """The per-sample gate ``[B]`` (0 or 1, fp32) of the KL terms; None for ``"none"`` (all samples).
+
+    Decided without gradient on the plain (temperature 1) class probabilities. A sample without a
+    label (-100) is never distilled under a gate that needs the label.
+    """
+    if kind == "none":
+        return None
+    with torch.no_grad():
+        if labels is None:
+            return torch.zeros(logits_t.shape[0], device=logits_t.device)
+        has = labels != -100
+        y = labels.clamp_min(0).unsqueeze(1)
+        if kind == "correct":
+            keep = logits_s.argmax(-1) == labels
+        elif kind == "margin":
+            p_s = torch.softmax(logits_s.float(), -1).gather(1, y).squeeze(1)
+            p_t = torch.softmax(logits_t.float(), -1).gather(1, y).squeeze(1)
+            keep = p_s > p_t
+        else:
+            raise ValueError(f"unknown kl_gate {kind!r}; expected one of {KL_GATES}")
+        return (keep & has).float()
+
+
+def kl_ramp(warmup_steps: int, step: int | None) -> float:
+    """The factor on the KL weights at optimizer step ``step`` (0-based: the step being taken)."""
+    if warmup_steps <= 0:
+        return 1.0
+    if step is None:
+        raise ValueError("kl_warmup_steps needs the training step: set model.training_step before each forward "
+                         "(UGDTrainer does), or train with kl_warmup_steps 0")
+    return min(1.0, (step + 1) / warmup_steps)
 
 
 class UGDParadigm(Paradigm):
@@ -49,6 +99,18 @@ class UGDParadigm(Paradigm):
             self.prefill_mask = mask
         self.capabilities = frozenset(caps)
         self.two_backbones = mask is None
+        self.options = dict(_KL_OPTIONS) if "kl" in terms else {}
+
+    def check_config(self, config) -> None:
+        super().check_config(config)
+        if not self.options:
+            return
+        gate = self.option(config, "kl_gate")
+        if gate not in KL_GATES:
+            raise ValueError(f"paradigm option kl_gate must be one of {', '.join(KL_GATES)}, got {gate!r}")
+        steps = self.option(config, "kl_warmup_steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"paradigm option kl_warmup_steps must be an int >= 0, got {steps!r}")
 
     # ------------------------------------------------------------------ model
 
@@ -60,9 +122,11 @@ class UGDParadigm(Paradigm):
         """Which outputs to compute: those the active loss terms need, plus ``compute``."""
         terms = self.training_terms(model, compute)
         want = set(compute or ())
+        # a KL gate compares the two heads' predictions, so it needs both logits even for kl_emb alone
+        gated = bool(terms & set(_KL_TERMS)) and self.option(model.config, "kl_gate") != "none"
         need = {
-            "logits_t": bool(terms & {"cls_t", "kl"}) or "two_tower" in want,
-            "logits_s": bool(terms & {"cls_s", "kl"}) or "single_tower" in want,
+            "logits_t": bool(terms & {"cls_t", "kl"}) or gated or "two_tower" in want,
+            "logits_s": bool(terms & {"cls_s", "kl"}) or gated or "single_tower" in want,
             "emb": "kl_emb" in terms,
             "gen": "gen" in terms or "gen" in want,
         }
@@ -108,14 +172,27 @@ class UGDParadigm(Paradigm):
         if "gen" in active and hidden is not None and "lm_labels" in batch:
             terms["gen"] = generation_loss(hidden, model.backbone.get_output_embeddings(), batch["lm_labels"][0],
                                            batch["cu_seqlens"])
-        if "kl" in active:
-            terms["kl"] = distillation_loss(out.logits_t, out.logits_s, temperature=cfg.kl_temperature,
-                                            detach=cfg.detach)
-        if "kl_emb" in active:
-            terms["kl_emb"] = distillation_loss(heads.fc_t_kl(f_t), heads.fc_s_kl(out.v_s),
-                                                temperature=cfg.kl_temperature, detach=cfg.detach)
+        scales = None
+        if active & set(_KL_TERMS):
+            gate = kl_gate(self.option(cfg, "kl_gate"), out.logits_t, out.logits_s, labels)
+            kl = dict(temperature=cfg.kl_temperature, detach=cfg.detach, gate=gate)
+            if "kl" in active:
+                terms["kl"] = distillation_loss(out.logits_t, out.logits_s, **kl)
+            if "kl_emb" in active:
+                terms["kl_emb"] = distillation_loss(heads.fc_t_kl(f_t), heads.fc_s_kl(out.v_s), **kl)
+            ramp = kl_ramp(self.option(cfg, "kl_warmup_steps"), getattr(model, "training_step", None))
+            scales = {t: ramp for t in _KL_TERMS}
+            out.stats["kl_ramp"] = torch.tensor(ramp, device=out.v_s.device)
+            if gate is not None:
+                out.stats["kl_gate"] = gate.mean()
+        if model.training and out.logits_t is not None and out.logits_s is not None and have_labels:
+            # the teacher against the student on the training batches (docs/results.md, the mechanism)
+            with torch.no_grad():
+                has = labels != -100
+                out.stats["acc_t"] = (out.logits_t.argmax(-1) == labels)[has].float().mean()
+                out.stats["acc_s"] = (out.logits_s.argmax(-1) == labels)[has].float().mean()
         out.terms = terms
-        out.loss = self.total(cfg, terms)
+        out.loss = self.total(cfg, terms, scales)
         return out
 
     def unused_parameters(self, model) -> list[str]:

@@ -114,12 +114,19 @@ class UGDArguments:
     prompt: str = field(default="because [gMask], the correlation score is [CLS]", metadata={
         "help": "The P span's text (must contain [gMask] and end with [CLS])."})
     position_mode: str = field(default="restart", metadata={"help": "restart or continuous (docs/spec.md section 4)."})
+    interaction_positions: int = field(default=0, metadata={
+        "help": "Extra positions opening the P span, where the single tower under the TTM mask lets Q and D "
+                "interact (0: the paper's layout; docs/paradigms.md). The two tower is unchanged."})
+    interaction_fill: str = field(default="gmask", metadata={
+        "help": "What fills the interaction positions: gmask (learned [gMask] slots) or query (the query's "
+                "first tokens read again after the document)."})
 
 
 #: UGDConfig fields set from UGDArguments; the first group fixes the heads' shapes
 ARCH_FIELDS = ("paradigm", "num_labels", "kl_dim", "head_activation")
 LOSS_FIELDS = ("alpha", "beta", "gamma", "lam", "mu", "detach", "kl_temperature")
-LAYOUT_FIELDS = ("prompt", "max_query_len", "max_document_len", "max_reason_len", "position_mode")
+LAYOUT_FIELDS = ("prompt", "max_query_len", "max_document_len", "max_reason_len", "position_mode",
+                 "interaction_positions", "interaction_fill")
 
 
 @dataclass

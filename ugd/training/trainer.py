@@ -276,14 +276,19 @@ class UGDTrainer(Trainer):
     # ----------------------------------------------------------------- training
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            # global_step counts finished optimizer steps and is restored on resume, so a schedule on it resumes exactly
+            self.accelerator.unwrap_model(model).training_step = self.state.global_step
         out = model(inputs)
         if out.loss is None:
             raise ValueError("the batch gave no loss: no sample has a label (and no reason) for the active loss terms")
         if model.training:
-            for term, value in out.terms.items():
+            logged = {f"loss_{t}": v for t, v in out.terms.items()}
+            logged.update({f"train_{k}": v for k, v in out.stats.items()})
+            for name, value in logged.items():
                 v = value.detach().float()
-                self._train_terms[term] = self._train_terms[term] + v if term in self._train_terms else v
-                self._train_term_counts[term] = self._train_term_counts.get(term, 0) + 1
+                self._train_terms[name] = self._train_terms[name] + v if name in self._train_terms else v
+                self._train_term_counts[name] = self._train_term_counts.get(name, 0) + 1
         return (out.loss, out) if return_outputs else out.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -314,7 +319,7 @@ class UGDTrainer(Trainer):
                 torch.distributed.all_reduce(values)
                 values /= torch.distributed.get_world_size()
             for n, v in zip(names, values.tolist()):
-                logs[f"loss_{n}"] = v
+                logs[n] = v
             self._train_terms.clear()
             self._train_term_counts.clear()
         super().log(logs, start_time)
