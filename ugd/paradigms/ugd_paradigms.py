@@ -99,11 +99,12 @@ class UGDParadigm(Paradigm):
             self.prefill_mask = mask
         self.capabilities = frozenset(caps)
         self.two_backbones = mask is None
-        self.options = dict(_KL_OPTIONS) if "kl" in terms else {}
+        # a subclass's own options (class attribute) and, where a KL term trains, the distillation levers
+        self.options = {**type(self).options, **(_KL_OPTIONS if "kl" in terms else {})}
 
     def check_config(self, config) -> None:
         super().check_config(config)
-        if not self.options:
+        if "kl_gate" not in self.options:
             return
         gate = self.option(config, "kl_gate")
         if gate not in KL_GATES:
