@@ -71,6 +71,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from . import paradigms
+from ._output_paths import output_problems
 from .checkpoint import CONFIG_NAME
 from .data.records import MAX_KEPT_ERRORS, BadRecord, DataError, ReadStats, decode_lines, json_object, write_jsonl
 from .model import UGDConfig, UGDModel
@@ -157,6 +158,11 @@ def parse_args(argv: list[str] | None = None) -> PredictArguments:
             raise ValueError(f"--shard serves --mode documents only (it splits the encoding of a corpus's documents); "
                              f"drop it for --mode {_show(args.mode)}")
         args.shard = parse_shard(args.shard)
+    # docs/training.md, "Inputs and outputs": no output replaces an input or another output
+    problems = output_problems({"--output": args.output, "--doc_vectors": args.doc_vectors},
+                               {"--input": args.input, "--model": args.model})
+    if problems:
+        raise ValueError(problems[0])
     return args
 
 
@@ -484,6 +490,10 @@ def merge_main(argv: list[str] | None = None) -> dict:
     parser.add_argument("parts", nargs="+", help="The part files (STORE.part-IIIII-of-NNNNN.safetensors), any order.")
     parser.add_argument("--doc_vectors", "--doc-vectors", required=True, help="The store to write (or extend).")
     args = parser.parse_args(argv)
+    problems = output_problems({"--doc_vectors": args.doc_vectors},
+                               {f"part {i + 1}": p for i, p in enumerate(args.parts)})
+    if problems:
+        raise ValueError(problems[0])
     summary = merge_parts(args.parts, args.doc_vectors)
     print(f"ugd.predict: merged {summary['parts']} shards ({summary['documents']} documents) into "
           f"{summary['store']}: stored {summary['stored']} documents ({summary['added']} new)", file=sys.stderr,
