@@ -53,6 +53,10 @@ process loses little with half the cores.
 A checkpoint whose outputs are not finite (NaN or inf: damaged weights, or a dtype overflow) is an
 error: nothing is written, so the output never holds a wrong prediction or invalid JSON.
 
+Output paths are checked before any work (docs/training.md, "Inputs and outputs"): ``--output`` and
+``--doc_vectors`` must not be the input, the checkpoint or each other (``merge-shards``: not one of its
+parts), nor a folder or unwritable.
+
 Exit status: 0 on success, 2 for a problem with the arguments, the checkpoint or the input (one line
 on stderr). A summary (records, mode, seconds, pairs/s) goes to stderr at the end.
 """
