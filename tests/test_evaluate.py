@@ -248,3 +248,21 @@ def test_training_run_summary_holds_the_evaluation(tmp_path, capsys):
     assert ev["modes"]["single-tower"]["acc"] == pytest.approx(summary["eval"]["eval_acc_s"])
     assert ev["modes"]["reason"]["samples"] == 2 and len(summary["reasons"]) == 2
     assert "macro-F1" in printed and "ROUGE-L" in printed and "reason 2:" in printed
+
+
+def test_empty_text_is_a_bad_record_file_line_or_skipped(env, tmp_path):
+    """Issue 35: an empty or whitespace-only query passed the reader and stopped the evaluation with
+    "query of pair 0 is empty" (no file:line), and --skip_bad did not skip it."""
+    records = [dict(r) for r in env["records"][:4]]
+    records[2]["query"] = "   "
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, _, stderr = run("--model", env["ckpt"], "--input", data, "--reason_samples", "0", "--no_progress")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"ugd.evaluate: error: {data}:3: the query is empty") and "--skip_bad" in stderr
+    out = tmp_path / "report.json"
+    code, _, stderr = run("--model", env["ckpt"], "--input", data, "--reason_samples", "0", "--no_progress",
+                          "--skip_bad", "--output", out)
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    assert report["records"] == 3 and "skipped 1 malformed" in report["data"]

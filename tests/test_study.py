@@ -314,3 +314,118 @@ def test_end_to_end_tiny_backbone(files, tmp_path):
     assert 0 <= ttm["two-tower"]["acc"]["low"] <= ttm["two-tower"]["acc"]["value"] <= ttm["two-tower"]["acc"]["high"]
     assert set(results["stm"]["metrics"]) == {"single-tower"}
     assert "| stm | stm | 1/1 | – | – |" in (out / "table.md").read_text()
+
+
+# ------------------------------------------------------------------ issue 35 / issue 31: arguments, report, children
+
+
+def test_report_only_needs_only_the_out_folder(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert study.main(_argv(files, out, "--rows", "ugd-ttm", "stm", "--seeds", "0", "1"), execute=FakeExecutor()) == 0
+    table = (out / "table.md").read_text()
+    (out / "table.md").unlink()
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert study.cli(["--report_only", "--out", str(out)]) == 0  # settings, rows and seeds from study.json
+    assert (out / "table.md").read_text() == table
+    assert "train 24 records" in table and "evaluated on 16 records" in table  # the counts came along
+    # a study written before study.json kept the data counts: they come from results.json
+    s = json.loads((out / "study.json").read_text())
+    del s["data"]
+    (out / "study.json").write_text(json.dumps(s))
+    assert study.cli(["--report_only", "--out", str(out)]) == 0
+    assert (out / "table.md").read_text() == table
+    # settings given as well must be the study's
+    capsys.readouterr()
+    assert study.cli(_argv(files, out, "--report_only", "--epochs", "3")) == 2
+    assert "epochs 1.0 -> 3.0" in capsys.readouterr().err
+
+
+def test_report_only_refuses_a_folder_without_a_study(files, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (empty, tmp_path / "missing"):
+        assert study.cli(["--report_only", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ugd.study: error: --out {out} holds no study (no study.json)") and err.count("\n") == 1
+    assert list(empty.iterdir()) == [] and not (tmp_path / "missing").exists()  # no table of "not run" rows
+    assert study.cli(_argv(files, empty, "--report_only")) == 2  # with the settings: still no study there
+    assert list(empty.iterdir()) == []
+    assert study.cli(["--out", str(empty)]) == 2  # without --report_only the settings are needed
+    assert "--backbone is needed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, shown", [(["--seeds", "0", "-1"], "--seeds -1"), (["--data_seed", "-3"], "--data_seed -3"),
+                                          (["--seeds", str(2 ** 32)], f"--seeds {2 ** 32}")])
+def test_negative_seeds_are_refused_up_front(files, tmp_path, capsys, flags, shown):
+    fake = FakeExecutor()
+    assert study.cli(_argv(files, tmp_path / "o", *flags)) == 2
+    err = capsys.readouterr().err
+    assert err == f"ugd.study: error: {shown}: seeds are integers in [0, 2**32)\n"
+    assert fake.calls == [] and not (tmp_path / "o").exists()
+
+
+def test_a_size_larger_than_the_file_is_said(files, tmp_path, capsys):
+    argv = _argv(files, tmp_path / "o", "--rows", "stm")
+    argv[argv.index("--test_size") + 1] = "5000"
+    assert study.main(argv, execute=FakeExecutor()) == 0
+    out = capsys.readouterr().out
+    assert f"[study] --test_size 5000: --test_file {files['test']} holds 24 records; all 24 are used" in out
+    assert "--train_size" not in out  # 24 of 40: no clamp
+
+
+def test_a_run_folder_locked_by_a_live_trainer_is_not_touched(files, tmp_path, capsys):
+    """A rerun while an earlier study's trainer still trains into the folder: recorded as failed in one line,
+    the folder left alone (not cleared, no second trainer)."""
+    from ugd.training.run_lock import run_lock
+
+    out = tmp_path / "o"
+    model = out / "runs" / "stm" / "seed0" / "model"
+    model.mkdir(parents=True)
+    (model / "partial.bin").write_bytes(b"x")
+    fake = FakeExecutor()
+    with run_lock(model):
+        assert study.main(_argv(files, out, "--rows", "stm"), execute=fake) == 1
+    assert fake.calls == [] and (model / "partial.bin").is_file()
+    failed = json.loads((out / "runs" / "stm" / "seed0" / "failed.json").read_text())
+    assert failed["stage"] == "train" and "is locked by another ugd.train process" in failed["stderr_tail"]
+    assert study.main(_argv(files, out, "--rows", "stm"), execute=FakeExecutor()) == 0  # lock gone: it runs
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_dies_with_the_study_even_under_kill_9(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = (f"import sys; from ugd import study\n"
+              f"study.run_subprocess([sys.executable, '-c', {child!r}], {str(tmp_path / 'o')!r}, "
+              f"{str(tmp_path / 'e')!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        deadline = time.time() + 120
+        while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        child_pid = int(pid_file.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                os.kill(child_pid, 0)
+            except ProcessLookupError:
+                break
+            # a zombie child of init counts as gone: read its state
+            with open(f"/proc/{child_pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break
+            time.sleep(0.2)
+        else:
+            os.kill(child_pid, signal.SIGKILL)
+            pytest.fail("the child outlived its killed parent")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

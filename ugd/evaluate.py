@@ -39,6 +39,9 @@ and, with ``--predictions FILE``, one JSON line per evaluated record in input or
 (``rouge_l`` is that record's ROUGE-L F-measure, null without a gold reason). Values that do not
 exist (an AUC when the file holds one class) are null.
 
+Output paths are checked before any work (docs/training.md, "Inputs and outputs"): ``--output`` and
+``--predictions`` must not be the input, the checkpoint or each other, nor a folder or unwritable.
+
 Exit status: 0 on success, 2 for a problem with the arguments, the checkpoint or the input (one line
 ``ugd.evaluate: error: ...`` on stderr).
 """
@@ -61,6 +64,7 @@ from tqdm.auto import tqdm
 
 from . import paradigms
 from ._files import atomic_text_file
+from ._output_paths import output_problems
 from .data.records import read_records, write_jsonl
 from .predict import load_model, read_checkpoint_config, resolve_device, set_threads
 from .serving.generate import generate_reason
@@ -368,7 +372,12 @@ def format_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Runs one evaluation; returns the report (written to ``--output`` when given, printed as a table)."""
     args = parse_args(argv)
-    # everything cheap is checked before the model is loaded (which may take minutes)
+    # everything cheap is checked before the model is loaded (which may take minutes); an output that is
+    # an input, another output, a folder or unwritable would otherwise fail (or destroy data) at the end
+    problems = output_problems({"--output": args.output, "--predictions": args.predictions},
+                               {"--input": args.input, "--model": args.model})
+    if problems:
+        raise ValueError(problems[0])
     cfg = read_checkpoint_config(args.model)
     modes = resolve_modes(paradigms.get(cfg.paradigm), cfg, args.modes)
     if "reason" in modes and args.reason_samples > 0:

@@ -53,6 +53,10 @@ process loses little with half the cores.
 A checkpoint whose outputs are not finite (NaN or inf: damaged weights, or a dtype overflow) is an
 error: nothing is written, so the output never holds a wrong prediction or invalid JSON.
 
+Output paths are checked before any work (docs/training.md, "Inputs and outputs"): ``--output`` and
+``--doc_vectors`` must not be the input, the checkpoint or each other (``merge-shards``: not one of its
+parts), nor a folder or unwritable.
+
 Exit status: 0 on success, 2 for a problem with the arguments, the checkpoint or the input (one line
 on stderr). A summary (records, mode, seconds, pairs/s) goes to stderr at the end.
 """
@@ -71,6 +75,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from . import paradigms
+from ._output_paths import output_problems
 from .checkpoint import CONFIG_NAME
 from .data.records import MAX_KEPT_ERRORS, BadRecord, DataError, ReadStats, decode_lines, json_object, write_jsonl
 from .model import UGDConfig, UGDModel
@@ -157,6 +162,11 @@ def parse_args(argv: list[str] | None = None) -> PredictArguments:
             raise ValueError(f"--shard serves --mode documents only (it splits the encoding of a corpus's documents); "
                              f"drop it for --mode {_show(args.mode)}")
         args.shard = parse_shard(args.shard)
+    # docs/training.md, "Inputs and outputs": no output replaces an input or another output
+    problems = output_problems({"--output": args.output, "--doc_vectors": args.doc_vectors},
+                               {"--input": args.input, "--model": args.model})
+    if problems:
+        raise ValueError(problems[0])
     return args
 
 
@@ -484,6 +494,10 @@ def merge_main(argv: list[str] | None = None) -> dict:
     parser.add_argument("parts", nargs="+", help="The part files (STORE.part-IIIII-of-NNNNN.safetensors), any order.")
     parser.add_argument("--doc_vectors", "--doc-vectors", required=True, help="The store to write (or extend).")
     args = parser.parse_args(argv)
+    problems = output_problems({"--doc_vectors": args.doc_vectors},
+                               {f"part {i + 1}": p for i, p in enumerate(args.parts)})
+    if problems:
+        raise ValueError(problems[0])
     summary = merge_parts(args.parts, args.doc_vectors)
     print(f"ugd.predict: merged {summary['parts']} shards ({summary['documents']} documents) into "
           f"{summary['store']}: stored {summary['stored']} documents ({summary['added']} new)", file=sys.stderr,

@@ -18,10 +18,18 @@ Layout of ``--out``::
     runs/<row>/seed<k>/failed.json  the failed stage and the tail of its stderr (retried on a rerun)
     results.json, table.md        the table (also printed): ACC/AUC per head, ROUGE-L, 95 % intervals
 
+``python -m ugd.study --report_only --out DIR`` rebuilds results.json and table.md from what is on disk,
+with the settings, rows and seeds of DIR/study.json (nothing else is needed; settings given as well must
+match them). A folder without a study.json is refused.
+
 Resuming: a (row, seed) with ``done.json`` is skipped; one whose training finished but whose evaluation
 did not is only evaluated; an interrupted training restarts from its last Trainer checkpoint when
 ``--save_checkpoints`` wrote one, else from scratch. A failing (row, seed) is recorded and the study goes
 on; the exit status is 1 when any failed, 2 for bad arguments (one line on stderr).
+
+Child processes: each ``ugd.train`` / ``ugd.evaluate`` dies with the study (on Linux, even when the study
+is killed with SIGKILL: the child gets SIGTERM, so a training saves its checkpoint and stops), and
+``ugd.train`` locks its run folder while it trains, so a rerun never runs a second trainer into it.
 """
 
 from __future__ import annotations
@@ -45,8 +53,11 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from ._files import atomic_text_file
+from ._output_paths import output_problems
+from .training.child_process import die_with_parent
 from .data.records import DataError, read_records, write_jsonl
 from .training.metrics import accuracy, roc_auc
+from .training.run_lock import run_lock_holder
 
 PARADIGM_ROWS = ("ugd-ttm", "shared-ttm", "ttm", "ugd-stm", "stm")
 RESAMPLES = 1000
@@ -247,7 +258,11 @@ def prepare_data(out: str, s: Settings) -> dict:
     wanted.append(("eval", eval_file, eval_flag, s.test_size, 2 if s.eval_on == "test" else 1))
     for key, src, flag, size, stream in wanted:
         prefix = {"train": "train", "dev": "dev", "eval": s.eval_on}[key]
-        records = subset(_read(src, flag), size, s.data_seed, stream)
+        read = _read(src, flag)
+        records = subset(read, size, s.data_seed, stream)
+        if size is not None and size > len(read):  # the whole file, which is fewer than asked: say so
+            print(f"[study] --{key if key != 'eval' else ('test' if s.eval_on == 'test' else 'dev')}_size {size}: "
+                  f"{flag} {src} holds {len(read)} records; all {len(read)} are used", flush=True)
         path = os.path.join(folder, f"{prefix}-{len(records)}.jsonl")
         if not os.path.isfile(path):
             write_jsonl(records, path)
@@ -318,10 +333,12 @@ def eval_command(s: Settings, data: dict, model_dir: str, run_dir: str, *, cpu_t
 
 
 def run_subprocess(cmd: list[str], stdout_path: str, stderr_path: str) -> int:
-    """The default executor: ``cmd`` with its output in two log files; returns the exit status."""
+    """The default executor: ``cmd`` with its output in two log files; returns the exit status. The child
+    dies with this process, even under SIGKILL (``ugd.training.child_process.die_with_parent``): an orphaned
+    trainer would go on writing into a run folder that a rerun trains into again."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
-        return subprocess.run(cmd, stdout=out, stderr=err, env=env).returncode
+        return subprocess.run(cmd, stdout=out, stderr=err, env=env, preexec_fn=die_with_parent()).returncode
 
 
 def _tail(path: str, chars: int = 3000) -> str:
@@ -384,6 +401,9 @@ class Study:
         if os.path.isfile(summary_path):
             self.log(f"{tag}: trained earlier, evaluating")
         else:
+            holder = run_lock_holder(model_dir)
+            if holder:  # a trainer of an earlier study process still runs in it: never train twice into one folder
+                return self._fail(run_dir, row, seed, "train", None, holder)
             checkpoint = _last_checkpoint(model_dir)
             if checkpoint is None and os.path.isdir(model_dir):
                 shutil.rmtree(model_dir)  # an interrupted training without a checkpoint: redone from scratch
@@ -653,11 +673,11 @@ def _make_parser() -> argparse.ArgumentParser:
     rows = "\n".join(f"  {r.name:<20} {r.note}" for r in ROWS.values())
     p = argparse.ArgumentParser(prog="python -m ugd.study", formatter_class=Formatter,
                                 description=__doc__, epilog=f"rows:\n{rows}\n  all                  every row")
-    p.add_argument("--backbone", required=True,
+    p.add_argument("--backbone", default=None,
                    help="What python -m ugd.train loads: a model folder, a .gguf file, a registered name "
                         "(smollm2-135m) or none (the tiny random-init backbone; size it with --backbone_config "
                         "after --).")
-    p.add_argument("--train_file", required=True)
+    p.add_argument("--train_file", default=None, help="Needed unless --report_only.")
     p.add_argument("--dev_file", default=None)
     p.add_argument("--test_file", default=None)
     p.add_argument("--eval_on", choices=("test", "dev"), default="test",
@@ -683,7 +703,9 @@ def _make_parser() -> argparse.ArgumentParser:
                    help="A Trainer checkpoint each epoch, so that an interrupted training resumes from it.")
     p.add_argument("--cpu_threads", type=int, default=None, help="Threads of each training and evaluation process.")
     p.add_argument("--eval_batch_size", type=int, default=None, help="--batch_size of ugd.evaluate.")
-    p.add_argument("--report_only", action="store_true", help="Only rebuild results.json and table.md.")
+    p.add_argument("--report_only", action="store_true",
+                   help="Only rebuild results.json and table.md, with the settings, rows and seeds of "
+                        "OUT/study.json: --report_only --out DIR needs nothing else.")
     p.add_argument("--out", required=True, help="The study's folder.")
     return p
 
@@ -696,6 +718,17 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     else:
         train_args = []
     args = _make_parser().parse_args(argv)
+    if args.report_only and args.backbone is None and args.train_file is None:
+        return args, None  # the settings are those of OUT/study.json (main reads them)
+    for flag in ("backbone", "train_file"):
+        if getattr(args, flag) is None:
+            raise StudyError(f"--{flag} is needed (only --report_only --out DIR rebuilds a table without it)")
+    # numpy's generators and transformers.set_seed take seeds in [0, 2**32): a negative one would fail in
+    # every training run, recorded as failed runs, instead of here
+    for flag, values in (("--seeds", args.seeds), ("--data_seed", [args.data_seed])):
+        bad = [v for v in values if not 0 <= v < 2 ** 32]
+        if bad:
+            raise StudyError(f"{flag} {bad[0]}: seeds are integers in [0, 2**32)")
     asked = args.rows
     args.rows = resolve_rows(args.rows)
     args.added = [r for r in args.rows if r not in asked and "all" not in asked]  # teacher rows
@@ -740,20 +773,55 @@ def main(argv: list[str] | None = None, *, execute=run_subprocess) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, settings = parse(argv)
     out = os.path.abspath(args.out)
+    # docs/training.md, "Inputs and outputs": --out is a folder that is none of the inputs
+    inputs = {} if settings is None else {
+        "--train_file": settings.train_file, "--dev_file": settings.dev_file, "--test_file": settings.test_file,
+        "--backbone": settings.backbone if os.path.exists(settings.backbone) else None}
+    problems = output_problems({"--out": out}, inputs, folders=("--out",))
+    if problems:
+        raise StudyError(problems[0])
+    if args.report_only:
+        return report_only(out, settings)
     os.makedirs(out, exist_ok=True)
     check_settings(out, settings)
     study = save_study(out, settings, args.rows, args.seeds)
     data = prepare_data(out, settings)
-    ok = True
-    if not args.report_only:
-        print(f"[study] {len(args.rows)} row(s) x {len(args.seeds)} seed(s) into {out}: {' '.join(args.rows)}",
-              flush=True)
-        for name in args.added:
-            needs = [r for r in args.rows if ROWS[r].teacher_row == name]
-            print(f"[study] {name} added: the teacher of {', '.join(needs)} (runs before it)", flush=True)
-        runner = Study(out, settings, data, cpu_threads=args.cpu_threads, eval_batch_size=args.eval_batch_size,
-                       execute=execute)
-        ok = runner.run(args.rows, args.seeds)
+    write_json({**study, "data": data}, os.path.join(out, "study.json"))  # --report_only reads the counts here
+    print(f"[study] {len(args.rows)} row(s) x {len(args.seeds)} seed(s) into {out}: {' '.join(args.rows)}",
+          flush=True)
+    for name in args.added:
+        needs = [r for r in args.rows if ROWS[r].teacher_row == name]
+        print(f"[study] {name} added: the teacher of {', '.join(needs)} (runs before it)", flush=True)
+    runner = Study(out, settings, data, cpu_threads=args.cpu_threads, eval_batch_size=args.eval_batch_size,
+                   execute=execute)
+    ok = runner.run(args.rows, args.seeds)
+    return _report(out, study, data, ok)
+
+
+def report_only(out: str, settings: Settings | None) -> int:
+    """``--report_only``: the table of OUT/study.json's rows and seeds from what is on disk; StudyError for
+    a folder without a study, or for settings (when given) other than the study's."""
+    path = os.path.join(out, "study.json")
+    if not os.path.isfile(path):
+        raise StudyError(f"--out {out} holds no study (no study.json): --report_only rebuilds the table of a study "
+                         "that ran there; run the study first, without --report_only")
+    if settings is not None:
+        check_settings(out, settings)
+    try:
+        with open(path) as f:
+            study = json.load(f)
+        study["settings"], study["rows"], study["seeds"]  # noqa: B018  (what the table needs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StudyError(f"{path} is damaged ({type(e).__name__}: {e}); it cannot be reported") from None
+    study["rows"] = [r for r in study["rows"] if r in ROWS]
+    data = study.get("data")
+    if data is None and os.path.isfile(os.path.join(out, "results.json")):  # a study written before "data" was kept
+        with open(os.path.join(out, "results.json")) as f:
+            data = json.load(f).get("data")
+    return _report(out, study, data, True)
+
+
+def _report(out: str, study: dict, data: dict | None, ok: bool) -> int:
     results, table = write_results(out, study, data)
     print("\n" + table + f"\n\n[study] {os.path.join(out, 'table.md')}, {os.path.join(out, 'results.json')}",
           flush=True)

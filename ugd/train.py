@@ -58,6 +58,7 @@ from .training.args import ConfigError, apply_paradigm_defaults, parse_args, res
 from .training.build import (apply_lora, build_model, enable_activation_checkpointing, load_data, paradigm_of,
                              peek_ugd_config)
 from .training.curves import CURVES_NAME, CurvesCallback
+from .training.run_lock import run_lock  # one trainer at a time in an --output_dir
 from .training.resume_check import resolve_resume  # another paradigm's/backbone's checkpoint: one line, exit 2
 from .training.signals import StopOnSignal  # SIGTERM: checkpoint, then exit 143 (docs/training.md)
 from .training.trainer import NonFiniteLossError, UGDTrainer, fsdp_unsupported_reason
@@ -65,6 +66,10 @@ from .training.trainer import NonFiniteLossError, UGDTrainer, fsdp_unsupported_r
 logger = logging.getLogger("ugd.train")
 
 SUMMARY_NAME = "ugd_run_summary.json"
+
+
+class FinalEvaluationError(RuntimeError):
+    """The final evaluation failed after training; the trained model and the run summary are saved."""
 
 
 def _fmt(x) -> str:
@@ -75,6 +80,9 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     """Runs the training job; returns the run summary (also written to ``<output_dir>/ugd_run_summary.json``).
 
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (for programmatic use and tests).
+
+    Raises ``FinalEvaluationError`` when the final evaluation fails: the model and the summary (with the
+    error under ``"evaluation"``) are saved first.
     """
     t0 = time.time()
     run = parse_args(argv)
@@ -82,6 +90,20 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> dict:
     fsdp_refusal = fsdp_unsupported_reason(targs)
     if fsdp_refusal:  # before any model is built (UGDTrainer refuses too)
         raise ConfigError(fsdp_refusal)
+    # held until the run ends (the kernel drops it if the process dies): a second trainer into this
+    # folder, e.g. a rerun of a study whose orphaned trainer still runs, is refused in one line
+    with run_lock(targs.output_dir, enabled=targs.process_index == 0):
+        summary = _run(run, t0, callbacks)
+    error = summary.get("evaluation", {}).get("error") if isinstance(summary.get("evaluation"), dict) else None
+    if error:  # after the model and the summary are saved: the run is kept, its exit status says it is incomplete
+        raise FinalEvaluationError(f"the final evaluation failed: {error}; the trained model is saved in "
+                                   f"{targs.output_dir} (evaluate it with python -m ugd.evaluate)")
+    return summary
+
+
+def _run(run, t0: float, callbacks) -> dict:
+    """The job itself, under the run folder's lock."""
+    targs = run.training
     if run.model.cpu_threads:
         torch.set_num_threads(run.model.cpu_threads)
     set_seed(targs.seed)
@@ -241,16 +263,23 @@ def _print_report(summary, metrics, reasons, curves_path) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _error(e: Exception) -> None:
+    """One line on stderr, from one process: under torchrun every rank meets the same argument or data
+    error, and N copies of it would bury it (torchrun itself then reports the failed ranks)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ugd.train: error: {e}", file=sys.stderr, flush=True)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """The console entry: errors in data, configuration or training as one line on stderr."""
     try:
         main(argv)
     except (DataError, ConfigError, CheckpointFileError, TeacherError) as e:  # CheckpointFileError: a damaged
         # checkpoint file; TeacherError: flipped-kd's teacher missing (and pairs without teacher_score)
-        print(f"ugd.train: error: {e}", file=sys.stderr)
+        _error(e)
         return 2
-    except NonFiniteLossError as e:
-        print(f"ugd.train: error: {e}", file=sys.stderr)
+    except (NonFiniteLossError, FinalEvaluationError) as e:
+        _error(e)
         return 1
     return 0
 

@@ -34,12 +34,12 @@ def test_jsonl(tmp_path):
         "",
         json.dumps({"query": "lamp", "document": "a mug", "label": "0", "id": 7}),  # int string; extra key ignored
         "   ",
-        json.dumps({"query": "", "document": "", "label": 1, "reason": ""}),  # empty texts allowed, "" -> None
+        json.dumps({"query": "q", "document": "d", "label": 1, "reason": ""}),  # reason "" -> None
         json.dumps({"query": "早上好", "document": "你好", "label": 2, "reason": None}),
     ]) + "\n")
     records, stats = read_records(p)
     assert records == [rec("red shoes", "red running shoes", 3, "exact match"), rec("lamp", "a mug", 0),
-                       rec("", "", 1), rec("早上好", "你好", 2)]
+                       rec("q", "d", 1), rec("早上好", "你好", 2)]
     assert (stats.read, stats.kept, stats.skipped_malformed, stats.dropped_no_label) == (4, 4, 0, 0)
     assert stats.fmt == "jsonl" and stats.path == str(p)
     assert read_records(p, fmt="jsonl")[0] == records
@@ -251,7 +251,7 @@ def test_read_stats_str():
 
 
 def test_write_jsonl_round_trip_and_dataset(tmp_path):
-    records = [rec("red shoes", "red running shoes", 3, "exact match"), rec("杯子", "", 0)]
+    records = [rec("red shoes", "red running shoes", 3, "exact match"), rec("杯子", "碗", 0)]
     path = tmp_path / "out" / "train.jsonl"
     assert write_jsonl(records, path) == 2
     assert [f for f in os.listdir(path.parent)] == ["train.jsonl"]  # no temp file left behind
@@ -332,16 +332,16 @@ def test_esnli_csv(tmp_path):
         ("4r", "entailment", "A dog runs.", "An animal moves.", "", "", ""),
     ])
     p = write(tmp_path, "esnli_dev.csv", text)
-    records, stats = read_records(p, num_labels=3)  # auto: a .csv whose header names pairID, gold_label
+    records, stats = read_records(p, num_labels=3, skip_bad=True)  # auto: a .csv whose header names pairID, gold_label
     assert stats.fmt == "esnli"
     assert records[0] == {"query": 'A person, on a "horse", jumps.', "document": "A person is\ntraining.",
                           "label": 1, "reason": "Not all jumps, are training.", "id": "3416050480.jpg#4r1n",
                           "references": ["Not all jumps, are training.", "The horse could be, anything."]}
     assert records[1]["references"] == ["Sleeping is not running.", "Both can't be."] and records[1]["label"] == 2
     assert records[2]["reason"] is None and "references" not in records[2] and records[2]["label"] == 0
-    # '-' and an unknown gold label: dropped and counted, the values named
-    assert (stats.read, stats.kept, stats.dropped_no_label, stats.skipped_malformed) == (5, 3, 2, 0)
-    assert "dropped 2 without a gold label (gold_label " in str(stats) and "'maybe' x1" in str(stats)
+    # '-': dropped and counted; an unknown gold label ('maybe') is a malformed row, skipped and counted apart
+    assert (stats.read, stats.kept, stats.dropped_no_label, stats.skipped_malformed) == (5, 3, 1, 1)
+    assert "dropped 1 without a gold label" in str(stats) and "gold_label 'maybe' is not one of" in str(stats)
     assert stats.label_lines == {1: 2, 2: 5, 0: 7}  # a row spans lines 2-3; its line is its first
     # the train file's header (Explanation_1 only), a BOM and CRLF line ends; aliases
     train = write(tmp_path, "esnli_train_1.csv", ("\ufeff" + esnli_csv(TRAIN_HEADER, [
@@ -413,3 +413,39 @@ def test_esnli_csv_of_the_shared_dev_rows_reads_back(tmp_path):
     assert stats.kept == len(rows) == 200
     assert [(r["query"], r["document"], r["label"], r["reason"]) for r in records] == \
         [(r["query"], r["document"], r["label"], r["reason"]) for r in rows]
+
+
+# ------------------------------------------------------------------------------ the bad-record rule (issue 35)
+
+
+@pytest.mark.parametrize("fmt,line", [
+    ("jsonl", json.dumps({"query": "  ", "document": "a mug", "label": 1})),
+    ("jsonl", json.dumps({"query": "lamp", "document": "", "label": 1})),
+    ("lcqmc", "lamp\t\t1"),
+    ("nli", json.dumps({"sentence1": "\t", "sentence2": "b", "gold_label": "neutral"})),
+])
+def test_empty_text_is_a_bad_record_with_file_and_line(tmp_path, fmt, line):
+    good = {"jsonl": json.dumps({"query": "q", "document": "d", "label": 0}), "lcqmc": "q\td\t0",
+            "nli": json.dumps({"sentence1": "q", "sentence2": "d", "gold_label": "entailment"})}[fmt]
+    p = write(tmp_path, f"data.{'tsv' if fmt == 'lcqmc' else 'jsonl'}", f"{good}\n{line}\n{good}\n")
+    with pytest.raises(DataError) as e:
+        read_records(p, fmt=fmt)
+    assert str(e.value).startswith(f"{p}:2: the ") and "is empty (or only whitespace)" in str(e.value)
+    assert "skip_bad" in str(e.value)
+    records, stats = read_records(p, fmt=fmt, skip_bad=True)
+    assert len(records) == 2 and stats.skipped_malformed == 1 and "skipped 1 malformed" in str(stats)
+
+
+def test_esnli_misspelt_label_is_a_bad_record_not_a_missing_one(tmp_path):
+    p = write(tmp_path, "esnli_dev.csv", esnli_csv(DEV_HEADER, [
+        ("1r", "entailment", "A dog runs.", "An animal moves.", "e", "", ""),
+        ("2r", "Entailment", "A dog runs.", "An animal moves.", "e", "", ""),
+        ("3r", "-", "no", "majority", "x", "", ""),
+    ]))
+    with pytest.raises(DataError) as e:
+        read_records(p)
+    assert str(e.value).startswith(f"{p}:3: gold_label 'Entailment' is not one of")
+    records, stats = read_records(p, skip_bad=True)
+    assert len(records) == 1 and (stats.skipped_malformed, stats.dropped_no_label) == (1, 1)
+    text = str(stats)
+    assert "skipped 1 malformed" in text and "'Entailment'" in text and "dropped 1 without a gold label" in text

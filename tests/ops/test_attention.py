@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.conftest import DEVICES
-from tests.numerics import assert_close, assert_within_2x_of_torch, tol
+from tests.numerics import LOW_PRECISION, assert_close, assert_within_2x_of_torch, eps, tol
 from tests.oracles import attention_dense, intervals_from_table, mask_from_intervals
 
 import ugd_ops
@@ -27,10 +27,28 @@ def randn(shape, dtype, device, seed):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+def torch_attention_grads_in_dtype(q, k, v, mask, scale, g_out, g_lse):
+    """PyTorch's own gradients of sum(out * g_out) + sum(lse * g_lse) in q's dtype, on q's device: dense
+    masked attention through autograd, the baseline of the 2x rule (tests/numerics.py) for bf16 / fp16.
+    The masked_fill of the scores zeroes the NaN that softmax / logsumexp give rows without keys."""
+    group = q.shape[1] // k.shape[1]
+    qt, kt, vt = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    kk, vv = (x.transpose(0, 1).repeat_interleave(group, 0) for x in (kt, vt))
+    s = scale * qt.transpose(0, 1) @ kk.transpose(1, 2)
+    s = s.masked_fill(~mask.to(q.device), float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    lse = torch.logsumexp(s, -1)
+    loss = ((p @ vv).transpose(0, 1) * g_out.to(device=q.device, dtype=q.dtype)).sum()
+    loss = loss + (lse.masked_fill(torch.isinf(lse), 0) * g_lse.to(device=q.device, dtype=lse.dtype)).sum()
+    return torch.autograd.grad(loss, (qt, kt, vt))
+
+
 def check_against_oracle(q, k, v, lay, mask, *, scale=None, purpose="attention", with_grad=True, seed=0):
-    """Forward, lse and all gradients (with a random upstream gradient for out and lse), within
-    numerics.TOL[q.dtype][purpose] (gradients, sums over many more terms, within 5x that). Float32 inputs
-    against the float64 oracle: the kernels accumulate in fp32."""
+    """Forward, lse and all gradients (with a random upstream gradient for out and lse) against the float64
+    oracle: out and lse within numerics.TOL[q.dtype][purpose]; gradients, sums over many more terms,
+    within 5x that for float32 / float64 inputs (the kernels accumulate in fp32), and for bf16 / fp16
+    inputs within the 2x rule: twice the error of PyTorch's own dense attention backward in that dtype
+    on the same inputs, plus one epsilon of the dtype (a fixed 5x TOL would be 0.1 there)."""
     cu, ks, ke = lay
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
@@ -48,14 +66,22 @@ def check_against_oracle(q, k, v, lay, mask, *, scale=None, purpose="attention",
     assert_close(lse.cpu()[~empty], ref_lse[~empty], t, what="lse")
     if not with_grad:
         return
-    g_out = randn(out.shape, torch.float64, "cpu", seed + 1)
-    g_lse = randn(lse.shape, torch.float64, "cpu", seed + 2).masked_fill(empty, 0.0)
+    # the upstream gradients as the op sees them (rounded to out's / lse's dtype), so that the oracle, the
+    # op and PyTorch's baseline differentiate the same function
+    g_out = randn(out.shape, torch.float64, "cpu", seed + 1).to(out.dtype).double()
+    g_lse = randn(lse.shape, torch.float64, "cpu", seed + 2).masked_fill(empty, 0.0).to(lse.dtype).double()
     grads = torch.autograd.grad(
         (out * g_out.to(out)).sum() + (lse.masked_fill(empty.to(lse.device), 0) * g_lse.to(lse)).sum(), (q, k, v)
     )
     ref_grads = torch.autograd.grad(
         (ref_out * g_out).sum() + (ref_lse.masked_fill(empty, 0) * g_lse).sum(), (qd, kd, vd)
     )
+    if q.dtype in LOW_PRECISION:
+        theirs = torch_attention_grads_in_dtype(q, k, v, mask, scale, g_out, g_lse)
+        for name, a, b, w in zip("qkv", grads, theirs, ref_grads):
+            assert a.dtype == q.dtype and a.shape == w.shape
+            assert_within_2x_of_torch(a, b, w, floor=eps(q.dtype), what=f"d{name} ({q.dtype})")
+        return
     for name, a, b in zip("qkv", grads, ref_grads):
         assert_close(a, b, 5 * t, what=f"d{name}")
 
@@ -71,6 +97,20 @@ def test_random_layouts(mask_kind, shape, seed, device):
     T = int(lay[0][-1])
     q, k, v = (randn((T, h, D), torch.float32, device, seed + i) for i, h in enumerate((Hq, Hkv, Hkv)))
     check_against_oracle(q, k, v, lay, mask, seed=seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_kind", ["ttm", "causal"])
+def test_low_precision_gradients_within_2x_of_pytorch(mask_kind, dtype, device):
+    """The 2x rule of check_against_oracle for bf16 / fp16 gradients, run by every backend (the CPU
+    kernels here; CUDA's kernel and flex in tests/ops/test_flex_attention.py)."""
+    Hq, Hkv, D = SHAPES["gqa3-d16"]
+    spans = random_spans(5, seed=17, max_len=45)
+    lay, mask = layout(spans, mask_kind, device)
+    T = int(lay[0][-1])
+    q, k, v = (randn((T, h, D), dtype, device, 3 + i) for i, h in enumerate((Hq, Hkv, Hkv)))
+    check_against_oracle(q, k, v, lay, mask, seed=4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

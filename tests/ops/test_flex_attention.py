@@ -8,6 +8,7 @@ CUDA kernel when ``UGD_CUDA_ATTENTION=1`` and it is built.
 """
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -264,15 +265,51 @@ def test_cuda_kernel_path_when_switched_on(mask_kind, monkeypatch):
         check_against_oracle(q, k, v, lay, mask, purpose="attention", seed=5)
 
 
+def test_ops_run_sees_nested_operator_calls():
+    """What the routing test below relies on, checked on the CPU: the profiler names the operators a call
+    ran, the custom op and those inside it."""
+    (cu, ks, ke), _ = _layout("stm", 1)
+    q, k, v = _inputs((cu, ks, ke), "gqa3-d16", torch.float32, "cpu", 2)
+    ran = ops_run(lambda: torch.ops.ugd_ops.partitioned_attention_fwd(q, k, v, cu, ks, ke, None, 0.25))
+    assert "ugd_ops::partitioned_attention_fwd" in ran
+    ran = ops_run(lambda: ugd_ops.reference.partitioned_attention_fwd(q, k, v, cu, ks, ke, None, 0.25))
+    assert "ugd_ops::partitioned_attention_fwd" not in ran and any(n.startswith("aten::") for n in ran)
+
+
+def ops_run(fn) -> set:
+    """The names of the dispatcher operators ``fn()`` ran (nested calls included), from the profiler's
+    record of each operator call: which implementation a router chose."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
 @requires_cuda
-@pytest.mark.skipif(os.environ.get(cuda_attention.ENV) != "1", reason=f"{cuda_attention.ENV}=1 not set")
-def test_direct_operator_call_routes_to_the_kernel_when_switched_on():
-    assert cuda_attention.compiled(), f"{cuda_attention.ENV}=1 but this build has no CUDA attention kernel"
+def test_direct_operator_call_routes_to_the_kernel_when_switched_on(monkeypatch):
+    """UGD_CUDA_ATTENTION is read when the test runs (a plain pytest on a GPU runs this test), and the
+    test checks which path ran: the compiled kernel op, not the reference the router falls back to."""
+    if not cuda_attention.compiled():
+        if os.environ.get(cuda_attention.ENV) == "1":
+            pytest.fail(f"{cuda_attention.ENV}=1 but this build has no CUDA attention kernel")
+        pytest.skip("this build has no CUDA attention kernel")
+    monkeypatch.setenv(cuda_attention.ENV, "1")
     lay, mask = _layout("ttm", 7, device="cuda")
     q, k, v = _inputs(lay, "mha", torch.bfloat16, "cuda", 6)
-    out, lse = torch.ops.ugd_ops.partitioned_attention_fwd(q, k, v, *lay, None, 128**-0.5)
+    assert attention_path(q, k, v) == "cuda-kernel"
+    result = []
+    ran = ops_run(lambda: result.append(torch.ops.ugd_ops.partitioned_attention_fwd(q, k, v, *lay, None, 128**-0.5)))
+    assert f"ugd_ops::{cuda_attention.FWD_OP}" in ran, sorted(ran)
+    out, lse = result[0]
     ref, _ = attention_dense(q.cpu().double(), k.cpu().double(), v.cpu().double(), mask.cpu(), 128**-0.5)
     assert_close(out, ref, tol(torch.bfloat16, "attention"))
+    # switched off, the same call does not reach the kernel (the router falls back to the reference)
+    monkeypatch.setenv(cuda_attention.ENV, "0")
+    with warnings.catch_warnings():  # the router's one warning, unless an earlier test in this process had it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ran = ops_run(lambda: torch.ops.ugd_ops.partitioned_attention_fwd(q, k, v, *lay, None, 128**-0.5))
+    assert f"ugd_ops::{cuda_attention.FWD_OP}" not in ran, sorted(ran)
 
 
 def test_hf_layout_conversion_is_done_once_per_forward():

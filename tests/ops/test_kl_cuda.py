@@ -85,8 +85,9 @@ def sample_rows(N, k=512, seed=0):
 
 def compare_with_cpu(p, q, temperature, grads):
     """The CUDA kernel on [N, C] logits: shapes, dtypes, finiteness; then on sampled rows its loss and
-    gradients against the float64 oracle within 2x the error of PyTorch's own computation in the dtype
-    (or of the CPU kernel, itself held to that rule by tests/ops/test_kl.py, whichever is larger)."""
+    gradients against the float64 oracle within 2x the error of PyTorch's own computation in the dtype.
+    PyTorch's error alone is the baseline: taking the larger of it and the CPU kernel's would let a CPU
+    regression loosen the CUDA bound (the CPU kernel is held to the rule by tests/ops/test_kl.py)."""
     loss, gp, gq = ops.detached_kl_fwd(p, q, temperature, *grads)
     torch.cuda.synchronize()
     N = p.shape[0]
@@ -99,9 +100,7 @@ def compare_with_cpu(p, q, temperature, grads):
     rows = sample_rows(N).to(p.device)
     pr, qr = p[rows], q[rows]
     want = oracle_with_grads(pr, qr, temperature)
-    mine = torch_in_dtype(pr, qr, temperature)
-    cpu = ops.detached_kl_fwd(pr.cpu(), qr.cpu(), temperature, True, True)
-    base = [max(m, c, key=lambda x: (x.cpu().double() - w).abs().max().item()) for m, c, w in zip(mine, cpu, want)]
+    base = torch_in_dtype(pr, qr, temperature)
     C = p.shape[-1]
     within_2x_of_torch(loss[rows], want[0], base[0], p.dtype, "loss", C)
     if grads[0]:

@@ -36,9 +36,22 @@ def make_inputs(N, H, V, dtype, device="cpu", seed=0, bias=True, ignore_every=5,
 
 
 def oracle(hidden, weight, targets, bias=None, ignore_index=-100, reduction="mean", per_sample=None):
-    """float64, full logits, F.cross_entropy; 'mean' with every row ignored gives 0 (see docs/losses.md)."""
-    return chunked_ce.linear_cross_entropy_eager(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                                                 reduction=reduction, per_sample=per_sample, dtype=torch.float64)
+    """float64, full logits, F.cross_entropy; 'mean' with every row ignored gives 0 (see docs/losses.md).
+    Written apart from ugd_ops: no code of chunked_ce (its row_weights, its eager peer) takes part, so a
+    bug there cannot pass by agreeing with itself. Per-sample means (docs/spec.md section 5, paper eq. 3)
+    are written out sample by sample (per_sample_by_hand)."""
+    if per_sample is not None:
+        return per_sample_by_hand(hidden, weight, bias, targets, per_sample, reduction, ignore_index)
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    rows = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")  # 0 at ignored rows
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    valid = int((targets != ignore_index).sum())
+    return rows.sum() / valid if valid else rows.sum() * 0  # F.cross_entropy's "mean" would be 0/0 = NaN
 
 
 def leaves64(*xs):
@@ -170,6 +183,7 @@ def per_sample_by_hand(hidden, weight, bias, targets, ids, reduction, ignore_ind
     """L_gen of docs/spec.md section 5 (paper eq. 3) written out: per sample, the mean of its non-ignored
     rows' losses; then the mean (or sum) over the samples that have at least one such row."""
     rows = oracle(hidden, weight, targets, bias, ignore_index, "none")
+    ids = torch.as_tensor(ids).cpu()
     per_sample = []
     for s in sorted(set(ids.tolist())):
         keep = (ids == s) & (targets != ignore_index)
@@ -398,3 +412,25 @@ def test_cuda_memory_below_full_logits():
     # chunk buffers (6 bytes x chunk x V) + fp32 grad_weight accumulator + the grads themselves
     assert ours < 6 * chunk * V + 4 * V * H + 2 * (V * H + N * H) + (1 << 24) < full_logits
     assert ours < eager / 2
+
+
+def test_the_oracle_is_independent_of_the_op(monkeypatch):
+    """The per-sample oracle used to call chunked_ce.row_weights, the op's own weighting: a bug there
+    passed. With chunked_ce's helpers broken the oracle still gives the loss written out by hand."""
+    hidden, weight, bias, targets = make_inputs(12, 6, 11, torch.float64, ignore_every=4)
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+    h64, w64, b64 = leaves64(hidden, weight, bias)
+    want = {r: oracle(h64, w64, targets, b64, reduction=r, per_sample=ids).item() for r in ("mean", "sum")}
+
+    def broken(*args, **kwargs):
+        raise AssertionError("the oracle called ugd_ops' own code")
+
+    monkeypatch.setattr(chunked_ce, "row_weights", broken)
+    monkeypatch.setattr(chunked_ce, "linear_cross_entropy_eager", broken)
+    logits = h64.detach() @ w64.detach().t() + b64.detach()
+    rows = F.cross_entropy(logits, targets, reduction="none")
+    by_sample = [rows[(ids == s) & (targets != -100)].mean() for s in range(4) if ((ids == s) & (targets != -100)).any()]
+    assert oracle(h64, w64, targets, b64, reduction="sum", per_sample=ids).item() == pytest.approx(
+        float(sum(by_sample)), rel=1e-12) == pytest.approx(want["sum"], rel=1e-12)
+    assert oracle(h64, w64, targets, b64, reduction="mean", per_sample=ids).item() == pytest.approx(
+        float(sum(by_sample)) / len(by_sample), rel=1e-12) == pytest.approx(want["mean"], rel=1e-12)

@@ -156,8 +156,9 @@ def parts(env, tmp_path_factory):
 
 
 @pytest.mark.parametrize("pick, message", [
-    pytest.param(lambda p: p["ok"][:1], "shard 1/2 is missing (1 of 2)", id="missing"),
-    pytest.param(lambda p: p["three"][1:], "shard 0/3 is missing", id="missing-first"),
+    pytest.param(lambda p: p["ok"][:1], "shard 1/2 is missing (1 of 2): build it with --shard 1/2 ",
+                 id="missing"),
+    pytest.param(lambda p: p["three"][1:], "build it with --shard 0/3 ", id="missing-first"),
     pytest.param(lambda p: [p["ok"][0], p["ok"][0], p["ok"][1]], "shard 0/2 is given twice", id="duplicated"),
     pytest.param(lambda p: [p["ok"][0], p["other_model"][1]], "was made by another checkpoint", id="other-checkpoint"),
     pytest.param(lambda p: [p["ok"][0], p["other_corpus"][1]], "was built from another corpus", id="other-corpus"),

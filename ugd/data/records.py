@@ -29,8 +29,9 @@ Formats (``fmt``):
              by name. Record: query=Sentence1, document=Sentence2, label as for "nli", reason=
              Explanation_1, plus "references" (the non-empty Explanation_1..3, for multi-reference
              reason scores; absent when all are empty) and "id" (the pairID). Rows whose gold_label is
-             not entailment/neutral/contradiction (SNLI's "-") are dropped and counted in
-             ``ReadStats.dropped_no_label``, the values in ``ReadStats.dropped_values``.
+             "-" or empty (no annotator majority) are dropped and counted in
+             ``ReadStats.dropped_no_label``; any other value that is not entailment/neutral/contradiction
+             (a capitalised or misspelt "Entailment") is a malformed row (see Errors).
     "auto"   by extension and content: .jsonl/.json/.ndjson -> "jsonl" when the first record has
              "query", "nli" when it has "sentence1"; .tsv/.txt/.tab -> "qqp" when the first line is a
              header naming question1, else "lcqmc"; .csv (or a first line with commas and no tab) ->
@@ -39,15 +40,17 @@ Formats (``fmt``):
 
 Aliases: "ugd" = "jsonl"; "bq", "atec" = "lcqmc"; "snli", "mnli", "multinli" = "nli"; "e-snli" = "esnli".
 
-Errors. Every problem of a record raises ``DataError`` with ``path:line: problem`` (1-based line
-numbers, counting blank lines). With ``skip_bad=True`` a malformed line (bad JSON or UTF-8, a key twice
-in one JSON object, a missing or non-string field, a wrong column count, bad CSV quoting, a label that
-is not an integer or not in ``label_map``) is
-skipped and counted in ``ReadStats.skipped_malformed`` (its message kept in ``ReadStats.errors``, the
-first ``MAX_KEPT_ERRORS`` of them) -- never silently dropped. A label outside ``[0, num_labels)``, or a
+Errors: the bad-record rule of every reader and command (docs/training.md, "Inputs and outputs").
+Every problem of a record raises ``DataError`` with ``path:line: problem`` (1-based line numbers,
+counting blank lines). With ``skip_bad=True`` a malformed line (bad JSON or UTF-8, a key twice in one
+JSON object, a missing or non-string field, an empty or whitespace-only query or document, a wrong
+column count, bad CSV quoting, a label that is not an integer or not in ``label_map``, an NLI / e-SNLI
+gold_label that is not one of the label names, such as "Entailment") is skipped and counted in
+``ReadStats.skipped_malformed`` (its message kept in ``ReadStats.errors``, the first
+``MAX_KEPT_ERRORS`` of them) -- never silently dropped. A label outside ``[0, num_labels)``, or a
 negative label, is an error even with ``skip_bad``: it means the data and the model disagree on the
-label set. Blank lines are ignored. Empty texts are allowed (the span is then just ``[CLS]``);
-missing fields are not.
+label set. Blank lines are ignored. Only a row whose gold_label says "no label" (SNLI's "-", or an
+empty one in e-SNLI) is dropped without ``skip_bad``, counted in ``ReadStats.dropped_no_label``.
 """
 
 from __future__ import annotations
@@ -389,8 +392,10 @@ def _parse_esnli(row: list, header: tuple, label_map) -> dict:
         raise BadRecord(f"expected {width} comma-separated fields as in the header, got {len(row)}")
     gold = row[index["gold_label"]].strip()
     mapping = label_map if label_map is not None else NLI_LABELS
-    if gold not in mapping:
+    if gold in (NLI_NO_LABEL, ""):
         raise _NoLabel(gold)
+    if gold not in mapping:  # "Entailment", "entailement": a typo of a label, not a row without one
+        raise BadRecord(f"gold_label {gold!r} is not one of {sorted(mapping)} (or '-', dropped)")
     explanations = [row[index[c]].strip() for c in ("Explanation_1",) + ESNLI_EXTRA_EXPLANATIONS if c in index]
     record = {"query": row[index["Sentence1"]], "document": row[index["Sentence2"]], "label": mapping[gold],
               "reason": explanations[0] or None, "id": row[index["pairID"]]}
@@ -505,6 +510,10 @@ def read_records(path, *, fmt: str = "auto", num_labels: int | None = None, skip
                     raise BadRecord(f"expected {width} tab-separated columns as in the header, got {len(cols)}")
                 rec = {"query": cols[i1], "document": cols[i2], "label": _parse_label(cols[il], label_map, "is_duplicate"),
                        "reason": None}
+            for key in ("query", "document"):
+                if not rec[key].strip():  # nothing to match: every command would fail on it later
+                    raise BadRecord(f"the {key} is empty (or only whitespace); a matching pair needs text on both "
+                                    "sides")
             label = rec["label"]
             if label < 0 or (num_labels is not None and label >= num_labels):
                 raise _LabelOutOfRange(label)

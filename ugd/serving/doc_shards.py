@@ -147,7 +147,9 @@ def merge_parts(paths: list[str], store: str) -> dict:
     missing = [i for i in range(n) if i not in seen]
     if missing:
         shown = ", ".join(f"{i}/{n}" for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise ValueError(f"shard {shown} is missing ({len(missing)} of {n}): build it with --shard i/{n} "
+        build = f"--shard {missing[0]}/{n}" if len(missing) == 1 else \
+            f"--shard {missing[0]}/{n} (and so on for each missing one)"
+        raise ValueError(f"shard {shown} is missing ({len(missing)} of {n}): build it with {build} "
                          "(or name its part file) and merge again")
     ordered = [parts[paths.index(seen[i])][0] for i in range(n)]
     m = int(first_meta["corpus_documents"])

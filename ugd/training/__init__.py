@@ -7,6 +7,8 @@
     metrics       ACC, AUC, macro-F1, confusion matrix
     checks        argument checks made before anything is built (output folder, step counts, label gaps)
     signals       StopOnSignal: SIGTERM -> checkpoint, then exit 143
+    run_lock      the lock of a run folder: one trainer at a time in an --output_dir
+    child_process child processes that die with their parent (ugd.study's trainers)
     resume_check  which checkpoint to resume from, refused when it belongs to another model
     presets       named argument sets (demo.yaml, paper.yaml)
 """

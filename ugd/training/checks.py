@@ -3,7 +3,7 @@
 Each returns a one-line problem (the caller raises it as ``ugd.training.args.ConfigError``: one line on
 stderr, exit 2) or None::
 
-    problem = training_numbers_problem(run.training)   # --max_steps -5, --per_device_train_batch_size 0
+    problem = training_numbers_problem(run.training)   # --max_steps -5, --per_device_train_batch_size 0, --seed -1
     problem = output_dir_problem("/proc/out")          # a folder that cannot be created or written
     warning = label_gaps_warning(stats, num_labels)    # labels 0, 1, 2, 7: classes 3..6 never seen
 """
@@ -31,6 +31,11 @@ def training_numbers_problem(targs) -> str | None:
         value = getattr(targs, name, 1)
         if value is not None and value < 1:
             return f"--{name} {value}: must be at least 1"
+    # transformers.set_seed seeds numpy, which takes [0, 2**32) only: a negative seed ends in numpy's traceback
+    for name in ("seed", "data_seed"):
+        value = getattr(targs, name, None)
+        if value is not None and not 0 <= value < 2 ** 32:
+            return f"--{name} {value}: seeds are integers in [0, 2**32)"
     return None
 
 
