@@ -10,7 +10,8 @@ Endpoints, batching, limits, auth and scaling out: docs/serving.md. The app live
 It binds 127.0.0.1 unless ``--host`` says otherwise. ``--api_key`` (or ``$UGD_API_KEY``) makes every
 ``/v1`` call need ``Authorization: Bearer <key>``. The model is read from safetensors only: a
 checkpoint with pickled weights is refused. SIGTERM (or Ctrl-C) stops accepting connections, lets the
-requests in flight finish (up to ``--drain_timeout`` seconds), then exits 0.
+requests in flight finish (up to ``--drain_timeout`` seconds), then ends the process by that signal
+(uvicorn re-raises it once drained: status 143 in a shell, as a supervisor expects).
 
 A problem with the arguments, the checkpoint or the store is one line on stderr and exit status 2.
 """
