@@ -562,3 +562,15 @@ def test_sigterm_drains_requests_in_flight_then_exits(env, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_listening_socket_says_it_is_tcp():
+    # asyncio sets TCP_NODELAY only on sockets created with proto IPPROTO_TCP; without it every response on a
+    # kept-alive connection waited ~40 ms (Nagle against the client's delayed ACK)
+    import socket
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()

@@ -13,7 +13,7 @@ class ServeSettings:
     max_chars: int = 20000             # characters per text (query or document)
     max_body_bytes: int = 8 << 20      # bytes per request body
     max_batch_size: int = 64           # items (pairs, texts) per model forward
-    max_wait_ms: float = 5.0           # how long the oldest request waits for others to join its batch
+    max_wait_ms: float = 2.0           # how long the oldest request waits for others to join its batch
     max_queue: int = 256               # requests waiting for the model before 503
     max_new_tokens: int = 64           # reason length limit (a request may ask for less)
     retry_after_s: int = 1             # the Retry-After of a 503
