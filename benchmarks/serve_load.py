@@ -61,16 +61,18 @@ def percentile(xs: list[float], p: float) -> float:
 class Server:
     def __init__(self, model: str, store: str, threads: int, extra: list[str]):
         self.port_file = tempfile.mktemp(prefix="ugd-serve-port-")
+        # the server's log goes to a file: an unread pipe fills up and blocks the server's next write
+        self.log_path = self.port_file + ".log"
+        self.log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "ugd.serve", "--model", model, "--port", "0", "--port_file", self.port_file,
                "--doc_vectors", store, "--threads", str(threads), "--log_level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stderr=self.log)
 
     def __enter__(self):
         deadline = time.time() + 600
         while not os.path.exists(self.port_file):
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read().decode()[-3000:])
+                raise RuntimeError(open(self.log_path, errors="replace").read()[-3000:])
             if time.time() > deadline:
                 raise RuntimeError("the server did not start in 10 minutes")
             time.sleep(0.2)
@@ -84,6 +86,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
+        print(f"server log: {self.log_path} ({os.path.getsize(self.log_path)} bytes)", file=sys.stderr)
         os.unlink(self.port_file)
 
 
@@ -99,12 +103,15 @@ async def load(url: str, path: str, bodies: list[dict], concurrency: int) -> dic
         while queue:
             body = queue.pop()
             t0 = time.perf_counter()
-            r = await http.post(path, json=body)
+            try:
+                r = await http.post(path, json=body)
+                failures += r.status_code != 200
+            except httpx.HTTPError:  # counted, not fatal: the figures say how many failed
+                failures += 1
             latencies.append(time.perf_counter() - t0)
-            failures += r.status_code != 200
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         await http.post(path, json=bodies[0])  # warm-up: connections, first-call allocations
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
