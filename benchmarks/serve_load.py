@@ -91,7 +91,7 @@ class Server:
         os.unlink(self.port_file)
 
 
-async def load(url: str, path: str, bodies: list[dict], concurrency: int) -> dict:
+async def load(url: str, path: str, bodies: list[dict | None], concurrency: int) -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -104,7 +104,7 @@ async def load(url: str, path: str, bodies: list[dict], concurrency: int) -> dic
             body = queue.pop()
             t0 = time.perf_counter()
             try:
-                r = await http.post(path, json=body)
+                r = await (http.get(path) if body is None else http.post(path, json=body))
                 failures += r.status_code != 200
             except httpx.HTTPError:  # counted, not fatal: the figures say how many failed
                 failures += 1
@@ -112,7 +112,8 @@ async def load(url: str, path: str, bodies: list[dict], concurrency: int) -> dic
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        await http.post(path, json=bodies[0])  # warm-up: connections, first-call allocations
+        # warm-up: connections, first-call allocations
+        await (http.get(path) if bodies[0] is None else http.post(path, json=bodies[0]))
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
@@ -145,16 +146,18 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="ugd-serve-bench-")
     model_path = args.model or build_checkpoint(os.path.join(work, "model"), args.backbone)
     train, dev = demo_splits(2000, 400)
-    queries = list(dict.fromkeys(r["query"] for r in dev))
-    corpus = list(dict.fromkeys(r["document"] for r in train + dev))[: max(args.store, args.documents)]
+    queries = list(dict.fromkeys(r["query"] for r in train + dev))
+    # distinct texts in every request (as far as the demo data goes): the offline run cannot win by
+    # encoding a repeated text once where the server encodes it per request
+    corpus = list(dict.fromkeys(r["document"] for r in train + dev))
     corpus_file = os.path.join(work, "corpus.jsonl")
     with open(corpus_file, "w") as f:
         f.writelines(json.dumps({"id": f"d{i}", "document": t}) + "\n" for i, t in enumerate(corpus[: args.store]))
 
-    def rerank_bodies(mode):
+    def rerank_bodies(mode, documents=args.documents, requests=args.requests):
         return [{"query": queries[i % len(queries)], "mode": mode, "return_documents": False,
-                 "documents": [corpus[(i * 7 + j) % len(corpus)] for j in range(args.documents)]}
-                for i in range(args.requests)]
+                 "documents": [corpus[(i * documents + j) % len(corpus)] for j in range(documents)]}
+                for i in range(requests)]
 
     search_bodies = [{"query": queries[i % len(queries)], "k1": args.k1, "k2": args.k2, "k3": args.k3,
                       "max_new_tokens": args.max_new_tokens, "return_documents": False} for i in range(args.requests)]
@@ -178,6 +181,11 @@ def main() -> None:
     with Server(model_path, store, args.threads, ["--documents", corpus_file, "--max_batch_size",
                                                   str(args.max_batch_size), "--max_wait_ms", str(args.max_wait_ms),
                                                   "--max_new_tokens", str(args.max_new_tokens)]) as srv:
+        # the HTTP stack alone (no model): the ceiling of requests/s on this machine, client included
+        r = asyncio.run(load(srv.url, "/health", [None] * (args.requests * 4), max(args.concurrency)))
+        r.update(endpoint="GET /health (no model)", concurrency=max(args.concurrency), max_batch_size=None)
+        results["served"].append(r)
+        print(json.dumps(r), flush=True)
         for c in args.concurrency:
             for name, path, bodies in (("rerank single_tower", "/v1/rerank", rerank_bodies("single_tower")),
                                        ("rerank two_tower", "/v1/rerank", rerank_bodies("two_tower")),
@@ -188,13 +196,19 @@ def main() -> None:
                 r.update(endpoint=name, concurrency=c, max_batch_size=args.max_batch_size)
                 results["served"].append(r)
                 print(json.dumps(r), flush=True)
+    # batching against no batching at the highest concurrency: requests of --documents pairs, and of one pair
+    # (where a forward per request costs the most)
     c = max(args.concurrency)
-    with Server(model_path, store, args.threads, ["--max_batch_size", "1", "--max_wait_ms", "0"]) as srv:
-        r = asyncio.run(load(srv.url, "/v1/rerank", rerank_bodies("single_tower"), c))
-        r.update(endpoint="rerank single_tower", concurrency=c, max_batch_size=1,
-                 pairs_per_s=r["requests_per_s"] * args.documents)
-        results["served"].append(r)
-        print(json.dumps(r), flush=True)
+    for max_batch, extra in ((args.max_batch_size, ["--max_wait_ms", str(args.max_wait_ms)]),
+                             (1, ["--max_wait_ms", "0"])):
+        with Server(model_path, store, args.threads, ["--max_batch_size", str(max_batch), *extra]) as srv:
+            for n_docs in ([args.documents, 1] if max_batch == 1 else [1]):
+                r = asyncio.run(load(srv.url, "/v1/rerank", rerank_bodies("single_tower", n_docs,
+                                                                          args.requests * 2), c))
+                r.update(endpoint=f"rerank single_tower ({n_docs} doc{'s' if n_docs > 1 else ''}/request)",
+                         concurrency=c, max_batch_size=max_batch, pairs_per_s=r["requests_per_s"] * n_docs)
+                results["served"].append(r)
+                print(json.dumps(r), flush=True)
     print(table(results))
     if args.output:
         with open(args.output, "w") as f:
@@ -206,12 +220,12 @@ def table(results: dict) -> str:
     lines = ["| endpoint | concurrency | max batch | req/s | pairs/s | x offline | p50 ms | p99 ms |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["served"]:
-        mode = r["endpoint"].split(" ")[-1]
+        mode = r["endpoint"].split(" ")[1] if r["endpoint"].startswith("rerank") else None
         pairs = r.get("pairs_per_s")
         ratio = f"{pairs / off[mode]:.2f}" if pairs and mode in off else "-"
-        lines.append(f"| {r['endpoint']} | {r['concurrency']} | {r['max_batch_size']} | {r['requests_per_s']:.1f} | "
+        lines.append(f"| {r['endpoint']} | {r['concurrency']} | {r['max_batch_size'] or '-'} | {r['requests_per_s']:.1f} | "
                      f"{pairs:.0f} | {ratio} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |" if pairs else
-                     f"| {r['endpoint']} | {r['concurrency']} | {r['max_batch_size']} | {r['requests_per_s']:.1f} | "
+                     f"| {r['endpoint']} | {r['concurrency']} | {r['max_batch_size'] or '-'} | {r['requests_per_s']:.1f} | "
                      f"- | - | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
     lines.append(f"\noffline model.predict: " + ", ".join(f"{m} {v:.0f} pairs/s" for m, v in off.items()))
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 
 import torch
 
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--doc_vectors", "--doc-vectors", default=None, help="The document store file for /v1/search and "
       "/v1/documents (safetensors; created empty when it does not exist; every change rewrites it atomically).")
     a("--documents", default=None, help="JSON Lines of {\"id\"?, \"document\"}: added to --doc_vectors at start "
-      "(ids missing from the store are encoded; without an id the line number is the id).")
+      "(ids missing from the store are encoded; a record without an id gets its position in the file, from 0).")
     a("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
     a("--port", type=int, default=8000, help="Port (0: any free port; see --port_file).")
     a("--port_file", default=None, help="Write the bound port to this file once the server listens.")
@@ -120,6 +121,10 @@ def load_documents(engine, path: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # transformers' deprecation notice about generate's past_key_values (ugd.serving.generate passes the
+    # prefilled cache that way; nothing an operator can change) came with every reason batch: the
+    # library's catch_warnings blocks reset Python's once-per-place memory, so "once" would not hold it
+    warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
     try:
         import uvicorn
 
