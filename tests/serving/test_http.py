@@ -30,6 +30,7 @@ import pytest
 import torch
 
 pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
