@@ -12,6 +12,7 @@ goes to the server's log only). docs/serving.md documents the API.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -222,7 +223,9 @@ def create_app(engine: ModelEngine, settings: ServeSettings | None = None) -> Fa
         modes = [m for m in ("two_tower", "single_tower") if engine.serves(m)]
         if not modes:
             engine.require("single_tower")  # the paradigm's message: what it serves instead
-        heads = {m: await batcher.submit((m,), pairs) for m in modes}
+        # both heads queued at once: each joins its own batch instead of waiting for the other's
+        answers = await asyncio.gather(*(batcher.submit((m,), pairs) for m in modes))
+        heads = dict(zip(modes, answers))
         pl = engine.positive_label
         results = [ScoreResult(index=i, **{m: HeadScore(probabilities=[float(x) for x in heads[m][i]],
                                                         score=float(heads[m][i][pl])) for m in modes})
