@@ -434,7 +434,7 @@ def test_schemathesis_finds_no_server_error(env, tmp_path):
         proc = subprocess.run([exe, "run", f"{live.url}/openapi.json", "--checks", "not_a_server_error",
                                "--max-examples", "8", "--seed", "1", "--request-timeout", "60",
                                "--phases", "examples,coverage,fuzzing", "--max-failures", "1"],
-                              capture_output=True, text=True, timeout=240)
+                              capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its database there
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
