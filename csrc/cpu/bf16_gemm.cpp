@@ -1,7 +1,7 @@
 // bf16 tile products of the CPU attention kernels (see bf16_gemm.h).
 //
 // The AVX512-BF16 code is compiled with a target attribute, not for the whole file, and runs only
-// where the CPU reports avx512bf16, so one binary serves every x86-64 CPU.
+// where the CPU reports avx512bf16 (cpu_isa.h), so one binary serves every x86-64 CPU.
 #include "bf16_gemm.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -13,26 +13,15 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
-#define UGD_HAVE_AVX512BF16_CODE 1
+#include "cpu_isa.h"
+
+#if UGD_HAVE_AVX512BF16_CODE
 #include <immintrin.h>
-#define UGD_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-#else
-#define UGD_HAVE_AVX512BF16_CODE 0
+#define UGD_TARGET_BF16 UGD_TARGET_AVX512BF16
 #endif
 
 namespace ugd_ops::cpu {
 namespace {
-
-bool cpu_has_avx512bf16() {
-#if UGD_HAVE_AVX512BF16_CODE
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
-#else
-  return false;
-#endif
-}
 
 bool brgemm_packs() {
   static const bool packs = at::native::cpublas::could_pack(at::kBFloat16);

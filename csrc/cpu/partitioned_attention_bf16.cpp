@@ -3,7 +3,8 @@
 // Operands in the products' forms: "A" rows are bf16 row-major with an even row length (a zero pad
 // column after an odd D or an odd tile width); "B" operands are packed by Bf16Gemm from tensor rows
 // (K^T and V^T with pack_rows_t, K, V, Q, dout with pack_rows). P and dS are written to bf16 once per
-// tile, transposed where they are the left operand of a product over query rows (dv, dk).
+// tile, transposed where they are the left operand of a product over query rows (dv, dk). The
+// element work of each row (exp, the softmax statistics) is softmax_rows.h's, vectorised.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "attention_bf16.h"
 
@@ -12,6 +13,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+
+#include "softmax_rows.h"
 
 namespace ugd_ops::cpu {
 namespace {
@@ -85,14 +88,8 @@ void forward_bf16(const Bf16Gemm& g, const at::Tensor& q, const at::Tensor& k, c
             std::fill(sr, sr + cols, 0.f);
             continue;
           }
-          float m_new = m[r];
-          for (int32_t j = lo; j < hi; ++j) m_new = std::max(m_new, scale * sr[j - c0]);
-          float row_sum = 0;
-          for (int32_t j = c0; j < c1; ++j) {
-            const float p = (j >= lo && j < hi) ? std::exp(scale * sr[j - c0] - m_new) : 0.f;
-            sr[j - c0] = p;
-            row_sum += p;
-          }
+          float row_sum;
+          const float m_new = softmax_row(sr, cols, lo - c0, hi - c0, scale, m[r], &row_sum);
           // m[r] is -inf before the row's first tile; exp(-inf) = 0 clears the empty state.
           const float alpha = std::exp(m[r] - m_new);
           float* ar = acc.data() + r * D;
@@ -166,14 +163,8 @@ void backward_bf16(const Bf16Gemm& g, const at::Tensor& dout, const at::Tensor& 
       const int64_t i = r_abs0 + r;
       int32_t lo, hi;
       row_span(inside, ks, ke, i, c0, c1, lo, hi);
-      const float li = L[h * T + i], di = delta[h * T + i];
-      float* pr = b.p.data() + r * kBlockN;
-      float* dsr = b.ds.data() + r * kBlockN;
-      for (int32_t j = c0; j < c1; ++j) {
-        const float pj = (j >= lo && j < hi) ? std::exp(scale * pr[j - c0] - li) : 0.f;
-        pr[j - c0] = pj;
-        dsr[j - c0] = scale * pj * (dsr[j - c0] - di);
-      }
+      p_ds_row(b.p.data() + r * kBlockN, b.ds.data() + r * kBlockN, cols, lo - c0, hi - c0, scale, L[h * T + i],
+               delta[h * T + i]);
     }
     // P's row-major bf16 form is not an operand: dsa is its scratch before it takes dS.
     rows_to_bf16(g, b.p.data(), kBlockN, rows, cols, b.dsa.data(), kBlockN, b.pt.data(), kBlockM);
