@@ -100,6 +100,26 @@ UGD_TARGET_BF16 void gemm_avx512bf16(int64_t M, int64_t N, int64_t K, const bf16
   }
 }
 
+// pack_rows for vdpbf16ps: rows 2p and 2p + 1 interleaved element by element, 16 columns per step
+// (one permute of the two 16-value halves), zeros past D and past n.
+UGD_TARGET_BF16 void pack_rows_avx512(const bf16* src, int64_t stride, int64_t n, int64_t D, bf16* dst, int64_t ld) {
+  alignas(64) static constexpr int16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  for (int64_t k = 0; k < n; k += 2) {
+    const bf16* r0 = src + k * stride;
+    const bf16* r1 = k + 1 < n ? r0 + stride : nullptr;
+    bf16* d = dst + k * ld;  // pair row k / 2 starts at (k / 2) * 2 * ld
+    for (int64_t x = 0; x < ld; x += 16) {
+      const __mmask16 m = D - x >= 16 ? __mmask16(0xFFFF) : D > x ? __mmask16((1u << (D - x)) - 1) : __mmask16(0);
+      const __m256i a = _mm256_maskz_loadu_epi16(m, r0 + x);
+      const __m256i b = r1 != nullptr ? _mm256_maskz_loadu_epi16(m, r1 + x) : _mm256_setzero_si256();
+      const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      _mm512_storeu_si512(d + 2 * x, _mm512_permutexvar_epi16(idx, v));
+    }
+  }
+}
+
 UGD_TARGET_BF16 void to_bf16_avx512(const float* src, int64_t n, bf16* dst) {
   int64_t x = 0;
   for (; x + 16 <= n; x += 16) {
@@ -159,20 +179,13 @@ Bf16Gemm::Bf16Gemm(Bf16Backend backend)
 
 PackedB Bf16Gemm::pack_rows(const bf16* src, int64_t stride, int64_t n, int64_t D, bf16* dst) const {
   const int64_t K2 = round_up(n, 2);
+#if UGD_HAVE_AVX512BF16_CODE
   if (backend_ == Bf16Backend::kAvx512Bf16) {
     const int64_t ld = round_up(D, 16);
-    for (int64_t k = 0; k < K2; ++k) {
-      bf16* d = dst + (k / 2) * 2 * ld + (k & 1);
-      if (k < n) {
-        const bf16* s = src + k * stride;
-        for (int64_t x = 0; x < D; ++x) d[2 * x] = s[x];
-        for (int64_t x = D; x < ld; ++x) d[2 * x] = bf16(0.f);
-      } else {
-        for (int64_t x = 0; x < ld; ++x) d[2 * x] = bf16(0.f);
-      }
-    }
+    pack_rows_avx512(src, stride, n, D, dst, ld);
     return {dst, ld};
   }
+#endif
   // brgemm: plain [K2, D], packed when the CPU packs.
   bf16* plain = vnni_ ? plain_scratch(K2 * D).data() : dst;
   for (int64_t k = 0; k < n; ++k) std::memcpy(plain + k * D, src + k * stride, D * sizeof(bf16));
@@ -183,7 +196,7 @@ PackedB Bf16Gemm::pack_rows(const bf16* src, int64_t stride, int64_t n, int64_t 
 
 PackedB Bf16Gemm::pack_rows_t(const bf16* src, int64_t stride, int64_t n, int64_t D, bf16* dst) const {
   const int64_t K2 = round_up(D, 2);
-  if (backend_ == Bf16Backend::kAvx512Bf16) {
+  if (backend_ == Bf16Backend::kAvx512Bf16) {  // plain C++: 32-bit words, no AVX-512 needed
     // Pair row p, column j: (src[j][2p], src[j][2p + 1]), one 32-bit word of row j.
     const int64_t ld = round_up(n, 16);
     for (int64_t p = 0; p < K2 / 2; ++p) {
