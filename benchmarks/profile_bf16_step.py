@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="profile the fp32 step instead")
     ap.add_argument("--optim", default="adamw", choices=["adamw", "adamw-fused"])
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--shapes", default="", help="comma-separated ops to list by input shape, e.g. aten::copy_")
     a = ap.parse_args()
     bf16 = not a.fp32
     print(f"# {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -80,7 +81,8 @@ def main() -> None:
     print(f"# batches of 16 e-SNLI records, packed tokens per batch: {T}")
     step(model, opt, batches[0], bf16=bf16)  # warm-up (oneDNN kernels, optimizer state)
     t0 = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=bool(a.shapes)) as prof:
         for b in batches[1:]:
             step(model, opt, b, bf16=bf16)
     wall = time.perf_counter() - t0
@@ -92,6 +94,12 @@ def main() -> None:
     for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:a.top]:
         print(f"| `{e.key}` | {e.self_cpu_time_total / 1e3 / a.steps:.1f} | "
               f"{100 * e.self_cpu_time_total / total:.1f}% | {e.count // a.steps} |")
+    for op in filter(None, a.shapes.split(",")):
+        by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == op]
+        print(f"\n| `{op}` input shapes | self CPU ms / step | calls / step |")
+        print("|---|---:|---:|")
+        for e in sorted(by_shape, key=lambda e: -e.self_cpu_time_total)[:12]:
+            print(f"| {e.input_shapes} | {e.self_cpu_time_total / 1e3 / a.steps:.1f} | {e.count // a.steps} |")
     log = DtypeLog()
     with log:
         step(model, opt, batches[1], bf16=bf16)

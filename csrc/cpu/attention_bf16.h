@@ -19,10 +19,10 @@ void forward_bf16(const Bf16Gemm& g, const at::Tensor& q, const at::Tensor& k, c
                   const at::Tensor& kv_start, const at::Tensor& kv_end, const TilePlan& plan, double softmax_scale,
                   at::Tensor& out, at::Tensor& lse);
 
-// Passes 2 and 3 (and the fused pass) of the backward; delta (pass 1, [Hq, T]) is computed by the caller.
+// The whole backward: delta (pass 1), the fused pass and passes 2 and 3.
 void backward_bf16(const Bf16Gemm& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const float* lse, const std::vector<float>& delta, const at::Tensor& kv_start,
-                   const at::Tensor& kv_end, const TilePlan& plan, double softmax_scale, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv);
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   const std::optional<at::Tensor>& dlse, const at::Tensor& kv_start, const at::Tensor& kv_end,
+                   const TilePlan& plan, double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
 
 }  // namespace ugd_ops::cpu

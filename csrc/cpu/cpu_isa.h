@@ -10,6 +10,14 @@
 #define UGD_HAVE_AVX512BF16_CODE 0
 #endif
 
+// GCC 12 reports the registers its own AVX-512 intrinsics leave undefined on purpose
+// (_mm512_undefined_*, inside reductions, inserts and widening loads) as uninitialised: a false
+// positive, silenced for the files that use those intrinsics (the only includers of this header).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace ugd_ops::cpu {
 
 // AVX512 F/BW/VL/DQ and AVX512-BF16 (vdpbf16ps, vcvtneps2bf16), with the OS saving the zmm state.

@@ -115,17 +115,37 @@ void forward_bf16(const Bf16Gemm& g, const at::Tensor& q, const at::Tensor& k, c
 }
 
 void backward_bf16(const Bf16Gemm& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const float* L, const std::vector<float>& delta, const at::Tensor& kv_start,
-                   const at::Tensor& kv_end, const TilePlan& plan, double softmax_scale, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv) {
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   const std::optional<at::Tensor>& dlse, const at::Tensor& kv_start, const at::Tensor& kv_end,
+                   const TilePlan& plan, double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), group = Hq / Hkv;
   const int64_t D2 = round_up(D, 2);
   const auto Q = strided3<const bf16>(q), K = strided3<const bf16>(k), V = strided3<const bf16>(v);
-  const auto dO = strided3<const bf16>(dout);
+  const auto dO = strided3<const bf16>(dout), O = strided3<const bf16>(out);
   const auto dQ = strided3<bf16>(dq), dK = strided3<bf16>(dk), dV = strided3<bf16>(dv);
+  const at::Tensor lse_c = lse.contiguous();
+  const float* L = lse_c.data_ptr<float>();
   const int32_t* ks = kv_start.data_ptr<int32_t>();
   const int32_t* ke = kv_end.data_ptr<int32_t>();
   const float scale = static_cast<float>(softmax_scale);
+
+  // Pass 1: delta[h, i] = dout[i, h] . out[i, h] - dlse[h, i] (rows with an empty interval have lse
+  // -inf; their dlse reaches no input).
+  std::vector<float> delta(Hq * T);
+  at::Tensor dlse_c;
+  const float* dl = nullptr;
+  if (dlse.has_value()) {
+    dlse_c = dlse->to(at::kFloat).contiguous();
+    dl = dlse_c.data_ptr<float>();
+  }
+  at::parallel_for(0, Hq * T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t h = idx / T, i = idx % T;
+      delta[idx] = dot_bf16_row(dO.row(i, h), O.row(i, h), D) -
+                   ((dl != nullptr && std::isfinite(dl[idx])) ? dl[idx] : 0.f);
+    }
+  });
+
   const int64_t kt_elems = Bf16Gemm::packed_elems(D, kBlockN);  // K^T or V^T of one key tile
   const int64_t kr_elems = Bf16Gemm::packed_elems(kBlockN, D);  // K rows of one key tile
   const int64_t qr_elems = Bf16Gemm::packed_elems(kBlockM, D);  // Q or dout rows of one query tile

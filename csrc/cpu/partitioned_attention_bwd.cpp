@@ -37,6 +37,15 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                      const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
                      const at::Tensor& kv_start, const at::Tensor& kv_end, const TilePlan& plan,
                      double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    // bf16 inputs on a CPU with bf16 units: the same passes with the products on those units.
+    const Bf16Backend backend = bf16_backend();
+    if (backend != Bf16Backend::kLoop) {
+      backward_bf16(Bf16Gemm(backend), dout, q, k, v, out, lse, dlse, kv_start, kv_end, plan, softmax_scale, dq, dk,
+                    dv);
+      return;
+    }
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), group = Hq / Hkv;
   const auto Q = strided3<const scalar_t>(q), K = strided3<const scalar_t>(k), V = strided3<const scalar_t>(v);
@@ -68,15 +77,6 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       delta[idx] = s - ((dl != nullptr && std::isfinite(dl[idx])) ? dl[idx] : acc_t(0));
     }
   });
-
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    // bf16 inputs on a CPU with bf16 units: the same passes with the products on those units.
-    const Bf16Backend backend = bf16_backend();
-    if (backend != Bf16Backend::kLoop) {
-      backward_bf16(Bf16Gemm(backend), dout, q, k, v, L, delta, kv_start, kv_end, plan, softmax_scale, dq, dk, dv);
-      return;
-    }
-  }
 
   // Short sequences (the fused pass); key tiles, as (sequence, first column) pairs, and query tiles
   // of the others (passes 2 and 3).

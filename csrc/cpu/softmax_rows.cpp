@@ -102,9 +102,32 @@ UGD_TARGET_AVX512BF16 void p_ds_row_avx512(float* p, float* ds, int64_t cols, in
     _mm512_mask_storeu_ps(ds + j, in_row, _mm512_mul_ps(_mm512_mul_ps(vs, pj), d));
   }
 }
+
+// bf16 to fp32 is a 16-bit shift; 16 values a step, 0 past D.
+UGD_TARGET_AVX512BF16 float dot_bf16_avx512(const c10::BFloat16* a, const c10::BFloat16* b, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t x = 0; x < D; x += 16) {
+    const __mmask16 m = D - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - x)) - 1);
+    const __m512i ia = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a + x));
+    const __m512i ib = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b + x));
+    const __m512 va = _mm512_castsi512_ps(_mm512_slli_epi32(ia, 16));
+    const __m512 vb = _mm512_castsi512_ps(_mm512_slli_epi32(ib, 16));
+    acc = _mm512_fmadd_ps(va, vb, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
 #endif  // UGD_HAVE_AVX512BF16_CODE
 
 }  // namespace
+
+float dot_bf16_row(const c10::BFloat16* a, const c10::BFloat16* b, int64_t D) {
+#if UGD_HAVE_AVX512BF16_CODE
+  if (cpu_has_avx512bf16()) return dot_bf16_avx512(a, b, D);
+#endif
+  float s = 0;
+  for (int64_t x = 0; x < D; ++x) s += static_cast<float>(a[x]) * static_cast<float>(b[x]);
+  return s;
+}
 
 float softmax_row(float* s, int64_t cols, int64_t lo, int64_t hi, float scale, float m_old, float* sum) {
 #if UGD_HAVE_AVX512BF16_CODE
