@@ -1,5 +1,6 @@
-"""--bf16 on a CPU without bf16 units: one line that says it will be slow and names the missing flags
-(the CPU probe, ugd.training.cpu_bf16.cpu_flags, is monkeypatched)."""
+"""CPU training speed settings: --bf16 on a CPU without bf16 units prints one line that says it will be
+slow and names the missing flags (the CPU probe, ugd.training.cpu_bf16.cpu_flags, is monkeypatched);
+fused AdamW is the default optimizer."""
 
 from __future__ import annotations
 
@@ -37,3 +38,12 @@ def test_train_prints_it_once_with_bf16_only(tmp_path, capsys, monkeypatch, one_
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if "--bf16 on this CPU will be slow" in x]
     assert len(lines) == (1 if bf16 else 0), err[-2000:]
+
+
+def test_fused_adamw_is_the_default_and_can_be_overridden(tmp_path):
+    """One fused AdamW kernel per step whatever transformers' own default (it switched with torch 2.8)."""
+    from ugd.training.args import parse_args
+
+    assert str(parse_args(["--output_dir", str(tmp_path / "a")]).training.optim.value) == "adamw_torch_fused"
+    run = parse_args(["--output_dir", str(tmp_path / "b"), "--optim", "adamw_torch"])
+    assert str(run.training.optim.value) == "adamw_torch"
