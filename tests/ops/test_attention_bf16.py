@@ -157,6 +157,13 @@ def test_backend_choice_is_reported():
     assert cpu["bf16_gemm"] == {"amx+brgemm": "brgemm", "avx512bf16": "avx512bf16", "none": "loop"}[cpu["bf16_units"]]
 
 
+def test_info_names_the_bf16_units():
+    from ugd_ops import info
+
+    line = next(x for x in info.report().splitlines() if x.startswith("CPU bf16 units:"))
+    assert UNITS in line and _info()["cpu"]["bf16_gemm"] in line
+
+
 def test_bf16_products_really_change_with_backend(monkeypatch):
     """The forced backends run different code: bf16-rounded P (avx512bf16/brgemm) against fp32 P (loop)."""
     spans = random_spans(2, seed=1, max_len=12, allow_empty=False)
