@@ -105,6 +105,17 @@ def test_awkward_lengths_within_2x_of_sdpa(backend, L, mask_kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("mask_kind", ["ttm", "causal"])
+def test_long_sequence_every_backend(backend, mask_kind):
+    """A 300-token sequence (the backward's split passes) on every backend, brgemm included (few heads)."""
+    spans = torch.tensor([[60, 100, 40, 100], [3, 2, 1, 1]], dtype=torch.int32)
+    if mask_kind == "causal":
+        spans = torch.tensor([[300, 0, 0, 0], [7, 0, 0, 0]], dtype=torch.int32)
+    lay, mask = layout(spans, mask_kind)
+    _within_2x(*_inputs(int(lay[0][-1]), 2, 1, 16), lay, mask, what=f"{backend} long {mask_kind}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("D", [5, 17])
 def test_odd_head_dims(backend, D):
     """An odd D pads the products' pairs with zeros (SDPA runs the same D)."""
