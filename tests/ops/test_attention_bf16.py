@@ -31,8 +31,8 @@ def _cpu_flag(name: str) -> bool:
         return False
 
 
-# the reference backend (nothing compiled) has no CPU kernels and no "bf16_units"
-COMPILED = "bf16_units" in (_info().get("cpu") or {})
+# the reference backend (nothing compiled) reports no CPU kernels
+COMPILED = _info().get("cpu") is not None
 pytestmark = pytest.mark.skipif(not COMPILED, reason="the compiled CPU kernels are not built")
 UNITS = (_info().get("cpu") or {}).get("bf16_units", "none")
 
