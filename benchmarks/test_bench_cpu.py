@@ -8,7 +8,7 @@ detached_kl runs forward+backward on [8192, 4] and [1024, 256]; row_intervals th
 Rounds are few and fixed (``benchmark.pedantic``) so the whole file takes seconds, not minutes.
 
 ``test_attention_cpu_esnli`` is the CPU kernel's yardstick: SmolLM2-135M's attention shape (Hq 9, Hkv 3,
-D 64, float32) on e-SNLI-like ugd-ttm layouts (16 samples, span lengths drawn from the ranges seen
+D 64, float32 and bfloat16) on e-SNLI-like ugd-ttm layouts (16 samples, span lengths drawn from the ranges seen
 on real e-SNLI records), ugd_ops against torch SDPA over the padded batch with a dense mask (the
 ``sdpa`` peer of ``attention_peers``). Run it with a fixed thread count, e.g. ``OMP_NUM_THREADS=1``;
 ``cpu_threads`` is recorded with each figure.
@@ -87,17 +87,20 @@ def esnli_like_spans(batch: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("peer", ["ugd", "sdpa"])
-def test_attention_cpu_esnli(benchmark, bench_record, bench_finish, attention_info, ugd_backend, peer, mode):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_cpu_esnli(benchmark, bench_record, bench_finish, attention_info, ugd_backend, peer, mode, dtype):
+    """bf16: ugd's bf16 path (the CPU's bf16 units where it has them, csrc/cpu/bf16_gemm.h) against SDPA
+    in bf16; benchmarks/bf16_attention.py gives the interleaved comparison of docs/performance.md."""
     spans = esnli_like_spans(ESNLI_BATCH, seed=0)
-    x = make_attention_inputs(spans, MASK, heads=SMOLLM2_HEADS, dtype=DTYPE, device=DEVICE, seed=0)
-    dout = torch.randn(x.q.shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    x = make_attention_inputs(spans, MASK, heads=SMOLLM2_HEADS, dtype=dtype, device=DEVICE, seed=0)
+    dout = torch.randn(x.q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     p = ap.PEERS[peer].prepare(x, spans, dout)
     lengths = spans.sum(1)
-    benchmark.group = f"attention-cpu-esnli-{mode}"
+    benchmark.group = f"attention-cpu-esnli-{mode}-{str(dtype).replace('torch.', '')}"
     backend = (_backend("ugd", "partitioned_attention_fwd", ugd_backend) if peer == "ugd"
                else "torch sdpa, padded batch, dense mask")
     bench_record(DEVICE, impl=peer, backend=backend, padded_rows=int(lengths.numel() * lengths.max()),
-                 **attention_info("esnli-like", MASK, spans, x.kv_start, x.kv_end, SMOLLM2_HEADS, DTYPE, mode,
+                 **attention_info("esnli-like", MASK, spans, x.kv_start, x.kv_end, SMOLLM2_HEADS, dtype, mode,
                                   shape_name="smollm2-135m"))
 
     if mode == "fwd":  # with autograd recording, as in training

@@ -14,6 +14,8 @@
 
 #include <string>
 
+#include "cpu/bf16_gemm.h"
+
 #ifdef UGD_WITH_CUDA
 namespace ugd_ops::cuda {
 std::string build_info_json();  // csrc/cuda/build_info.cu
@@ -28,7 +30,10 @@ std::string build_info() {
   std::string s = "{\"torch\": \"" TORCH_VERSION "\", ";
   s += "\"cpu\": {\"ops\": [\"partitioned_attention_fwd\", \"partitioned_attention_bwd\", \"detached_kl_fwd\", "
        "\"row_intervals\", \"dense_mask\"], \"dtypes\": [\"float32\", \"float64\", \"bfloat16\", \"float16\"], "
-       "\"head_dims\": \"1-1024\"}, ";
+       "\"head_dims\": \"1-1024\", ";
+  // Which units the bf16 attention products run on here (bf16_gemm.h).
+  s += std::string("\"bf16_units\": \"") + cpu::cpu_bf16_units() + "\", \"bf16_gemm\": \"" +
+       cpu::bf16_backend_name(cpu::bf16_backend()) + "\"}, ";
 #ifdef UGD_WITH_CUDA
   s += "\"cuda\": " + cuda::build_info_json();
 #else

@@ -54,6 +54,7 @@ from .evaluate import evaluate_model, served_modes
 from .modules import attention  # noqa: F401  registers attn_implementation="ugd"
 from .serving.generate import generate_reason
 from .serving.reason_scores import available
+from .training import cpu_bf16
 from .training.args import ConfigError, apply_paradigm_defaults, parse_args, resume_value
 from .training.build import (apply_lora, build_model, enable_activation_checkpointing, load_data, paradigm_of,
                              peek_ugd_config)
@@ -106,6 +107,10 @@ def _run(run, t0: float, callbacks) -> dict:
     targs = run.training
     if run.model.cpu_threads:
         torch.set_num_threads(run.model.cpu_threads)
+    if targs.bf16 and (targs.use_cpu or not torch.cuda.is_available()):
+        notice = cpu_bf16.bf16_slow_notice(cpu_bf16.cpu_flags())  # one line where the CPU lacks bf16 units
+        if notice and int(os.environ.get("RANK", "0")) == 0:
+            print(notice, file=sys.stderr, flush=True)
     set_seed(targs.seed)
     saved = peek_ugd_config(run.model.model_name_or_path)
     # a paradigm's own training defaults (flipped-kd: LoRA), unless the preset, config or command line set them

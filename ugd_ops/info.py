@@ -93,6 +93,9 @@ def report() -> str:
     cpu = info.get("cpu")
     if cpu:
         lines.append(f"CPU kernels: dtypes {', '.join(cpu['dtypes'])}; head dims {cpu['head_dims']}")
+        if "bf16_units" in cpu:  # builds before the bf16 path do not report it
+            lines.append(f"CPU bf16 units: {cpu['bf16_units']}; bf16 attention products: {cpu['bf16_gemm']} "
+                         "(UGD_CPU_BF16_GEMM=brgemm|avx512bf16|loop overrides)")
     cuda = info.get("cuda")
     if cuda:
         lines.append(f"CUDA kernels: CUDA {cuda['cuda_version']}, archs {cuda['archs']}; ops {', '.join(cuda['ops'])}"

@@ -19,6 +19,8 @@ namespace ugd_ops::cpu {
 
 constexpr int kBlockM = 64;  // query rows per tile
 constexpr int kBlockN = 64;  // key columns per tile
+// The backward's fused pass takes sequences of at most this many tokens whole (partitioned_attention_bwd.cpp).
+constexpr int32_t kFusedMaxLen = 4 * kBlockN;
 static_assert(kBlockN % kGemmNR == 0, "tile_gemm rounds S's columns up to kGemmNR inside the tile");
 
 struct QueryTile {

@@ -22,8 +22,10 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "../common/checks.h"
+#include "attention_bf16.h"
 #include "attention_tiles.h"
 #include "tile_gemm.h"
 
@@ -35,6 +37,15 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                      const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
                      const at::Tensor& kv_start, const at::Tensor& kv_end, const TilePlan& plan,
                      double softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    // bf16 inputs on a CPU with bf16 units: the same passes with the products on those units.
+    const Bf16Backend backend = bf16_backend();
+    if (backend != Bf16Backend::kLoop) {
+      backward_bf16(Bf16Gemm(backend), dout, q, k, v, out, lse, dlse, kv_start, kv_end, plan, softmax_scale, dq, dk,
+                    dv);
+      return;
+    }
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), group = Hq / Hkv;
   const auto Q = strided3<const scalar_t>(q), K = strided3<const scalar_t>(k), V = strided3<const scalar_t>(v);
@@ -69,7 +80,6 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 
   // Short sequences (the fused pass); key tiles, as (sequence, first column) pairs, and query tiles
   // of the others (passes 2 and 3).
-  constexpr int32_t kFusedMaxLen = 4 * kBlockN;
   std::vector<int64_t> fused_seqs, row_tiles;
   std::vector<std::pair<int64_t, int32_t>> key_tiles;
   for (int64_t b = 0; b < static_cast<int64_t>(plan.seqs.size()); ++b) {

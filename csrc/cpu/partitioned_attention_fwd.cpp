@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "attention_bf16.h"
 #include "attention_tiles.h"
 #include "tile_gemm.h"
 
@@ -107,6 +108,14 @@ std::tuple<at::Tensor, at::Tensor> partitioned_attention_fwd_cpu(
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({Hq, T}, q.options().dtype(lse_dtype));
   const at::Tensor ks = kv_start.contiguous(), ke = kv_end.contiguous();
+  if (q.scalar_type() == at::kBFloat16) {
+    // On a CPU with bf16 units the tile products run there (attention_bf16.h); else the loop below.
+    const Bf16Backend backend = bf16_backend();
+    if (backend != Bf16Backend::kLoop) {
+      forward_bf16(Bf16Gemm(backend), q, k, v, ks, ke, plan, softmax_scale, out, lse);
+      return {out, lse};
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "partitioned_attention_fwd_cpu", [&] {
     forward_kernel<scalar_t>(q, k, v, ks, ke, plan, softmax_scale, out, lse);
   });

@@ -192,6 +192,10 @@ def _environment_defaults() -> dict:
         # ugd_ops). It also tells accelerate that torchrun processes form a multi-CPU (gloo) group: without
         # use_cpu they would run side by side without DDP.
         "use_cpu": not torch.cuda.is_available(),
+        # One fused AdamW kernel over all parameters (CPU and CUDA, torch >= 2.4). transformers defaults to
+        # it only with torch >= 2.8; on the CPU the unfused loop cost more per step than the attention
+        # (docs/performance.md, "bf16 training on the CPU").
+        "optim": "adamw_torch_fused",
     }
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         d["bf16"] = True
