@@ -26,29 +26,18 @@ import types
 
 import torch
 
+from ugd_ops.workloads import padded_batch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_bf16_step import cpu_line, make_opt  # noqa: E402
 from smollm2_step import build, step  # noqa: E402
 
 
 def padded_bool_inputs(batch: dict) -> dict:
-    """The packed batch as a padded [B, L] batch with a boolean [B, 1, L, L] mask (padding rows see only
-    themselves, so that no softmax row is empty)."""
-    cu = batch["cu_seqlens"].tolist()
-    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    B, L = len(lengths), max(lengths)
-    ids = torch.zeros(B, L, dtype=torch.int64)
-    pos = torch.zeros(B, L, dtype=torch.int64)
-    allowed = torch.zeros(B, L, L, dtype=torch.bool)
-    cols = torch.arange(L)
-    for b, (a, n) in enumerate(zip(cu[:-1], lengths)):
-        ids[b, :n] = batch["input_ids"][0, a:a + n]
-        pos[b, :n] = batch["position_ids"][0, a:a + n]
-        ks, ke = batch["kv_start"][a:a + n].long(), batch["kv_end"][a:a + n].long()
-        allowed[b, :n] = (cols[None] >= ks[:, None]) & (cols[None] < ke[:, None])
-        allowed[b, n:, :] = torch.eye(L, dtype=torch.bool)[n:]
-    valid = cols[None] < torch.tensor(lengths)[:, None]
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": allowed[:, None], "valid": valid}
+    """The packed batch as a padded [B, L] batch with a boolean [B, 1, L, L] mask (ugd_ops.workloads.padded_batch)."""
+    p = padded_batch(batch)
+    return {"input_ids": p["input_ids"], "position_ids": p["position_ids"], "attention_mask": p["allowed"][:, None],
+            "valid": p["valid"]}
 
 
 def stock_encode(self, pack, *, backbone=None):

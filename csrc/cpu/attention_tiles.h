@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "tile_gemm.h"
@@ -69,6 +70,28 @@ inline TilePlan make_tile_plan(const at::Tensor& cu_seqlens, const at::Tensor& k
     plan.seqs.back().num_tiles = static_cast<int64_t>(plan.tiles.size()) - plan.seqs.back().first_tile;
   }
   return plan;
+}
+
+// The backward's work, in the order its passes take it: sequences short enough for the fused pass
+// (whole), then the others' key tiles as (sequence, first column) pairs (pass 2) and their query tiles
+// (pass 3). The fp32 and the bf16 backward split the same way, so their results do not depend on which runs.
+struct BackwardWork {
+  std::vector<int64_t> fused_seqs, row_tiles;
+  std::vector<std::pair<int64_t, int32_t>> key_tiles;
+};
+
+inline BackwardWork split_backward_work(const TilePlan& plan) {
+  BackwardWork w;
+  for (int64_t b = 0; b < static_cast<int64_t>(plan.seqs.size()); ++b) {
+    const SequenceTiles& sq = plan.seqs[b];
+    if (sq.seq_len <= kFusedMaxLen) {
+      w.fused_seqs.push_back(b);
+      continue;
+    }
+    for (int32_t c0 = 0; c0 < sq.seq_len; c0 += kBlockN) w.key_tiles.emplace_back(b, c0);
+    for (int64_t ti = sq.first_tile; ti < sq.first_tile + sq.num_tiles; ++ti) w.row_tiles.push_back(ti);
+  }
+  return w;
 }
 
 inline bool tile_meets(const QueryTile& t, int32_t c0, int32_t c1) { return t.k_lo < c1 && c0 < t.k_hi; }

