@@ -225,7 +225,7 @@ def test_a_mode_the_paradigm_cannot_serve(env):
 def test_missing_score_packages_say_how_to_install(env, monkeypatch):
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # import fails as if not installed
     code, _, stderr = run("--model", env["ckpt"], "--input", env["data"], "--modes", "reason")
-    assert code == 2 and stderr.count("\n") == 1 and "pip install 'ugd[eval]'" in stderr
+    assert code == 2 and stderr.count("\n") == 1 and "pip install 'rouge-score>=0.1.2' 'sacrebleu>=2.0'" in stderr
     # without reasons the packages are not needed
     code, _, stderr = run("--model", env["ckpt"], "--input", env["data"], "--modes", "reason", "two-tower",
                           "--reason_samples", "0", "--no_progress")

