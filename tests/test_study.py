@@ -4,6 +4,7 @@ end-to-end run at the bottom."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -429,3 +430,27 @@ def test_a_child_dies_with_the_study_even_under_kill_9(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+COMMITTED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in (os.listdir(COMMITTED) if os.path.isdir(COMMITTED) else ())
+                                        if os.path.isfile(os.path.join(COMMITTED, n, "study.json"))))
+def test_a_committed_study_rebuilds_its_table_from_its_folder_alone(name, tmp_path):
+    """results/<study> (committed evidence, no weights) rebuilds with --report_only --out DIR alone, and each
+    finished run's cell is the ACC its own report holds."""
+    folder = tmp_path / name
+    shutil.copytree(os.path.join(COMMITTED, name), folder)
+    assert study.main(["--report_only", "--out", str(folder)]) in (0, 1)
+    with open(folder / "results.json") as f:
+        rows = json.load(f)["rows"]
+    done = list(folder.glob("runs/*/seed*/done.json"))
+    assert done, "a committed study holds at least one finished run"
+    for path in done:
+        with open(path) as f:
+            d = json.load(f)
+        for head, mode in d["report"]["modes"].items():
+            if "acc" in mode and head in rows[d["row"]]["metrics"]:
+                cell = rows[d["row"]]["metrics"][head]["acc"]
+                assert cell["per_seed"][rows[d["row"]]["seeds_done"].index(d["seed"])] == pytest.approx(mode["acc"])
