@@ -115,8 +115,13 @@ def test_model_kl_terms_follow_the_gate(gate):
 
 def test_warmup_scales_only_the_kl_weights():
     model, tok = make_model(seed=2, options={"kl_warmup_steps": 4})
-    model.train()
     batch = collate(tok, "ugd-ttm")
+    model.eval()
+    with torch.no_grad():  # an evaluation before any training step: the full weights, no error
+        t = model(batch).terms
+        torch.testing.assert_close(model(batch).loss, t["cls_t"] + t["cls_s"] + t["gen"] + 10 * (t["kl"] + t["kl_emb"]),
+                                   rtol=1e-6, atol=1e-6)
+    model.train()
     with pytest.raises(ValueError, match="training_step"):
         model(batch)
     model.training_step = 0

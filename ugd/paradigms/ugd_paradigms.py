@@ -21,8 +21,8 @@ are the paper's):
                      "margin": only samples where the single tower gives the gold label more probability
                      than the two tower (p_s(y) > p_t(y)).
                      A gated KL term is sum_i g_i KL_i / B: a sample without the gate adds nothing.
-    kl_warmup_steps  N > 0 ramps the KL weights linearly, lam * min(1, step / N) (and mu alike), from 0
-                     at the first optimizer step: the single tower learns before it teaches.
+    kl_warmup_steps  N > 0 ramps the KL weights linearly, lam * min(1, (step + 1) / N) (and mu alike),
+                     step the 0-based optimizer step: the single tower learns before it teaches.
 """
 
 from __future__ import annotations
@@ -181,7 +181,9 @@ class UGDParadigm(Paradigm):
                 terms["kl"] = distillation_loss(out.logits_t, out.logits_s, **kl)
             if "kl_emb" in active:
                 terms["kl_emb"] = distillation_loss(heads.fc_t_kl(f_t), heads.fc_s_kl(out.v_s), **kl)
-            ramp = kl_ramp(self.option(cfg, "kl_warmup_steps"), getattr(model, "training_step", None))
+            step = getattr(model, "training_step", None)
+            # an evaluation outside training (no step yet, e.g. a loaded model) reports the full objective
+            ramp = kl_ramp(self.option(cfg, "kl_warmup_steps"), step) if model.training or step is not None else 1.0
             scales = {t: ramp for t in _KL_TERMS}
             out.stats["kl_ramp"] = torch.tensor(ramp, device=out.v_s.device)
             if gate is not None:
