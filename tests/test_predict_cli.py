@@ -448,4 +448,13 @@ def test_console_scripts_point_at_the_clis():
     from importlib.metadata import entry_points
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("ugd-")}
-    assert scripts == {"ugd-predict": "ugd.predict:cli", "ugd-train": "ugd.train:cli", "ugd-evaluate": "ugd.evaluate:cli"}
+    expected = {"ugd-predict": "ugd.predict:cli", "ugd-train": "ugd.train:cli", "ugd-evaluate": "ugd.evaluate:cli",
+                "ugd-serve": "ugd.serve:cli"}
+    # pyproject.toml is the source; the installed metadata is stale until `pip install -e .` runs again,
+    # so both are checked and a stale install says what to do instead of a bare set diff
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert declared == expected
+    assert scripts == expected, "installed entry points are stale: run `pip install --no-build-isolation -e .` again"
