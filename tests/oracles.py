@@ -52,6 +52,26 @@ def attention_dense(q, k, v, mask, scale):
     return (p @ vd).transpose(0, 1), lse
 
 
+
+def torch_attention_grads_in_dtype(q, k, v, mask, scale, g_out, g_lse=None):
+    """PyTorch's own gradients of sum(out * g_out) + sum(lse * g_lse) in q's dtype, on q's device: dense
+    masked attention through autograd, the baseline of the 2x rule (tests/numerics.py) for bf16 / fp16 on
+    the CPU and the GPU. ``g_lse`` None: no lse term; its NaN (empty rows' upstream gradient) count as 0.
+    The masked_fill of the scores zeroes the NaN that softmax / logsumexp give rows without keys."""
+    group = q.shape[1] // k.shape[1]
+    qt, kt, vt = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    kk, vv = (x.transpose(0, 1).repeat_interleave(group, 0) for x in (kt, vt))
+    s = scale * qt.transpose(0, 1) @ kk.transpose(1, 2)
+    s = s.masked_fill(~mask.to(q.device), float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    loss = ((p @ vv).transpose(0, 1) * g_out.to(device=q.device, dtype=q.dtype)).sum()
+    if g_lse is not None:
+        lse = torch.logsumexp(s, -1)
+        dl = torch.nan_to_num(g_lse.to(device=q.device, dtype=torch.float32), 0, 0, 0).to(lse.dtype)
+        loss = loss + (lse.masked_fill(torch.isinf(lse), 0) * dl).sum()
+    return torch.autograd.grad(loss, (qt, kt, vt))
+
+
 def kl_oracle(p, q, temperature, reduction):
     """KL(softmax(p/T) || softmax(q/T)) in float64 with F.kl_div (P goes in the target slot)."""
     import torch.nn.functional as F

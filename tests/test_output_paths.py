@@ -120,3 +120,18 @@ def test_study_out_must_be_a_folder(data, capsys):
     assert "is also --train_file, an input" in capsys.readouterr().err
     assert study.cli(_study_argv(data, target / "sub")) == 2  # under a file
     assert "is a file, so no folder can hold this path" in capsys.readouterr().err
+
+
+def test_a_broken_symbolic_link_on_the_output_path_is_named(tmp_path):
+    # one nearest-existing rule for the commands' outputs and train's --output_dir: a dangling link counts
+    # as existing, so the path is refused up front with what is wrong, not by makedirs halfway through
+    from ugd._output_paths import writable_problem
+    from ugd.training.checks import output_dir_problem
+
+    link = tmp_path / "gone"
+    link.symlink_to(tmp_path / "missing-target")
+    for problem in (writable_problem("--output", str(link / "out.json")),
+                    writable_problem("--out", str(link), folder=True),
+                    output_dir_problem(link / "run")):
+        assert problem is not None and "broken symbolic link" in problem and "\n" not in problem
+    assert output_dir_problem(tmp_path / "new" / "run") is None

@@ -109,6 +109,8 @@ EXPECTED = {  # row -> (paradigm, extra ugd.train flags)
     "ugd-ttm:slots": ("ugd-ttm", {"--interaction_positions": "16", "--interaction_fill": "gmask"}),
     "ugd-ttm:reread+margin": ("ugd-ttm", {"--interaction_positions": "32", "--interaction_fill": "query",
                                           "--paradigm_options": '{"kl_gate": "margin"}'}),
+    "ugd-ttm:ahead": ("ugd-ttm", {"--paradigm_options": '{"kl_switch": "teacher_ahead"}'}),
+    "ugd-ttm:ahead+margin": ("ugd-ttm", {"--paradigm_options": '{"kl_switch": "teacher_ahead", "kl_gate": "margin"}'}),
     "d2llm": ("d2llm", {}), "ullme": ("ullme", {}),
     "flipped-kd": ("flipped-kd", {}),
 }

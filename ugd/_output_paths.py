@@ -34,7 +34,9 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def _nearest_existing(path: str) -> str:
+def nearest_existing(path: str) -> str:
+    """``path`` or its nearest ancestor that exists; a broken symbolic link counts as existing (``lexists``),
+    so a path through one is refused by the caller's ``isdir`` check instead of failing later in makedirs."""
     probe = path
     while not os.path.lexists(probe):
         parent = os.path.dirname(probe)
@@ -53,7 +55,9 @@ def writable_problem(flag: str, path: str, *, folder: bool = False) -> str | Non
     elif os.path.isdir(path):
         return f"{flag} {path} is a folder; name a file to write"
     start = path if folder else os.path.dirname(path)
-    existing = _nearest_existing(start)
+    existing = nearest_existing(start)
+    if os.path.islink(existing) and not os.path.exists(existing):
+        return f"{flag} {path}: {existing} is a broken symbolic link; remove it or name another path"
     if not os.path.isdir(existing):
         return f"{flag} {path}: {existing} is a file, so no folder can hold this path; name another path"
     if folder and existing == path:

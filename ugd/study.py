@@ -109,6 +109,10 @@ ROWS = {r.name: r for r in (
         note="lever: 16 [gMask] slots for the single tower"),
     Row("ugd-ttm:reread+margin", "ugd-ttm", ("--interaction_positions", "32", "--interaction_fill", "query"),
         options={"kl_gate": "margin"}, note="levers: query re-read and the margin gate"),
+    Row("ugd-ttm:ahead", "ugd-ttm", options={"kl_switch": "teacher_ahead"},
+        note="lever: distil only while the single tower's running ACC is above the two tower's"),
+    Row("ugd-ttm:ahead+margin", "ugd-ttm", options={"kl_switch": "teacher_ahead", "kl_gate": "margin"},
+        note="levers: the teacher-ahead switch and the margin gate"),
     # D2LLM distils a fine-tuned cross-encoder: the plain single tower (the stm row) of the same seed, frozen,
     # with the CI/RI weights of D2LLM's code against a trained teacher (docs/paradigms.md)
     Row("d2llm", "d2llm", options={"ci_weight": 1.0, "ri_weight": 1.0}, teacher_row="stm",

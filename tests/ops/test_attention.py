@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tests.conftest import DEVICES
 from tests.numerics import LOW_PRECISION, assert_close, assert_within_2x_of_torch, eps, tol
-from tests.oracles import attention_dense, intervals_from_table, mask_from_intervals
+from tests.oracles import attention_dense, intervals_from_table, mask_from_intervals, torch_attention_grads_in_dtype
 
 import ugd_ops
 from ugd_ops import reference
@@ -25,22 +25,6 @@ def layout(spans, mask_kind, device="cpu"):
 def randn(shape, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-
-
-def torch_attention_grads_in_dtype(q, k, v, mask, scale, g_out, g_lse):
-    """PyTorch's own gradients of sum(out * g_out) + sum(lse * g_lse) in q's dtype, on q's device: dense
-    masked attention through autograd, the baseline of the 2x rule (tests/numerics.py) for bf16 / fp16.
-    The masked_fill of the scores zeroes the NaN that softmax / logsumexp give rows without keys."""
-    group = q.shape[1] // k.shape[1]
-    qt, kt, vt = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    kk, vv = (x.transpose(0, 1).repeat_interleave(group, 0) for x in (kt, vt))
-    s = scale * qt.transpose(0, 1) @ kk.transpose(1, 2)
-    s = s.masked_fill(~mask.to(q.device), float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    lse = torch.logsumexp(s, -1)
-    loss = ((p @ vv).transpose(0, 1) * g_out.to(device=q.device, dtype=q.dtype)).sum()
-    loss = loss + (lse.masked_fill(torch.isinf(lse), 0) * g_lse.to(device=q.device, dtype=lse.dtype)).sum()
-    return torch.autograd.grad(loss, (qt, kt, vt))
 
 
 def check_against_oracle(q, k, v, lay, mask, *, scale=None, purpose="attention", with_grad=True, seed=0):

@@ -12,7 +12,7 @@ ctest: csrc/tests/test_attention_bwd_schedule.cpp.
 import pytest
 import torch
 from tests.numerics import assert_within_2x_of_torch, eps, nan_fill_cuda_memory, rel_err, tol
-from tests.oracles import attention_dense, intervals_from_table, mask_from_intervals
+from tests.oracles import attention_dense, intervals_from_table, mask_from_intervals, torch_attention_grads_in_dtype
 
 import ugd_ops
 from ugd_ops import cuda_attention, reference
@@ -31,9 +31,9 @@ SHAPES = {"gqa6": (6, 1, 64), "mha": (2, 2, 128), "gqa3": (6, 2, 128), "mha64": 
 DTYPES = [torch.bfloat16, torch.float16]
 # Gradients are held to the 2x rule of tests/numerics.py: against float64 and relative to the largest
 # gradient, an error at most twice that of PyTorch's own dense attention backward in the same dtype
-# (torch_in_dtype below) plus one epsilon of the dtype. The fixed tolerances used before the rule stay
-# as a ceiling, numerics.TOL[dtype]["attention_bwd"]: a few units of the dtype's epsilon (P and dS are
-# rounded to 16 bits for the second products).
+# (tests.oracles.torch_attention_grads_in_dtype) plus one epsilon of the dtype. The fixed tolerances
+# used before the rule stay as a ceiling, numerics.TOL[dtype]["attention_bwd"]: a few units of the
+# dtype's epsilon (P and dS are rounded to 16 bits for the second products).
 
 
 DEVICE = "cuda"
@@ -78,24 +78,6 @@ def truth(q, k, v, mask, scale, dout, dlse):
     return torch.autograd.grad(loss, (qd, kd, vd))
 
 
-def torch_in_dtype(q, k, v, mask, scale, dout, dlse):
-    """PyTorch's own gradients of sum(out * dout) + sum(lse * dlse) in q's dtype (dlse of empty rows
-    ignored): dense masked attention through autograd on the GPU, the baseline of the 2x rule. The
-    masked_fill of the scores zeroes the NaN that softmax / logsumexp give empty rows in the backward."""
-    group = q.shape[1] // k.shape[1]
-    qt, kt, vt = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    kk, vv = (x.transpose(0, 1).repeat_interleave(group, 0) for x in (kt, vt))
-    s = scale * qt.transpose(0, 1) @ kk.transpose(1, 2)
-    s = s.masked_fill(~mask.to(q.device), float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    loss = ((p @ vv).transpose(0, 1) * dout).sum()
-    if dlse is not None:
-        lse = torch.logsumexp(s, -1)
-        dl = torch.nan_to_num(dlse.to(device=lse.device, dtype=torch.float32), 0, 0, 0)
-        loss = loss + (lse.masked_fill(torch.isinf(lse), 0) * dl).sum()
-    return torch.autograd.grad(loss, (qt, kt, vt))
-
-
 def within_2x(got, theirs, want, dtype, what, ceiling=1.0):
     """The 2x rule (relative to the largest gradient, floor one epsilon of the dtype), and under
     ``ceiling`` x TOL[dtype]["attention_bwd"], the fixed bound this module used before the rule."""
@@ -116,7 +98,7 @@ def check(spans_or_layout, mask_kind, shape, dtype, seed, with_dlse=True):
         dlse = dlse.to(DEVICE, torch.float32).masked_fill(torch.isinf(lse), float("inf"))
     dq, dk, dv = op(dout, q, k, v, out, lse, dlse, cu, ks, ke, None, scale)
     want = truth(q, k, v, mask, scale, dout, dlse)
-    theirs = torch_in_dtype(q, k, v, mask, scale, dout, dlse)
+    theirs = torch_attention_grads_in_dtype(q, k, v, mask, scale, dout, dlse)
     for name, got, w, b in zip(("dq", "dk", "dv"), (dq, dk, dv), want, theirs):
         assert got.dtype == dtype and got.shape == w.shape, name
         within_2x(got, b, w, dtype, name)
@@ -158,7 +140,7 @@ def test_empty_sequences_and_rows():
     out[empty_rows] = float("nan")
     dq, dk, dv = op(dout, q, k, v, out, lse, dlse, *lay, None, 0.125)
     want = truth(q, k, v, mask, 0.125, dout, dlse)
-    theirs = torch_in_dtype(q, k, v, mask, 0.125, dout, dlse)
+    theirs = torch_attention_grads_in_dtype(q, k, v, mask, 0.125, dout, dlse)
     for name, got, w, b in zip(("dq", "dk", "dv"), (dq, dk, dv), want, theirs):
         within_2x(got, b, w, torch.bfloat16, name)
     assert (dq[empty_rows] == 0).all()
@@ -203,7 +185,7 @@ def test_low_precision_within_2x_of_pytorch(dtype, mask_kind):
     out, lse = forward_saved(q, k, v, mask, scale)
     ours = op(dout, q, k, v, out, lse, None, cu, ks, ke, None, scale)
     want = truth(q, k, v, mask, scale, dout, None)
-    torch_grads = torch_in_dtype(q, k, v, mask, scale, dout, None)  # PyTorch in the dtype, on the GPU
+    torch_grads = torch_attention_grads_in_dtype(q, k, v, mask, scale, dout, None)  # PyTorch in the dtype, on the GPU
     for name, a, b, w in zip(("dq", "dk", "dv"), ours, torch_grads, want):
         assert_within_2x_of_torch(a, b, w, floor=eps(dtype), what=name)
 
@@ -315,7 +297,7 @@ def test_compile_fullgraph_forward_backward(switched_on):
         torch.testing.assert_close(a.grad, b.grad)
     dlse = torch.ones(q.shape[1], T, dtype=torch.float64)
     want = truth(q, k, v, mask, 0.125, dout, dlse)
-    theirs = torch_in_dtype(q, k, v, mask, 0.125, dout, dlse)  # PyTorch's forward and backward in bf16
+    theirs = torch_attention_grads_in_dtype(q, k, v, mask, 0.125, dout, dlse)  # PyTorch's forward and backward in bf16
     for name, a, w, b in zip(("dq", "dk", "dv"), leaves, want, theirs):
         within_2x(a.grad, b, w, torch.bfloat16, name, ceiling=2.0)  # forward and backward: twice the ceiling
 

@@ -1,5 +1,5 @@
 """ugd-ttm's distillation levers (docs/paradigms.md, "Levers on the teacher"): the per-sample KL gate,
-the KL warm-up, and the interaction positions that give the single tower under the TTM mask more room.
+the KL warm-up, the teacher-ahead switch, and the interaction positions that give the single tower under the TTM mask more room.
 Each is checked against an independent computation (float64, written here), and the paper's settings
 must stay bit-identical to the ungated path."""
 
@@ -18,7 +18,7 @@ from ugd.data.collator import UGDCollator
 from ugd.data.layout import LayoutConfig, add_special_tokens, encode_sample
 from ugd.model import UGDConfig, UGDModel
 from ugd.modules.losses import distillation_loss
-from ugd.paradigms.ugd_paradigms import kl_gate, kl_ramp
+from ugd.paradigms.ugd_paradigms import kl_gate, kl_ramp, kl_switch_factor, running_acc, running_acc_update
 from ugd.train import main
 
 
@@ -149,6 +149,9 @@ def test_gate_without_logit_kl_still_gates_the_embedding_kl():
     ({"kl_gate": "always"}, "kl_gate must be one of"),
     ({"kl_warmup_steps": -1}, "kl_warmup_steps must be an int"),
     ({"kl_warmup_steps": 2.5}, "kl_warmup_steps must be an int"),
+    ({"kl_switch": "later"}, "kl_switch must be one of"),
+    ({"kl_switch_window": 0}, "kl_switch_window must be an int"),
+    ({"kl_switch_window": True}, "kl_switch_window must be an int"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
@@ -248,3 +251,107 @@ def test_train_cli_logs_teacher_and_student_and_ramps_the_kl(tmp_path):
     assert [e["train_kl_ramp"] for e in logs] == [0.25, 0.5, 0.75, 1.0]
     for e in logs:
         assert 0 <= e["train_kl_gate"] <= 1 and 0 <= e["train_acc_t"] <= 1 and 0 <= e["train_acc_s"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the teacher-ahead switch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 3, 17])
+def test_running_accuracies_are_bias_corrected_moving_averages(window):
+    """Against the average written out in float64: sum_k d^(n-1-k) a_k (1 - d) / (1 - d^n), d = 1 - 1/window."""
+    g = torch.Generator().manual_seed(window)
+    acc = torch.rand(40, 2, generator=g, dtype=torch.float64)
+    state = torch.zeros(3)
+    d = 1 - 1 / window
+    for n in range(1, 41):
+        running_acc_update(state, acc[n - 1, 0].float(), acc[n - 1, 1].float(), window)
+        got = running_acc(state, window)
+        if n < window:
+            assert got is None
+            continue
+        w = torch.tensor([d ** (n - 1 - k) for k in range(n)], dtype=torch.float64) * (1 - d) / (1 - d ** n)
+        want = (w[:, None] * acc[:n]).sum(0)
+        assert got == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6)
+    assert float(state[2]) == min(40, 10 * window)  # the count stops at 10 windows
+
+
+def test_switch_factor():
+    state = torch.zeros(3)
+    assert kl_switch_factor("none", None, 5, True) == 1.0
+    assert kl_switch_factor("teacher_ahead", state, 5, False) == 1.0  # evaluated before any training batch
+    assert kl_switch_factor("teacher_ahead", state, 5, True) == 0.0  # no teacher is trusted before a window
+    for _ in range(5):
+        running_acc_update(state, torch.tensor(0.6), torch.tensor(0.5), 5)
+    assert kl_switch_factor("teacher_ahead", state, 5, True) == 0.0  # the student is ahead
+    assert kl_switch_factor("teacher_ahead", state, 5, False) == 0.0
+    for _ in range(20):
+        running_acc_update(state, torch.tensor(0.6), torch.tensor(0.9), 5)
+    assert kl_switch_factor("teacher_ahead", state, 5, True) == 1.0
+    with pytest.raises(ValueError, match="unknown kl_switch"):
+        kl_switch_factor("soon", state, 5, True)
+    with pytest.raises(ValueError, match="kl_running_acc"):
+        kl_switch_factor("teacher_ahead", None, 5, True)
+
+
+def test_model_distils_only_while_the_teacher_is_ahead():
+    model, tok = make_model(seed=6, options={"kl_switch": "teacher_ahead", "kl_switch_window": 2})
+    plain, _ = make_model(seed=6)
+    assert "kl_running_acc" in model.heads.state_dict() and "kl_running_acc" not in plain.heads.state_dict()
+    batch = collate(tok, "ugd-ttm")
+    labels = batch["labels"]
+
+    def no_kl(t):
+        return t["cls_t"] + t["cls_s"] + t["gen"]
+
+    model.eval()
+    with torch.no_grad():  # before any training batch an evaluation reports the full objective; no update
+        t = model(batch).terms
+        torch.testing.assert_close(model(batch).loss, no_kl(t) + 10 * (t["kl"] + t["kl_emb"]), rtol=1e-6, atol=1e-6)
+    assert float(model.heads.kl_running_acc[2]) == 0
+    model.train()
+    for step in range(2):  # the first window: no KL, and the batches counted
+        out = model(batch)
+        torch.testing.assert_close(out.loss, no_kl(out.terms), rtol=1e-6, atol=1e-6)
+        assert float(out.stats["kl_switch"]) == 0.0 and float(model.heads.kl_running_acc[2]) == step + 1
+    acc_t = float((out.logits_t.argmax(-1) == labels).float().mean())
+    acc_s = float((out.logits_s.argmax(-1) == labels).float().mean())
+    assert running_acc(model.heads.kl_running_acc, 2) == pytest.approx((acc_t, acc_s), abs=1e-6)
+    # the teacher ahead (set by hand): the KL terms train with their full weights
+    model.heads.kl_running_acc.copy_(torch.tensor([0.1, 0.9, 20.0]))
+    out = model(batch)
+    assert float(out.stats["kl_switch"]) == 1.0
+    torch.testing.assert_close(out.loss, no_kl(out.terms) + 10 * (out.terms["kl"] + out.terms["kl_emb"]),
+                               rtol=1e-6, atol=1e-6)
+    # the student ahead: no KL gradient reaches the two tower's KL projection
+    model.heads.kl_running_acc.copy_(torch.tensor([0.9, 0.1, 20.0]))
+    model.zero_grad()
+    model(batch).loss.backward()
+    assert model.heads.fc_t_kl.weight.grad is None or not model.heads.fc_t_kl.weight.grad.any()
+
+
+def test_switch_state_is_saved_and_a_resumed_run_switches_alike(tmp_path):
+    import shutil
+
+    from tests.test_train import RESUME, train_losses
+    from safetensors.torch import load_file
+
+    options = ["--paradigm", "ugd-ttm", "--paradigm_options",
+               json.dumps({"kl_switch": "teacher_ahead", "kl_switch_window": 2})]
+    main(run_args(tmp_path, "reference", *RESUME, *options))
+    ref_dir = tmp_path / "reference"
+    ref = train_losses(ref_dir / "checkpoint-10")
+    assert [ref[s]["train_kl_switch"] for s in (1, 2)] == [0.0, 0.0]  # the first window never distils
+    assert all(ref[s]["train_kl_switch"] in (0.0, 1.0) for s in ref)
+    heads = load_file(str(ref_dir / "ugd_heads.safetensors"))
+    assert float(heads["kl_running_acc"][2]) == 10
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(ref_dir / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
+    main(run_args(tmp_path, "resumed", *RESUME, *options, "--resume_from_checkpoint", "true"))
+    resumed = train_losses(tmp_path / "resumed" / "checkpoint-10")
+    for step in range(6, 11):
+        assert resumed[step]["train_kl_switch"] == ref[step]["train_kl_switch"], step
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-6), step
+    torch.testing.assert_close(load_file(str(tmp_path / "resumed" / "ugd_heads.safetensors"))["kl_running_acc"],
+                               heads["kl_running_acc"], atol=1e-6, rtol=0)

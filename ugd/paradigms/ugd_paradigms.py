@@ -23,6 +23,12 @@ are the paper's):
                      A gated KL term is sum_i g_i KL_i / B: a sample without the gate adds nothing.
     kl_warmup_steps  N > 0 ramps the KL weights linearly, lam * min(1, (step + 1) / N) (and mu alike),
                      step the 0-based optimizer step: the single tower learns before it teaches.
+    kl_switch        "none": the KL terms always train (paper);
+                     "teacher_ahead": they train only while the single tower's running accuracy on the
+                     training batches is above the two tower's (both bias-corrected exponential moving
+                     averages over about ``kl_switch_window`` batches, and none before that many batches):
+                     a weaker teacher never teaches. The averages are a buffer of the heads
+                     (``kl_running_acc``), saved with every checkpoint, so a resumed run decides alike.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ _TWO_TOWER = frozenset({"encode_queries", "encode_documents", "score_pairs", "ra
 
 #: The per-sample gates of the KL terms (the ``kl_gate`` option).
 KL_GATES = ("none", "correct", "margin")
-_KL_OPTIONS = {"kl_gate": "none", "kl_warmup_steps": 0}
+#: The run-level switches of the KL terms (the ``kl_switch`` option).
+KL_SWITCHES = ("none", "teacher_ahead")
+_KL_OPTIONS = {"kl_gate": "none", "kl_warmup_steps": 0, "kl_switch": "none", "kl_switch_window": 50}
 _KL_TERMS = ("kl", "kl_emb")
 
 
@@ -77,6 +85,40 @@ def kl_ramp(warmup_steps: int, step: int | None) -> float:
     return min(1.0, (step + 1) / warmup_steps)
 
 
+def running_acc_update(state: torch.Tensor, acc_t: torch.Tensor, acc_s: torch.Tensor, window: int) -> None:
+    """Folds one training batch's accuracies into ``state`` = [sum_t, sum_s, batches] in place:
+    exponential moving sums with decay 1 - 1/window (bias-corrected in ``running_acc``); the batch count
+    stops at 10 windows, where the correction is below 1e-4 (and a bf16 buffer still counts exactly)."""
+    decay = 1.0 - 1.0 / window
+    with torch.no_grad():
+        state[0].mul_(decay).add_(acc_t.to(state.dtype), alpha=1 - decay)
+        state[1].mul_(decay).add_(acc_s.to(state.dtype), alpha=1 - decay)
+        state[2].fill_(min(float(state[2]) + 1, 10 * window))
+
+
+def running_acc(state: torch.Tensor, window: int) -> tuple[float, float] | None:
+    """(two tower, single tower) running accuracy of ``state``, or None before ``window`` batches."""
+    n = float(state[2])
+    if n < window:
+        return None
+    correction = 1.0 - (1.0 - 1.0 / window) ** n
+    return float(state[0]) / correction, float(state[1]) / correction
+
+
+def kl_switch_factor(kind: str, state: torch.Tensor | None, window: int, training: bool) -> float:
+    """1.0 where the KL terms train at this forward, else 0.0 (the ``kl_switch`` option)."""
+    if kind == "none":
+        return 1.0
+    if kind != "teacher_ahead":
+        raise ValueError(f"unknown kl_switch {kind!r}; expected one of {KL_SWITCHES}")
+    if state is None:
+        raise ValueError("kl_switch teacher_ahead needs the heads' kl_running_acc buffer (built by the paradigm)")
+    if not training and float(state[2]) == 0:
+        return 1.0  # an evaluation before any training batch reports the full objective (as the warm-up does)
+    acc = running_acc(state, window)
+    return 1.0 if acc is not None and acc[1] > acc[0] else 0.0
+
+
 class UGDParadigm(Paradigm):
     family = "ugd"
     term_weights = dict(TERM_WEIGHTS)
@@ -112,19 +154,31 @@ class UGDParadigm(Paradigm):
         steps = self.option(config, "kl_warmup_steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"paradigm option kl_warmup_steps must be an int >= 0, got {steps!r}")
+        switch = self.option(config, "kl_switch")
+        if switch not in KL_SWITCHES:
+            raise ValueError(f"paradigm option kl_switch must be one of {', '.join(KL_SWITCHES)}, got {switch!r}")
+        window = self.option(config, "kl_switch_window")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"paradigm option kl_switch_window must be an int >= 1, got {window!r}")
 
     # ------------------------------------------------------------------ model
 
     def build_heads(self, config, hidden_size: int) -> UGDHeads:
-        return UGDHeads(hidden_size, config.num_labels, config.kl_dim, two_tower=self.two_tower,
-                        single_tower=self.single_tower, activation=config.head_activation)
+        heads = UGDHeads(hidden_size, config.num_labels, config.kl_dim, two_tower=self.two_tower,
+                         single_tower=self.single_tower, activation=config.head_activation)
+        if "kl_switch" in self.options and self.option(config, "kl_switch") != "none":
+            # [sum_t, sum_s, batches] of kl_switch's running accuracies: a persistent buffer, so it is in every
+            # checkpoint's heads file and a resumed run switches as the uninterrupted one would
+            heads.register_buffer("kl_running_acc", torch.zeros(3, dtype=torch.float32))
+        return heads
 
     def needed(self, model, compute) -> dict:
         """Which outputs to compute: those the active loss terms need, plus ``compute``."""
         terms = self.training_terms(model, compute)
         want = set(compute or ())
-        # a KL gate compares the two heads' predictions, so it needs both logits even for kl_emb alone
-        gated = bool(terms & set(_KL_TERMS)) and self.option(model.config, "kl_gate") != "none"
+        # a KL gate or switch compares the two heads' predictions, so it needs both logits even for kl_emb alone
+        gated = bool(terms & set(_KL_TERMS)) and (self.option(model.config, "kl_gate") != "none"
+                                                  or self.option(model.config, "kl_switch") != "none")
         need = {
             "logits_t": bool(terms & {"cls_t", "kl"}) or gated or "two_tower" in want,
             "logits_s": bool(terms & {"cls_s", "kl"}) or gated or "single_tower" in want,
@@ -184,8 +238,13 @@ class UGDParadigm(Paradigm):
             step = getattr(model, "training_step", None)
             # an evaluation outside training (no step yet, e.g. a loaded model) reports the full objective
             ramp = kl_ramp(self.option(cfg, "kl_warmup_steps"), step) if model.training or step is not None else 1.0
-            scales = {t: ramp for t in _KL_TERMS}
+            window = self.option(cfg, "kl_switch_window")
+            switch = kl_switch_factor(self.option(cfg, "kl_switch"), getattr(heads, "kl_running_acc", None),
+                                      window, model.training)
+            scales = {t: ramp * switch for t in _KL_TERMS}
             out.stats["kl_ramp"] = torch.tensor(ramp, device=out.v_s.device)
+            if self.option(cfg, "kl_switch") != "none":
+                out.stats["kl_switch"] = torch.tensor(switch, device=out.v_s.device)
             if gate is not None:
                 out.stats["kl_gate"] = gate.mean()
         if model.training and out.logits_t is not None and out.logits_s is not None and have_labels:
@@ -194,6 +253,11 @@ class UGDParadigm(Paradigm):
                 has = labels != -100
                 out.stats["acc_t"] = (out.logits_t.argmax(-1) == labels)[has].float().mean()
                 out.stats["acc_s"] = (out.logits_s.argmax(-1) == labels)[has].float().mean()
+                state = getattr(heads, "kl_running_acc", None)
+                if state is not None and bool(has.any()):
+                    # after this batch's decision: the switch acts on the batches before it
+                    running_acc_update(state, out.stats["acc_t"], out.stats["acc_s"],
+                                       self.option(cfg, "kl_switch_window"))
         out.terms = terms
         out.loss = self.total(cfg, terms, scales)
         return out

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from .._output_paths import nearest_existing
+
 #: TrainingArguments fields that count things and must be >= 1
 POSITIVE_COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 MAX_LABELS_NAMED = 10
@@ -44,12 +46,9 @@ def output_dir_problem(path) -> str | None:
     removing a temporary folder in it (or in its nearest existing parent): permission bits say nothing
     for root, and /proc or a read-only mount refuse even root. Leaves no trace."""
     path = os.path.abspath(os.fspath(path))
-    probe_in = path
-    while not os.path.exists(probe_in):
-        parent = os.path.dirname(probe_in)
-        if parent == probe_in:
-            break
-        probe_in = parent
+    probe_in = nearest_existing(path)
+    if os.path.islink(probe_in) and not os.path.exists(probe_in):
+        return f"--output_dir {path}: {probe_in} is a broken symbolic link; remove it or name another folder"
     if not os.path.isdir(probe_in):
         what = "is" if probe_in == path else f"is under {probe_in}, which is"
         return f"--output_dir {path} {what} a file, not a folder; name a folder"
