@@ -63,7 +63,7 @@ def assert_scored(got: list[dict], records: list[dict], probs: torch.Tensor, *, 
         else:
             torch.testing.assert_close(torch.tensor(g["probs"]), p, atol=1e-5, rtol=1e-5)
         assert g["pred"] == int(torch.tensor(g["probs"]).argmax())
-        assert g["score"] == g["probs"][1]
+        assert g["score"] == g["probs"][-1]  # the default --positive_label: the last class
         assert abs(sum(g["probs"]) - 1) < 1e-5
 
 
@@ -88,10 +88,15 @@ def test_scoring_modes_equal_the_api(env, mode, tmp_path):
 
 
 def test_positive_label_picks_the_score(env):
-    code, stdout, stderr = run("--model", env["ckpt"], "--input", env["pairs"], "--positive_label", 3)
+    code, stdout, stderr = run("--model", env["ckpt"], "--input", env["pairs"], "--positive_label", 1)
     assert code == 0, stderr
     for g in read_jsonl(stdout):
-        assert g["score"] == g["probs"][3]
+        assert g["score"] == g["probs"][1]
+    # the default is the last class, as ugd serve and model.rank: one relevance score for one model everywhere
+    code, stdout, stderr = run("--model", env["ckpt"], "--input", env["pairs"])
+    assert code == 0, stderr
+    for g in read_jsonl(stdout):
+        assert len(g["probs"]) > 2 and g["score"] == g["probs"][-1]
 
 
 def test_reason_mode_equals_the_api(env):

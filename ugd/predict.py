@@ -116,7 +116,9 @@ class PredictArguments:
         "help": "cpu, cuda or cuda:N. Default: cuda when a CUDA device is visible, else cpu."})
     dtype: str = field(default="auto", metadata={
         "help": "dtype the model is loaded in: auto (the checkpoint's), float32, bfloat16 or float16."})
-    positive_label: int = field(default=1, metadata={"help": "The class whose probability is \"score\"."})
+    positive_label: int | None = field(default=None, metadata={
+        "help": "The class whose probability is \"score\". Default: the last class (\"match\" in binary data, the "
+                "top grade of graded data), as ugd serve and model.rank."})
     threads: int | None = field(default=None, metadata={
         "help": "CPU threads (torch.set_num_threads). Default: $OMP_NUM_THREADS if set, else half the usable cores, "
                 "at most 4, so that several processes on one machine do not oversubscribe it."})
@@ -423,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
     # everything cheap is checked before the model is loaded (which may take minutes)
     cfg = read_checkpoint_config(args.model)
     check_servable(cfg, args.mode)
+    if args.positive_label is None:
+        args.positive_label = cfg.num_labels - 1
     if args.mode in ("two_tower", "single_tower") and not 0 <= args.positive_label < cfg.num_labels:
         raise ValueError(f"--positive_label must be a class index in [0, {cfg.num_labels}), got {args.positive_label}")
     if args.shard is not None and args.device is None:

@@ -141,8 +141,8 @@ def test_scoring_from_stored_vectors_matches_and_runs_no_backbone():
         hits = model.rank(ps[0][0], store, top_k=3)  # encodes the query only
     assert count.n == 1
     torch.testing.assert_close(grid[0], aligned, rtol=1e-5, atol=1e-6)
-    expected = model.predict([(ps[0][0], d) for d in docs], show_progress=False)[:, 1]
-    torch.testing.assert_close(grid[0, :, 1], expected, rtol=1e-5, atol=1e-6)
+    expected = model.predict([(ps[0][0], d) for d in docs], show_progress=False)[:, -1]  # the default class
+    torch.testing.assert_close(grid[0, :, -1], expected, rtol=1e-5, atol=1e-6)
     assert [i for i, _ in hits] == expected.argsort(descending=True)[:3].tolist()
     assert hits[0][1] == pytest.approx(float(expected.max()), rel=1e-5)
     # texts give the same ranking, and top_k=None returns all of them
@@ -157,6 +157,9 @@ def test_rank_single_tower_orders_by_single_tower_probability():
     probs = model.predict([(ps[0][0], d) for d in docs], mode="single_tower", show_progress=False)
     hits = model.rank(ps[0][0], docs, top_k=2, mode="single_tower", positive_label=2, show_progress=False)
     assert [i for i, _ in hits] == probs[:, 2].argsort(descending=True)[:2].tolist()
+    # no positive_label: the last class, as ugd.predict and ugd serve default
+    default = model.rank(ps[0][0], docs, top_k=None, mode="single_tower", show_progress=False)
+    assert [i for i, _ in default] == probs[:, -1].argsort(descending=True).tolist()
 
 
 def test_document_vectors_store_round_trip_and_incremental_add(tmp_path):

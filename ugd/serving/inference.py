@@ -330,24 +330,29 @@ def predict(model, pairs, mode: str = "two_tower", *, batch_tokens: int = DEFAUL
     return score_pairs(model, v_q[torch.tensor(qi, device=v_q.device)], v_d[torch.tensor(di, device=v_d.device)])
 
 
-def check_positive_label(model, positive_label: int) -> int:
+def check_positive_label(model, positive_label: int | None) -> int:
+    """The class index ``positive_label`` names, None meaning the last class (as ``ugd serve`` and
+    ``ugd.predict`` default): "match" in binary data, the top grade of graded data."""
     c = model.config.num_labels
+    if positive_label is None:
+        return c - 1
     if isinstance(positive_label, bool) or not isinstance(positive_label, int) or not 0 <= positive_label < c:
         raise ValueError(f"positive_label must be a class index in [0, {c}), got {positive_label!r}")
     return positive_label
 
 
-def rank(model, query: str, documents, *, top_k: int | None = 10, mode: str = "two_tower", positive_label: int = 1,
+def rank(model, query: str, documents, *, top_k: int | None = 10, mode: str = "two_tower", positive_label: int | None = None,
          batch_tokens: int = DEFAULT_BATCH_TOKENS, show_progress: bool | None = None) -> list[tuple[int, float]]:
     """The ``top_k`` documents for ``query`` as ``(index into documents, score)``, best first.
 
-    The score is the probability of class ``positive_label`` (default 1: "match" in binary data).
+    The score is the probability of class ``positive_label`` (default None: the last class, "match" in
+    binary data, the top grade of graded data).
     ``documents``: texts, or (two-tower only) stored vectors -- a ``DocumentVectors`` or V_D ``[M, H]``,
     in which case no document is encoded. ``top_k=None`` returns all of them.
     """
     mode = check_mode(mode)
     query = _check_text(query, "query", 0)
-    check_positive_label(model, positive_label)
+    positive_label = check_positive_label(model, positive_label)
     if top_k is not None:
         check_count("top_k", top_k, minimum=1)
     stored = is_store(documents) or isinstance(documents, torch.Tensor)
