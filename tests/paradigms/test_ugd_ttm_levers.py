@@ -355,3 +355,12 @@ def test_switch_state_is_saved_and_a_resumed_run_switches_alike(tmp_path):
         assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-6), step
     torch.testing.assert_close(load_file(str(tmp_path / "resumed" / "ugd_heads.safetensors"))["kl_running_acc"],
                                heads["kl_running_acc"], atol=1e-6, rtol=0)
+
+
+def test_switch_state_round_trips_through_save_and_load(tmp_path):
+    model, _ = make_model(seed=7, options={"kl_switch": "teacher_ahead"})
+    model.heads.kl_running_acc.copy_(torch.tensor([0.25, 0.5, 60.0]))
+    model.save_pretrained(str(tmp_path / "m"))
+    loaded = UGDModel.from_pretrained(str(tmp_path / "m"))
+    assert torch.equal(loaded.heads.kl_running_acc, model.heads.kl_running_acc)
+    assert loaded.config.options == {"kl_switch": "teacher_ahead"}
