@@ -555,6 +555,70 @@ def row_metrics(pred_files: list[str], **kw) -> dict:
     return out
 
 
+#: The rows every other ugd-ttm row is compared with, paired (``difference_pairs``): no KL terms (does the
+#: distillation help or hurt the two tower?) and Shared TTM (does UGD TTM beat it, as the paper's Table 2 has?).
+REFERENCES = ("ugd-ttm:lam=mu=0", "shared-ttm")
+
+
+def difference_pairs(rows: list[str]) -> list[tuple[str, str]]:
+    """(row, against) for each ugd-ttm row of the study and each of REFERENCES the study holds."""
+    return [(name, ref) for name in rows if ROWS[name].paradigm == "ugd-ttm"
+            for ref in REFERENCES if ref in rows and ref != name]
+
+
+def _diff(metric: Callable) -> Callable:
+    return lambda pair, idx: metric(pair[0], idx) - metric(pair[1], idx)
+
+
+def paired_difference(a: list, b: list, n: int, metric: Callable, **kw) -> dict:
+    """The bootstrap interval (``bootstrap``) of mean over seeds of metric(a) - metric(b): seed k of ``a``
+    is paired with seed k of ``b`` and every resample draws one set of records for both rows and all seeds,
+    so what the two rows share (records, seeds) cancels out of the interval."""
+    return bootstrap(list(zip(a, b)), n, _diff(metric), **kw)
+
+
+#: Two-sided 95 % quantiles of Student's t with 1..10 degrees of freedom (beyond: the normal quantile with
+#: the first Cornish-Fisher term, within 0.01 of t there).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t95(df: int) -> float:
+    z = 1.959964
+    return _T95[df - 1] if df <= len(_T95) else z + (z ** 3 + z) / (4 * df)
+
+
+def seed_interval(per_seed: list) -> dict | None:
+    """The 95 % t interval of the mean of ``per_seed`` (one value per training seed): what training
+    randomness leaves uncertain, which the record bootstrap does not see. None under two seeds."""
+    v = np.asarray([x for x in per_seed if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size < 2:
+        return None
+    half = t95(v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+    return {"value": float(v.mean()), "low": float(v.mean() - half), "high": float(v.mean() + half)}
+
+
+def collect_differences(out: str, results: dict, head: str = "two-tower") -> list[dict]:
+    """results.json's "differences": per pair of ``difference_pairs`` the paired difference of ``head``'s ACC
+    and AUC over the seeds both rows finished; a pair without such seeds (or whose predictions are not on
+    the same records) is left out."""
+    diffs = []
+    for name, ref in difference_pairs(list(results)):
+        seeds = [s for s in results[name]["seeds_done"] if s in results[ref]["seeds_done"]]
+        if not seeds:
+            continue
+        pa, pb = ([read_predictions(os.path.join(out, "runs", row_dir(r), f"seed{s}", "preds.jsonl")) for s in seeds]
+                  for r in (name, ref))
+        if not all(head in x and head in y and np.array_equal(x["labels"], y["labels"]) for x, y in zip(pa, pb)):
+            continue
+        a, b = [(x[head], x["labels"]) for x in pa], [(y[head], y["labels"]) for y in pb]
+        n = len(pa[0]["labels"])
+        acc, auc = paired_difference(a, b, n, _acc), paired_difference(a, b, n, _auc)
+        diffs.append({"row": name, "against": ref, "head": head, "seeds": seeds, "records": n, "acc": acc,
+                      "auc": auc, "acc_over_seeds": seed_interval(acc["per_seed"]),
+                      "auc_over_seeds": seed_interval(auc["per_seed"])})
+    return diffs
+
+
 # ---------------------------------------------------------------------------------------------
 # results and the table
 # ---------------------------------------------------------------------------------------------
@@ -590,19 +654,40 @@ def collect(out: str, rows: list[str], seeds: list[int]) -> dict:
     return results
 
 
-def _cell(iv: dict | None) -> str:
+def _cell(iv: dict | None, sign: str = "") -> str:
     if not iv or iv.get("value") is None:
         return "n/a"
-    text = f"{iv['value']:.4f}"
+    text = f"{iv['value']:{sign}.4f}"
     if iv.get("low") is not None:
-        text += f" [{iv['low']:.3f}, {iv['high']:.3f}]"
+        text += f" [{iv['low']:{sign}.3f}, {iv['high']:{sign}.3f}]"
     if iv.get("seed_sd") is not None:
         text += f" sd {iv['seed_sd']:.3f}"
     return text
 
 
-def render_table(results: dict, study: dict, data: dict | None = None) -> str:
-    """The markdown table of ``results`` (rows not run say so) and the lines that say how it was made."""
+def render_differences(diffs: list[dict]) -> list[str]:
+    """The table of ``collect_differences`` (no lines when there is none)."""
+    if not diffs:
+        return []
+    lines = ["", "Paired differences, two tower (row minus against, over the seeds both finished):", "",
+             "| row | against | seeds | two-tower ACC difference | over seeds | two-tower AUC difference "
+             "| over seeds |", "|" + "---|" * 7]
+    for d in diffs:
+        over = [("n/a" if iv is None else f"[{iv['low']:+.3f}, {iv['high']:+.3f}]")
+                for iv in (d.get("acc_over_seeds"), d.get("auc_over_seeds"))]
+        lines.append(f"| {d['row']} | {d['against']} | {', '.join(map(str, d['seeds']))} | {_cell(d['acc'], '+')} "
+                     f"| {over[0]} | {_cell(d['auc'], '+')} | {over[1]} |")
+    lines += ["", "Difference [95 % interval]: each bootstrap resample draws one set of evaluation records for both "
+              "rows and all their seeds (seed k against seed k), so the interval covers record sampling; sd = the "
+              "standard deviation across seeds of the per-seed difference. Over seeds: the 95 % t interval of the "
+              "mean per-seed difference (training randomness; n/a under two seeds). A lever separates from its "
+              "reference when both intervals exclude 0."]
+    return lines
+
+
+def render_table(results: dict, study: dict, data: dict | None = None, diffs: list[dict] | None = None) -> str:
+    """The markdown table of ``results`` (rows not run say so), the paired differences ``diffs`` and the
+    lines that say how it was made."""
     s = study["settings"]
     seeds = study["seeds"]
     head = ("| row | paradigm | seeds | two-tower ACC | two-tower AUC | single-tower ACC | single-tower AUC "
@@ -622,6 +707,7 @@ def render_table(results: dict, study: dict, data: dict | None = None) -> str:
         secs = "n/a" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"
         seeds_cell = f"{len(r['seeds_done'])}/{len(seeds)}" + (" (some failed)" if r["failed"] else "")
         lines.append(f"| {name} | {r['paradigm']} | {seeds_cell} | " + " | ".join(cells) + f" | {secs} |")
+    lines += render_differences(diffs or [])
     counts = (data or {}).get("counts", {})
     budget = f"{s['epochs']:g} epoch(s)" + (f", max {s['max_steps']} steps" if s.get("max_steps") else "")
     lines += [
@@ -656,8 +742,10 @@ def _versions_line(results: dict) -> str:
 
 def write_results(out: str, study: dict, data: dict | None) -> tuple[dict, str]:
     results = collect(out, study["rows"], study["seeds"])
-    table = render_table(results, study, data)
+    diffs = collect_differences(out, results)
+    table = render_table(results, study, data, diffs)
     write_json({"settings": study["settings"], "seeds": study["seeds"], "data": data, "rows": results,
+                "differences": diffs,
                 "resamples": RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "level": LEVEL, "date": _now()},
                os.path.join(out, "results.json"))
     with open(os.path.join(out, "table.md"), "w") as f:
