@@ -227,8 +227,9 @@ def test_the_table_holds_the_paired_differences_of_the_ugd_ttm_rows(files, tmp_p
     out = tmp_path / "o"
     rows = ["ugd-ttm", "ugd-ttm:gate=margin", "ugd-ttm:lam=mu=0", "shared-ttm", "stm"]
     assert study.difference_pairs(rows) == [
-        ("ugd-ttm", "ugd-ttm:lam=mu=0"), ("ugd-ttm", "shared-ttm"), ("ugd-ttm:gate=margin", "ugd-ttm:lam=mu=0"),
-        ("ugd-ttm:gate=margin", "shared-ttm"), ("ugd-ttm:lam=mu=0", "shared-ttm")]
+        ("ugd-ttm", "ugd-ttm:lam=mu=0"), ("ugd-ttm", "shared-ttm"), ("ugd-ttm:gate=margin", "ugd-ttm"),
+        ("ugd-ttm:gate=margin", "ugd-ttm:lam=mu=0"), ("ugd-ttm:gate=margin", "shared-ttm"),
+        ("ugd-ttm:lam=mu=0", "shared-ttm")]
     assert study.main(_argv(files, out, "--rows", *rows, "--seeds", "0", "1"), execute=FakeExecutor()) == 0
     diffs = json.loads((out / "results.json").read_text())["differences"]
     assert sorted((d["row"], d["against"], d["seeds"]) for d in diffs) == sorted(
@@ -243,7 +244,8 @@ def test_the_table_holds_the_paired_differences_of_the_ugd_ttm_rows(files, tmp_p
     assert study.main(["--report_only", "--out", str(out)]) == 0
     diffs = json.loads((out / "results.json").read_text())["differences"]
     assert sorted((d["row"], d["against"], d["seeds"]) for d in diffs) == [
-        ("ugd-ttm", "shared-ttm", [0]), ("ugd-ttm:gate=margin", "shared-ttm", [0])]
+        ("ugd-ttm", "shared-ttm", [0]), ("ugd-ttm:gate=margin", "shared-ttm", [0]),
+        ("ugd-ttm:gate=margin", "ugd-ttm", [0, 1])]
 
 
 # ------------------------------------------------------------------ the runner
