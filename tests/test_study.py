@@ -111,6 +111,7 @@ EXPECTED = {  # row -> (paradigm, extra ugd.train flags)
                                           "--paradigm_options": '{"kl_gate": "margin"}'}),
     "ugd-ttm:ahead": ("ugd-ttm", {"--paradigm_options": '{"kl_switch": "teacher_ahead"}'}),
     "ugd-ttm:ahead+margin": ("ugd-ttm", {"--paradigm_options": '{"kl_switch": "teacher_ahead", "kl_gate": "margin"}'}),
+    "ugd-ttm:ahead+lead": ("ugd-ttm", {"--paradigm_options": '{"kl_switch": "teacher_ahead", "kl_switch_lead": 0.05}'}),
     "d2llm": ("d2llm", {}), "ullme": ("ullme", {}),
     "flipped-kd": ("flipped-kd", {}),
 }

@@ -113,6 +113,10 @@ ROWS = {r.name: r for r in (
         note="lever: distil only while the single tower's running ACC is above the two tower's"),
     Row("ugd-ttm:ahead+margin", "ugd-ttm", options={"kl_switch": "teacher_ahead", "kl_gate": "margin"},
         note="levers: the teacher-ahead switch and the margin gate"),
+    # 0.05: about 2-3 standard errors of the difference of the two running accuracies at chance, batch 16 and
+    # window 50 (docs/paradigms.md), so that noise alone does not switch the KL on
+    Row("ugd-ttm:ahead+lead", "ugd-ttm", options={"kl_switch": "teacher_ahead", "kl_switch_lead": 0.05},
+        note="lever: distil only while the single tower's running ACC leads the two tower's by more than 0.05"),
     # D2LLM distils a fine-tuned cross-encoder: the plain single tower (the stm row) of the same seed, frozen,
     # with the CI/RI weights of D2LLM's code against a trained teacher (docs/paradigms.md)
     Row("d2llm", "d2llm", options={"ci_weight": 1.0, "ri_weight": 1.0}, teacher_row="stm",

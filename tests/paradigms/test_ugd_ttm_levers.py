@@ -152,6 +152,10 @@ def test_gate_without_logit_kl_still_gates_the_embedding_kl():
     ({"kl_switch": "later"}, "kl_switch must be one of"),
     ({"kl_switch_window": 0}, "kl_switch_window must be an int"),
     ({"kl_switch_window": True}, "kl_switch_window must be an int"),
+    ({"kl_switch_lead": -0.01}, "kl_switch_lead must be a number in"),
+    ({"kl_switch_lead": 1}, "kl_switch_lead must be a number in"),
+    ({"kl_switch_lead": "0.05"}, "kl_switch_lead must be a number in"),
+    ({"kl_switch_lead": False}, "kl_switch_lead must be a number in"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
@@ -289,6 +293,9 @@ def test_switch_factor():
     for _ in range(20):
         running_acc_update(state, torch.tensor(0.6), torch.tensor(0.9), 5)
     assert kl_switch_factor("teacher_ahead", state, 5, True) == 1.0
+    # a lead: the teacher (0.9 - 0.6 = 0.3 ahead, bias-corrected) must lead by more than it
+    assert kl_switch_factor("teacher_ahead", state, 5, True, lead=0.25) == 1.0
+    assert kl_switch_factor("teacher_ahead", state, 5, True, lead=0.35) == 0.0
     with pytest.raises(ValueError, match="unknown kl_switch"):
         kl_switch_factor("soon", state, 5, True)
     with pytest.raises(ValueError, match="kl_running_acc"):
@@ -324,6 +331,12 @@ def test_model_distils_only_while_the_teacher_is_ahead():
     assert float(out.stats["kl_switch"]) == 1.0
     torch.testing.assert_close(out.loss, no_kl(out.terms) + 10 * (out.terms["kl"] + out.terms["kl_emb"]),
                                rtol=1e-6, atol=1e-6)
+    # a lead of 0.5 is more than this teacher's (0.1 -> 0.55 is 0.45 ahead): no KL
+    model.config.options["kl_switch_lead"] = 0.5
+    model.heads.kl_running_acc.copy_(torch.tensor([0.1, 0.55, 20.0]))
+    out = model(batch)
+    assert float(out.stats["kl_switch"]) == 0.0
+    model.config.options["kl_switch_lead"] = 0.0
     # the student ahead: no KL gradient reaches the two tower's KL projection
     model.heads.kl_running_acc.copy_(torch.tensor([0.9, 0.1, 20.0]))
     model.zero_grad()

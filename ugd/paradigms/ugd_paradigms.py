@@ -29,6 +29,9 @@ are the paper's):
                      averages over about ``kl_switch_window`` batches, and none before that many batches):
                      a weaker teacher never teaches. The averages are a buffer of the heads
                      (``kl_running_acc``), saved with every checkpoint, so a resumed run decides alike.
+    kl_switch_lead   how far the single tower's running accuracy must lead (default 0.0: any lead).
+                     While both heads are at chance their averages cross by noise; a lead above that
+                     noise (about 3 standard errors, docs/paradigms.md) keeps the switch off there.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ _TWO_TOWER = frozenset({"encode_queries", "encode_documents", "score_pairs", "ra
 KL_GATES = ("none", "correct", "margin")
 #: The run-level switches of the KL terms (the ``kl_switch`` option).
 KL_SWITCHES = ("none", "teacher_ahead")
-_KL_OPTIONS = {"kl_gate": "none", "kl_warmup_steps": 0, "kl_switch": "none", "kl_switch_window": 50}
+_KL_OPTIONS = {"kl_gate": "none", "kl_warmup_steps": 0, "kl_switch": "none", "kl_switch_window": 50,
+               "kl_switch_lead": 0.0}
 _KL_TERMS = ("kl", "kl_emb")
 
 
@@ -105,8 +109,11 @@ def running_acc(state: torch.Tensor, window: int) -> tuple[float, float] | None:
     return float(state[0]) / correction, float(state[1]) / correction
 
 
-def kl_switch_factor(kind: str, state: torch.Tensor | None, window: int, training: bool) -> float:
-    """1.0 where the KL terms train at this forward, else 0.0 (the ``kl_switch`` option)."""
+def kl_switch_factor(kind: str, state: torch.Tensor | None, window: int, training: bool,
+                     lead: float = 0.0) -> float:
+    """1.0 where the KL terms train at this forward, else 0.0 (the ``kl_switch`` option): for
+    ``teacher_ahead``, where the single tower's running accuracy exceeds the two tower's by more than
+    ``lead``."""
     if kind == "none":
         return 1.0
     if kind != "teacher_ahead":
@@ -116,7 +123,7 @@ def kl_switch_factor(kind: str, state: torch.Tensor | None, window: int, trainin
     if not training and float(state[2]) == 0:
         return 1.0  # an evaluation before any training batch reports the full objective (as the warm-up does)
     acc = running_acc(state, window)
-    return 1.0 if acc is not None and acc[1] > acc[0] else 0.0
+    return 1.0 if acc is not None and acc[1] - acc[0] > lead else 0.0
 
 
 class UGDParadigm(Paradigm):
@@ -160,6 +167,10 @@ class UGDParadigm(Paradigm):
         window = self.option(config, "kl_switch_window")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"paradigm option kl_switch_window must be an int >= 1, got {window!r}")
+        lead = self.option(config, "kl_switch_lead")
+        if isinstance(lead, bool) or not isinstance(lead, (int, float)) or not 0 <= lead < 1:
+            raise ValueError(f"paradigm option kl_switch_lead must be a number in [0, 1) (an accuracy "
+                             f"difference), got {lead!r}")
 
     # ------------------------------------------------------------------ model
 
@@ -240,7 +251,7 @@ class UGDParadigm(Paradigm):
             ramp = kl_ramp(self.option(cfg, "kl_warmup_steps"), step) if model.training or step is not None else 1.0
             window = self.option(cfg, "kl_switch_window")
             switch = kl_switch_factor(self.option(cfg, "kl_switch"), getattr(heads, "kl_running_acc", None),
-                                      window, model.training)
+                                      window, model.training, float(self.option(cfg, "kl_switch_lead")))
             scales = {t: ramp * switch for t in _KL_TERMS}
             out.stats["kl_ramp"] = torch.tensor(ramp, device=out.v_s.device)
             if self.option(cfg, "kl_switch") != "none":
