@@ -498,7 +498,8 @@ def test_a_committed_study_rebuilds_its_table_from_its_folder_alone(name, tmp_pa
     # the cells' values do not depend on the resamples, only their intervals: 50 keep this test quick
     monkeypatch.setattr(study, "bootstrap", functools.partial(study.bootstrap, resamples=50))
     folder = tmp_path / name
-    shutil.copytree(os.path.join(COMMITTED, name), folder)
+    # local weights (runs/*/seed*/model/, gitignored) are not evidence and can be gigabytes: leave them
+    shutil.copytree(os.path.join(COMMITTED, name), folder, ignore=shutil.ignore_patterns("model"))
     assert study.main(["--report_only", "--out", str(folder)]) in (0, 1)
     with open(folder / "results.json") as f:
         rows = json.load(f)["rows"]
