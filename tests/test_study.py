@@ -2,6 +2,7 @@
 settings, failures, the table; the runner is driven by a fake executor (no model) except in the slow
 end-to-end run at the bottom."""
 
+import functools
 import json
 import os
 import shutil
@@ -494,7 +495,6 @@ COMMITTED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 def test_a_committed_study_rebuilds_its_table_from_its_folder_alone(name, tmp_path, monkeypatch):
     """results/<study> (committed evidence, no weights) rebuilds with --report_only --out DIR alone, and each
     finished run's cell is the ACC its own report holds."""
-    import functools
     # the cells' values do not depend on the resamples, only their intervals: 50 keep this test quick
     monkeypatch.setattr(study, "bootstrap", functools.partial(study.bootstrap, resamples=50))
     folder = tmp_path / name
