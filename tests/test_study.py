@@ -113,6 +113,8 @@ EXPECTED = {  # row -> (paradigm, extra ugd.train flags)
     "ugd-ttm:ahead": ("ugd-ttm", {"--paradigm_options": '{"kl_switch": "teacher_ahead"}'}),
     "ugd-ttm:ahead+margin": ("ugd-ttm", {"--paradigm_options": '{"kl_switch": "teacher_ahead", "kl_gate": "margin"}'}),
     "ugd-ttm:ahead+lead": ("ugd-ttm", {"--paradigm_options": '{"kl_switch": "teacher_ahead", "kl_switch_lead": 0.05}'}),
+    "ugd-ttm:teacher-mask=stm": ("ugd-ttm", {"--paradigm_options": '{"teacher_mask": "stm"}'}),
+    "ugd-ttm:teacher=stm": ("ugd-ttm", {}),
     "d2llm": ("d2llm", {}), "ullme": ("ullme", {}),
     "flipped-kd": ("flipped-kd", {}),
 }
@@ -135,6 +137,8 @@ def test_every_row_maps_to_its_train_arguments():
         options = json.loads(_value(args, "--paradigm_options") or "{}")
         if name == "d2llm":
             assert options == {"ci_weight": 1.0, "ri_weight": 1.0, "teacher": "/o/runs/stm/seed3/model"}
+        elif name == "ugd-ttm:teacher=stm":
+            assert options == {"teacher": "/o/runs/stm/seed3/model"}
         elif name == "flipped-kd":
             assert options == {"teacher_cache": "/o/data/flipped-kd-teacher-scores.jsonl"}
             assert "--lora_r" not in args  # its own LoRA default (r 8)
@@ -154,6 +158,7 @@ def test_no_detach_row_parses_as_detach_false():
 
 def test_rows_resolution_and_unknown_row(files, tmp_path, capsys):
     assert study.resolve_rows(["d2llm", "ugd-ttm"]) == ["stm", "d2llm", "ugd-ttm"]  # the teacher first
+    assert study.resolve_rows(["ugd-ttm:teacher=stm"]) == ["stm", "ugd-ttm:teacher=stm"]
     assert study.resolve_rows(["all"]) == list(ROWS)
     assert study.cli(_argv(files, tmp_path / "o", "--rows", "ugd-ttm", "nope")) == 2
     err = capsys.readouterr().err.strip()

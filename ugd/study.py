@@ -117,6 +117,12 @@ ROWS = {r.name: r for r in (
     # window 50 (docs/paradigms.md), so that noise alone does not switch the KL on
     Row("ugd-ttm:ahead+lead", "ugd-ttm", options={"kl_switch": "teacher_ahead", "kl_switch_lead": 0.05},
         note="lever: distil only while the single tower's running ACC leads the two tower's by more than 0.05"),
+    # a teacher with the full interaction of a cross-encoder: the own single tower under the STM mask (a second
+    # pass), or the stm row's trained model of the same seed, frozen (docs/paradigms.md, "Levers on the teacher")
+    Row("ugd-ttm:teacher-mask=stm", "ugd-ttm", options={"teacher_mask": "stm"},
+        note="lever: the own single tower reads Q and D under the STM mask (a second pass)"),
+    Row("ugd-ttm:teacher=stm", "ugd-ttm", teacher_row="stm",
+        note="lever: the KL targets of the stm row's model (same seed), frozen"),
     # D2LLM distils a fine-tuned cross-encoder: the plain single tower (the stm row) of the same seed, frozen,
     # with the CI/RI weights of D2LLM's code against a trained teacher (docs/paradigms.md)
     Row("d2llm", "d2llm", options={"ci_weight": 1.0, "ri_weight": 1.0}, teacher_row="stm",

@@ -269,9 +269,9 @@ def test_a_separately_loaded_teacher(tmp_path, teacher_paradigm):
     probs = teacher.predict(PAIRS, mode="single_tower")
     torch.testing.assert_close(out.logits_s.softmax(-1), probs, atol=1e-5, rtol=1e-5)
     out.loss.backward()
-    frozen = model.__dict__["_d2llm_teacher"]
+    frozen = model.__dict__["_frozen_teacher"]
     assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
-    assert not any(n.startswith("_d2llm") for n, _ in model.named_parameters())  # not part of the model
+    assert not any(n.startswith("_frozen") for n, _ in model.named_parameters())  # not part of the model
     with pytest.raises(ValueError, match="separate checkpoint"):
         model.predict(PAIRS, mode="single_tower")
     model.save_pretrained(str(tmp_path / "student"))

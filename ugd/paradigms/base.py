@@ -47,7 +47,8 @@ What a paradigm declares (class attributes)
 
 ``two_backbones``      the model holds a second backbone for documents (the ``ttm`` baseline).
 ``prefill_mask``       the mask a reason is prefilled with (paradigms with ``"generate"``).
-``single_tower_mask``  the mask single-tower inference packs Q D P with (paradigms with ``"single_tower"``).
+``single_tower_mask``  the mask single-tower inference packs Q D P with (paradigms with ``"single_tower"``); read
+                       it through ``single_tower_mask_of(config)``, which an option may change.
 ``train_defaults``     ``ugd.train`` argument name -> value the paradigm trains with unless the preset,
                        config file or command line sets that argument (``flipped-kd``: ``{"lora_r": 8}``);
                        default ``{}``.
@@ -185,6 +186,11 @@ class Paradigm:
             return None
         scales = scales or {}
         return sum(float(self.weight(config, t)) * scales.get(t, 1.0) * v for t, v in terms.items())
+
+    def single_tower_mask_of(self, config) -> str | None:
+        """The mask single-tower inference packs Q D P with for a model of ``config`` (default:
+        ``single_tower_mask``; an option may change it, as ``ugd-ttm``'s ``teacher_mask``)."""
+        return self.single_tower_mask
 
     def serves(self, config) -> frozenset:
         """The capabilities of a model with this config (default: ``capabilities``)."""

@@ -35,8 +35,9 @@ import ugd_ops
 from ..modules.losses import classification_loss
 from ..modules.packed import UGDOutput, gather_rows, padded_span
 from ._contrastive import cosine_matrix
+from ._frozen_teacher import frozen_teacher, teacher_outputs
 from .base import SIDE_SPAN, Paradigm
-from .registry import names, register
+from .registry import register
 
 SEARCH_VARIANTS = ("asymmetric", "symmetric")
 
@@ -211,9 +212,6 @@ def imitation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 # the paradigm
 # ---------------------------------------------------------------------------------------------
 
-_TEACHER_ATTR = "_d2llm_teacher"  # set in the model's __dict__: not a submodule, so never saved or trained
-
-
 class D2LLMParadigm(Paradigm):
     name = "d2llm"
     family = "d2llm"
@@ -297,26 +295,7 @@ class D2LLMParadigm(Paradigm):
 
     def teacher_model(self, model):
         """The separately loaded teacher (option ``teacher``), loaded once, frozen, on the heads' device."""
-        teacher = model.__dict__.get(_TEACHER_ATTR)
-        if teacher is not None:
-            return teacher
-        path = self.option(model.config, "teacher")
-        teacher = type(model).from_pretrained(path, dtype=model.head_dtype)
-        if "single_tower" not in teacher.paradigm.serves(teacher.config):
-            raise ValueError(f"the d2llm teacher {path} (paradigm {teacher.config.paradigm!r}) has no single-tower "
-                             f"head; a cross-encoder teacher needs one (paradigms {self._single_tower_names()})")
-        mine, theirs = model.config.special_token_ids, teacher.config.special_token_ids
-        if mine and theirs and mine != theirs or (model.tokenizer is not None and teacher.tokenizer is not None
-                                                  and len(model.tokenizer) != len(teacher.tokenizer)):
-            raise ValueError(f"the d2llm teacher {path} has another tokenizer (special tokens {theirs}, this model's "
-                             f"{mine}); the teacher reads the student's token ids, so both must share one tokenizer")
-        teacher.to(model.head_device).eval().requires_grad_(False)
-        model.__dict__[_TEACHER_ATTR] = teacher
-        return teacher
-
-    @staticmethod
-    def _single_tower_names():
-        return names(capability="single_tower")
+        return frozen_teacher(model, self.option(model.config, "teacher"), "d2llm")
 
     def teacher_outputs(self, model, batch: dict, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(teacher logits ``[B, C]``, teacher pair embedding ``[B, H_T]``), both detached for the student
@@ -324,18 +303,7 @@ class D2LLMParadigm(Paradigm):
         if self.own_teacher(model.config):
             v_s = gather_rows(hidden, batch["cls_index"][:, 2], "prompt (teacher)")
             return model.heads.teacher_classifier(v_s), v_s
-        teacher = self.teacher_model(model)
-        tp = teacher.paradigm
-        pack = batch  # a teacher with the ttm mask (ugd-ttm) reads the batch's own intervals
-        if tp.single_tower_mask != self.mask:
-            cu, ks, ke = ugd_ops.row_intervals(batch["spans"].cpu(), tp.single_tower_mask)
-            pack = dict(batch, cu_seqlens=cu.to(hidden.device), kv_start=ks.to(hidden.device),
-                        kv_end=ke.to(hidden.device))
-        with torch.no_grad():
-            h = teacher.encode(pack)
-            logits = tp.single_tower_logits(teacher, h, pack)
-            v_s = gather_rows(h, pack["cls_index"][:, 2], "prompt (teacher)")
-        return logits, v_s
+        return teacher_outputs(self.teacher_model(model), batch, self.mask)
 
     def pooled(self, model, hidden: torch.Tensor, batch: dict, side: str) -> torch.Tensor:
         tokens, mask = padded_span(hidden, batch, SIDE_SPAN[side])

@@ -32,6 +32,15 @@ are the paper's):
     kl_switch_lead   how far the single tower's running accuracy must lead (default 0.0: any lead).
                      While both heads are at chance their averages cross by noise; a lead above that
                      noise (about 3 standard errors, docs/paradigms.md) keeps the switch off there.
+    teacher_mask     "ttm": the single tower reads Q and D under the TTM mask, i.e. only through the
+                     few P positions (paper); "stm": a second pass over the same tokens under the STM
+                     mask, where Q, D and P attend to one another in every layer, gives the single tower
+                     (its CE, the KL targets, and single-tower inference). The two tower and the reason
+                     generator stay on the TTM pass. Costs one more forward and backward per batch.
+    teacher          None: the KL targets are the model's own single tower (paper); a path: those of a
+                     separately trained UGD checkpoint with a single tower (e.g. an ``stm`` model),
+                     loaded once and frozen (as D2LLM distils a fine-tuned cross-encoder). The own
+                     single tower still trains with CE (beta) and still serves single-tower inference.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import torch
 from ..modules.heads import UGDHeads
 from ..modules.losses import TERM_WEIGHTS, classification_loss, distillation_loss, generation_loss
 from ..modules.packed import UGDOutput, gather_rows
+from ._frozen_teacher import frozen_teacher, teacher_outputs, with_mask
 from .registry import register
 from .base import Paradigm
 
@@ -50,8 +60,10 @@ _TWO_TOWER = frozenset({"encode_queries", "encode_documents", "score_pairs", "ra
 KL_GATES = ("none", "correct", "margin")
 #: The run-level switches of the KL terms (the ``kl_switch`` option).
 KL_SWITCHES = ("none", "teacher_ahead")
+#: The masks the single tower may read Q and D under (the ``teacher_mask`` option).
+TEACHER_MASKS = ("ttm", "stm")
 _KL_OPTIONS = {"kl_gate": "none", "kl_warmup_steps": 0, "kl_switch": "none", "kl_switch_window": 50,
-               "kl_switch_lead": 0.0}
+               "kl_switch_lead": 0.0, "teacher_mask": "ttm", "teacher": None}
 _KL_TERMS = ("kl", "kl_emb")
 
 
@@ -171,6 +183,22 @@ class UGDParadigm(Paradigm):
         if isinstance(lead, bool) or not isinstance(lead, (int, float)) or not 0 <= lead < 1:
             raise ValueError(f"paradigm option kl_switch_lead must be a number in [0, 1) (an accuracy "
                              f"difference), got {lead!r}")
+        mask = self.option(config, "teacher_mask")
+        if mask not in TEACHER_MASKS:
+            raise ValueError(f"paradigm option teacher_mask must be one of {', '.join(TEACHER_MASKS)}, got {mask!r}")
+        teacher = self.option(config, "teacher")
+        if teacher is not None and (not isinstance(teacher, str) or not teacher):
+            raise ValueError(f"paradigm option teacher must be null (the model's own single tower) or the path of a "
+                             f"UGD checkpoint with a single tower (e.g. a trained stm model), got {teacher!r}")
+
+    def single_tower_mask_of(self, config) -> str | None:
+        if self.single_tower and "teacher_mask" in self.options:
+            return self.option(config, "teacher_mask")
+        return self.single_tower_mask
+
+    def frozen_teacher_path(self, config) -> str | None:
+        """The checkpoint whose single tower gives the KL targets (option ``teacher``), or None (the own)."""
+        return self.option(config, "teacher") if "teacher" in self.options else None
 
     # ------------------------------------------------------------------ model
 
@@ -221,7 +249,11 @@ class UGDParadigm(Paradigm):
                 out.v_q = gather_rows(hidden, cls_index[:, 0], "query")
                 out.v_d = gather_rows(hidden, cls_index[:, 1], "document")
             if need["v_s"]:
-                out.v_s = gather_rows(hidden, cls_index[:, 2], "single-tower")
+                hidden_s = hidden
+                if self.single_tower_mask_of(cfg) != self.mask:
+                    # the single tower's own pass: Q, D and P read one another in every layer (teacher_mask stm)
+                    hidden_s = model.encode(with_mask(batch, self.single_tower_mask_of(cfg)))
+                out.v_s = gather_rows(hidden_s, cls_index[:, 2], "single-tower")
         f_t = heads.two_tower_features(out.v_q, out.v_d) if (need["logits_t"] or need["emb"]) else None
         if need["logits_t"]:
             out.logits_t = heads.classifier(f_t)
@@ -239,13 +271,18 @@ class UGDParadigm(Paradigm):
             terms["gen"] = generation_loss(hidden, model.backbone.get_output_embeddings(), batch["lm_labels"][0],
                                            batch["cu_seqlens"])
         scales = None
+        # the KL targets: the own single tower (paper), or a frozen teacher checkpoint's (option teacher)
+        z_teacher, v_teacher = out.logits_s, out.v_s
+        path = self.frozen_teacher_path(cfg)
+        if path is not None and active & set(_KL_TERMS) and not self.two_backbones:
+            z_teacher, v_teacher = teacher_outputs(frozen_teacher(model, path, self.name), batch, self.mask)
         if active & set(_KL_TERMS):
-            gate = kl_gate(self.option(cfg, "kl_gate"), out.logits_t, out.logits_s, labels)
+            gate = kl_gate(self.option(cfg, "kl_gate"), out.logits_t, z_teacher, labels)
             kl = dict(temperature=cfg.kl_temperature, detach=cfg.detach, gate=gate)
             if "kl" in active:
-                terms["kl"] = distillation_loss(out.logits_t, out.logits_s, **kl)
+                terms["kl"] = distillation_loss(out.logits_t, z_teacher, **kl)
             if "kl_emb" in active:
-                terms["kl_emb"] = distillation_loss(heads.fc_t_kl(f_t), heads.fc_s_kl(out.v_s), **kl)
+                terms["kl_emb"] = distillation_loss(heads.fc_t_kl(f_t), heads.fc_s_kl(v_teacher.to(f_t.dtype)), **kl)
             step = getattr(model, "training_step", None)
             # an evaluation outside training (no step yet, e.g. a loaded model) reports the full objective
             ramp = kl_ramp(self.option(cfg, "kl_warmup_steps"), step) if model.training or step is not None else 1.0
@@ -264,11 +301,13 @@ class UGDParadigm(Paradigm):
                 has = labels != -100
                 out.stats["acc_t"] = (out.logits_t.argmax(-1) == labels)[has].float().mean()
                 out.stats["acc_s"] = (out.logits_s.argmax(-1) == labels)[has].float().mean()
+                acc_teacher = out.stats["acc_s"]
+                if z_teacher is not out.logits_s:  # a frozen teacher: the switch compares the student with it
+                    acc_teacher = out.stats["acc_teacher"] = (z_teacher.argmax(-1) == labels)[has].float().mean()
                 state = getattr(heads, "kl_running_acc", None)
                 if state is not None and bool(has.any()):
                     # after this batch's decision: the switch acts on the batches before it
-                    running_acc_update(state, out.stats["acc_t"], out.stats["acc_s"],
-                                       self.option(cfg, "kl_switch_window"))
+                    running_acc_update(state, out.stats["acc_t"], acc_teacher, self.option(cfg, "kl_switch_window"))
         out.terms = terms
         out.loss = self.total(cfg, terms, scales)
         return out

@@ -283,7 +283,7 @@ def single_tower_probs(model, pairs, *, batch_tokens: int = DEFAULT_BATCH_TOKENS
     samples = [encode_sample(tok, ids, q, d, None, None, config=layout, parts="qdp", _prompt=prompt) for q, d in pairs]
     warn_truncated(samples, "single-tower pairs")
     paradigm = model.paradigm
-    mask = paradigm.single_tower_mask
+    mask = paradigm.single_tower_mask_of(model.config)
     device = _device(model)
     out = torch.empty((len(pairs), model.config.num_labels), dtype=torch.float32)
     with eval_mode(model), tqdm(total=len(pairs), unit="pair", desc="single tower",
