@@ -148,6 +148,13 @@ def test_a_teacher_without_a_single_tower_is_refused(tmp_path):
         model(collate(tok, "ugd-ttm"))
 
 
+def test_a_missing_teacher_says_which_option(tmp_path):
+    model, tok = make_model(seed=2, options={"teacher": str(tmp_path / "no-such-teacher")})
+    model.train()
+    with pytest.raises(FileNotFoundError, match="ugd-ttm option teacher: .*no-such-teacher.*trained UGD checkpoint"):
+        model(collate(tok, "ugd-ttm"))
+
+
 @pytest.mark.parametrize("options,match", [
     ({"teacher_mask": "full"}, "teacher_mask must be one of ttm, stm"),
     ({"teacher_mask": None}, "teacher_mask must be one of"),

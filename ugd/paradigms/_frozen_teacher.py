@@ -31,7 +31,11 @@ def frozen_teacher(model, path: str, who: str):
     teacher = model.__dict__.get(_ATTR)
     if teacher is not None:
         return teacher
-    teacher = type(model).from_pretrained(path, dtype=model.head_dtype)
+    try:
+        teacher = type(model).from_pretrained(path, dtype=model.head_dtype)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise FileNotFoundError(f"the {who} option teacher: {e}; give the folder of a trained UGD checkpoint with a "
+                                f"single tower (e.g. one `python -m ugd.train --paradigm stm` wrote)") from None
     if "single_tower" not in teacher.paradigm.serves(teacher.config):
         raise ValueError(f"the {who} teacher {path} (paradigm {teacher.config.paradigm!r}) has no single-tower head; "
                          f"a cross-encoder teacher needs one (paradigms {names(capability='single_tower')})")
