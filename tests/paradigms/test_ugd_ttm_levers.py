@@ -156,15 +156,21 @@ def test_gate_without_logit_kl_still_gates_the_embedding_kl():
     ({"kl_switch_lead": 1}, "kl_switch_lead must be a number in"),
     ({"kl_switch_lead": "0.05"}, "kl_switch_lead must be a number in"),
     ({"kl_switch_lead": False}, "kl_switch_lead must be a number in"),
+    ({"teacher_mask": "full"}, "teacher_mask must be one of ttm, stm"),
+    ({"teacher_mask": None}, "teacher_mask must be one of"),
+    ({"teacher": 3}, "option teacher must be null"),
+    ({"teacher": ""}, "option teacher must be null"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         UGDConfig(paradigm="ugd-ttm", options=options)
 
 
-def test_options_belong_to_ugd_ttm_only():
+@pytest.mark.parametrize("paradigm,options", [("ugd-stm", {"kl_gate": "margin"}),
+                                              ("shared-ttm", {"teacher_mask": "stm"})])
+def test_options_belong_to_ugd_ttm_only(paradigm, options):
     with pytest.raises(ValueError, match="has no option"):
-        UGDConfig(paradigm="ugd-stm", options={"kl_gate": "margin"})
+        UGDConfig(paradigm=paradigm, options=options)
 
 
 # ---------------------------------------------------------------------------------------------

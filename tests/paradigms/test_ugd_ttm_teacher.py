@@ -1,7 +1,8 @@
 """ugd-ttm's choice of teacher (docs/paradigms.md, "Levers on the teacher"): ``teacher_mask stm`` (the own
 single tower reads Q and D under the STM mask, a second pass) and ``teacher PATH`` (the KL targets of a
 frozen checkpoint). Each output is checked against the same weights run by hand on a batch packed with the
-mask the option names, and the KL terms against float64 from the definition."""
+mask the option names, and the KL terms against float64 from the definition. Bad values of both options:
+test_ugd_ttm_levers.py, with the other levers' (one table)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from tests.test_model import LAYOUT, RECORDS, collate, make_model
 from ugd.data.collator import UGDCollator
-from ugd.model import UGDConfig, UGDModel
+from ugd.model import UGDModel
 from ugd.modules.packed import gather_rows
 
 PAIRS = [(r["query"], r["document"]) for r in RECORDS]
@@ -153,19 +154,3 @@ def test_a_missing_teacher_says_which_option(tmp_path):
     model.train()
     with pytest.raises(FileNotFoundError, match="ugd-ttm option teacher: .*no-such-teacher.*trained UGD checkpoint"):
         model(collate(tok, "ugd-ttm"))
-
-
-@pytest.mark.parametrize("options,match", [
-    ({"teacher_mask": "full"}, "teacher_mask must be one of ttm, stm"),
-    ({"teacher_mask": None}, "teacher_mask must be one of"),
-    ({"teacher": 3}, "option teacher must be null"),
-    ({"teacher": ""}, "option teacher must be null"),
-])
-def test_bad_teacher_options(options, match):
-    with pytest.raises(ValueError, match=match):
-        UGDConfig(paradigm="ugd-ttm", options=options)
-
-
-def test_teacher_options_belong_to_ugd_ttm_only():
-    with pytest.raises(ValueError, match="has no option"):
-        UGDConfig(paradigm="shared-ttm", options={"teacher_mask": "stm"})

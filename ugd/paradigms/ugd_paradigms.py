@@ -250,9 +250,10 @@ class UGDParadigm(Paradigm):
                 out.v_d = gather_rows(hidden, cls_index[:, 1], "document")
             if need["v_s"]:
                 hidden_s = hidden
-                if self.single_tower_mask_of(cfg) != self.mask:
+                single_mask = self.single_tower_mask_of(cfg)
+                if single_mask != self.mask:
                     # the single tower's own pass: Q, D and P read one another in every layer (teacher_mask stm)
-                    hidden_s = model.encode(with_mask(batch, self.single_tower_mask_of(cfg)))
+                    hidden_s = model.encode(with_mask(batch, single_mask))
                 out.v_s = gather_rows(hidden_s, cls_index[:, 2], "single-tower")
         f_t = heads.two_tower_features(out.v_q, out.v_d) if (need["logits_t"] or need["emb"]) else None
         if need["logits_t"]:
@@ -274,7 +275,7 @@ class UGDParadigm(Paradigm):
         # the KL targets: the own single tower (paper), or a frozen teacher checkpoint's (option teacher)
         z_teacher, v_teacher = out.logits_s, out.v_s
         path = self.frozen_teacher_path(cfg)
-        if path is not None and active & set(_KL_TERMS) and not self.two_backbones:
+        if path is not None and active & set(_KL_TERMS):  # only ugd-ttm (one backbone) has the option
             z_teacher, v_teacher = teacher_outputs(frozen_teacher(model, path, self.name), batch, self.mask)
         if active & set(_KL_TERMS):
             gate = kl_gate(self.option(cfg, "kl_gate"), out.logits_t, z_teacher, labels)
